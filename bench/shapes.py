@@ -1,0 +1,175 @@
+"""Shape registry shared by the tests and the benchmarks.
+
+Every case is a real layer of a released model (spec ``hilo-ppma.md`` section 1.6, 1.7), so a
+benchmark number always answers "how fast is this layer of that model". Tests import the same
+cases (``HILO_CASES``) plus the small odd ones in ``HILO_TEST_CASES`` (non-divisible maps, H != W,
+s = 1, alpha edge cases) so tests and benchmarks never drift apart.
+
+Batch sizes: ``batch`` is the GPU batch (64, as LITv2's throughput numbers), ``cpu_batch`` keeps a
+CPU run to a few minutes. ``HiLoCase.batch_for(device)`` picks one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["HiLoCase", "HILO_CASES", "HILO_TEST_CASES", "HILO_QUICK_CASES", "get_case", "hilo_cases"]
+
+
+@dataclass(frozen=True)
+class HiLoCase:
+    """One HiLo layer: an H x W token map, ``dim`` channels, ``heads`` heads, LITv2's alpha and s.
+
+    Derived quantities follow LITv2 exactly: ``num_lo_heads = int(heads * alpha)`` (float product,
+    truncated), the rest Hi-Fi, and ``window_size == 1`` makes every head Lo-Fi.
+    """
+
+    name: str
+    H: int
+    W: int
+    dim: int
+    heads: int
+    alpha: float
+    window_size: int
+    batch: int = 64          # GPU batch
+    cpu_batch: int = 8       # CPU batch (keeps `python -m vitkern.bench` on a CPU to minutes)
+    qkv_bias: bool = True    # every released LITv2 config uses qkv_bias=True
+    note: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ValueError(f"{self.name}: dim {self.dim} not divisible by heads {self.heads}")
+        if self.window_size < 1 or self.H < 1 or self.W < 1:
+            raise ValueError(f"{self.name}: bad sizes")
+
+    # -- derived --------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def num_lo_heads(self) -> int:
+        if self.window_size == 1:
+            return self.heads
+        return int(self.heads * self.alpha)
+
+    @property
+    def num_hi_heads(self) -> int:
+        return self.heads - self.num_lo_heads
+
+    @property
+    def N(self) -> int:
+        """Tokens of the (unpadded) map."""
+        return self.H * self.W
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.H, self.W)
+
+    @property
+    def divisible(self) -> bool:
+        return self.H % self.window_size == 0 and self.W % self.window_size == 0
+
+    @property
+    def needs_pad(self) -> bool:
+        """True when the map must be zero-padded (LITv2 detection semantics) to run Hi-Fi/Lo-Fi."""
+        return not self.divisible
+
+    @property
+    def Hp(self) -> int:
+        return self.window_size * math.ceil(self.H / self.window_size)
+
+    @property
+    def Wp(self) -> int:
+        return self.window_size * math.ceil(self.W / self.window_size)
+
+    @property
+    def M(self) -> int:
+        """Lo-Fi keys: tokens of the s x s average-pooled (padded) map."""
+        return (self.Hp // self.window_size) * (self.Wp // self.window_size)
+
+    @property
+    def num_windows(self) -> int:
+        return self.M
+
+    def batch_for(self, device) -> int:
+        kind = getattr(device, "type", str(device)).split(":")[0]
+        return self.batch if kind == "cuda" else self.cpu_batch
+
+    def describe(self) -> str:
+        return (f"{self.H}x{self.W} dim{self.dim} h{self.heads} d{self.head_dim} "
+                f"s{self.window_size} hi{self.num_hi_heads}/lo{self.num_lo_heads} M{self.M}")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["tags"] = list(self.tags)
+        d.update(head_dim=self.head_dim, num_lo_heads=self.num_lo_heads,
+                 num_hi_heads=self.num_hi_heads, N=self.N, M=self.M, Hp=self.Hp, Wp=self.Wp)
+        return d
+
+
+# Benchmark cases: real LITv2 layers (all alpha 0.9, qkv_bias=True, see spec section 1.6).
+HILO_CASES: tuple[HiLoCase, ...] = (
+    HiLoCase("litv2s_s3_224", 14, 14, 384, 12, 0.9, 2,
+             note="LITv2-S/M stage 3 at 224^2 (10 Lo-Fi + 2 Hi-Fi heads, d 32, 49 pooled keys)",
+             tags=("litv2-s", "224")),
+    HiLoCase("litv2s_s3_448_ws2", 28, 28, 384, 12, 0.9, 2,
+             note="LITv2-S stage 3 at 448^2 (28x28 map), s = 2", tags=("litv2-s", "448")),
+    HiLoCase("litv2s_s3_448_ws4", 28, 28, 384, 12, 0.9, 4,
+             note="LITv2-S stage 3 at 448^2 with the detection 'ws_4' window (s = 4)",
+             tags=("litv2-s", "448", "det")),
+    HiLoCase("litv2b_s3_224", 14, 14, 512, 16, 0.9, 2,
+             note="LITv2-B stage 3 at 224^2 (14 Lo-Fi + 2 Hi-Fi heads, d 32)", tags=("litv2-b", "224")),
+    HiLoCase("litv2b_s3_384", 24, 24, 512, 16, 0.9, 2,
+             note="LITv2-B-384 stage 3 (24x24 map, 144 pooled keys)", tags=("litv2-b", "384")),
+    HiLoCase("hilo_layer_bench", 14, 14, 768, 12, 0.9, 2,
+             note="single-layer benchmark setting of LITv2's README (HubHop/vit-attention-benchmark): "
+                  "298.3 MFLOPs (MACs), batch 64", tags=("layer-bench", "224")),
+    HiLoCase("litv2s_s4_224", 7, 7, 768, 24, 0.9, 1,
+             note="LITv2-S stage 4 at 224^2: s = 1 makes HiLo plain MHSA (all heads Lo-Fi, no pooling)",
+             tags=("litv2-s", "224", "ws1")),
+    HiLoCase("litv2s_s3_det_ws4", 50, 84, 384, 12, 0.9, 4, batch=2, cpu_batch=1,
+             note="RetinaNet LITv2-S 'ws_4' at 800x1333 (stride 16: 50x84); 50 % 4 != 0, so the map is "
+                  "zero-padded to 52x84 (detection semantics)", tags=("litv2-s", "det", "pad")),
+)
+
+# The short CPU run of `python -m vitkern.bench --quick` (and the end-to-end test).
+HILO_QUICK_CASES: tuple[str, ...] = ("litv2s_s3_224", "litv2s_s3_448_ws4")
+
+# Small, odd shapes for correctness tests (fast under the Triton interpreter).
+HILO_TEST_CASES: tuple[HiLoCase, ...] = (
+    HiLoCase("t_readme_demo", 14, 14, 384, 12, 0.5, 2, batch=2, cpu_batch=2,
+             note="README demo HiLo(384, 12, ws=2, alpha=0.5): 6 + 6 heads"),
+    HiLoCase("t_small_even", 4, 6, 64, 4, 0.5, 2, batch=2, cpu_batch=2, note="H != W, divisible"),
+    HiLoCase("t_odd_pad", 5, 7, 64, 4, 0.5, 2, batch=2, cpu_batch=2, note="non-divisible: needs padding"),
+    HiLoCase("t_odd_ws3", 7, 5, 48, 3, 0.7, 3, batch=2, cpu_batch=2, note="s = 3, 3*0.7 = 2.1 -> 2 Lo-Fi"),
+    HiLoCase("t_one_token", 1, 1, 32, 2, 0.5, 2, batch=2, cpu_batch=2, note="N = 1, padded to one 2x2 window"),
+    HiLoCase("t_ws1", 3, 5, 64, 4, 0.9, 1, batch=2, cpu_batch=2, note="s = 1: plain MHSA"),
+    HiLoCase("t_all_lofi", 6, 6, 64, 4, 1.0, 2, batch=2, cpu_batch=2, note="alpha 1: no Hi-Fi heads"),
+    HiLoCase("t_all_hifi", 6, 4, 64, 4, 0.2, 2, batch=2, cpu_batch=2, note="4*0.2 = 0.8 -> 0 Lo-Fi heads"),
+    HiLoCase("t_d80", 4, 4, 160, 2, 0.5, 2, batch=1, cpu_batch=1, note="head_dim 80"),
+    HiLoCase("t_d16_ws4", 9, 8, 64, 4, 0.9, 4, batch=2, cpu_batch=2, note="d 16, s 4, padded H"),
+)
+
+_ALL = {c.name: c for c in HILO_CASES + HILO_TEST_CASES}
+
+
+def get_case(name: str) -> HiLoCase:
+    try:
+        return _ALL[name]
+    except KeyError:
+        raise KeyError(f"unknown HiLo case {name!r}; known: {sorted(_ALL)}") from None
+
+
+def hilo_cases(select: str | None = None, *, quick: bool = False) -> list[HiLoCase]:
+    """Benchmark cases, optionally filtered by a comma-separated list of names / substrings / tags."""
+    cases = [get_case(n) for n in HILO_QUICK_CASES] if quick else list(HILO_CASES)
+    if not select:
+        return cases
+    pool = list(HILO_CASES) + list(HILO_TEST_CASES)
+    keys = [k.strip() for k in select.split(",") if k.strip()]
+    out = [c for c in pool if any(k == c.name or k in c.name or k in c.tags for k in keys)]
+    if not out:
+        raise KeyError(f"no HiLo case matches {select!r}; known: {sorted(_ALL)}")
+    return out

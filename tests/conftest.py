@@ -1,0 +1,68 @@
+"""Test harness: Triton interpreter on GPU-less machines, NaN-poisoned allocations, tolerances.
+
+* No CUDA device -> ``TRITON_INTERPRET=1`` is set here, before anything imports triton, so every
+  Triton kernel runs on CPU tensors (fp32 / fp16 only: the interpreter's bf16 ``tl.dot`` is wrong).
+* ``torch.empty`` & co. called from vitkern code return NaN-filled tensors, so a kernel that
+  leaves an output element unwritten fails loudly instead of passing on stale zeros.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+#: (device, dtype) pairs the kernel tests run on: CPU interpreter fp32/fp16, CUDA adds bf16.
+KERNEL_DEVICES = [("cpu", torch.float32), ("cpu", torch.float16)]
+if HAS_CUDA:
+    KERNEL_DEVICES = [("cuda", dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def _called_from_vitkern(depth: int = 2) -> bool:
+    frame = sys._getframe(depth)
+    return frame.f_globals.get("__name__", "").startswith("vitkern")
+
+
+def _poisoned(fn):
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if _called_from_vitkern() and out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+    return wrapper
+
+
+@pytest.fixture(autouse=True)
+def nan_poison(monkeypatch):
+    """Uninitialised memory handed out to vitkern code is NaN (FLA's trick)."""
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
+    yield
+
+
+def assert_close(out, ref, lowp_ref=None, *, name="out", rtol32=1e-5, factor=3.0):
+    """FlashAttention's rule against an fp64 reference ``ref``.
+
+    fp32: max error <= rtol32 * max|ref| (plus a tiny floor). fp16/bf16: max error <= ``factor`` ×
+    the error of the same math done by PyTorch in that dtype (``lowp_ref``), plus a floor.
+    NaN fails.
+    """
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    ref = ref.to(torch.float64)
+    err = (out.to(torch.float64) - ref).abs().max().item()
+    mag = ref.abs().max().item()
+    if out.dtype == torch.float32 or lowp_ref is None:
+        bound = rtol32 * max(mag, 1.0)
+    else:
+        base = (lowp_ref.to(torch.float64) - ref).abs().max().item()
+        floor = torch.finfo(out.dtype).eps * max(mag, 1.0)
+        bound = factor * base + floor
+    assert err <= bound, f"{name}: max abs error {err:.3g} > bound {bound:.3g} (max|ref| {mag:.3g})"

@@ -1,0 +1,187 @@
+"""The softmax-attention core shared by every vitkern family (HiLo, window, token, PPMA).
+
+Each family's kernel decides *which* query rows and key columns a tile holds (windows, pooled
+keys, kept tokens, ...) and masks the score tile; the math below is the same for all of them:
+
+* forward: online softmax in base 2 (scores pre-multiplied by ``scale * log2(e)``), fp32 running
+  max / sum / accumulator, log-sum-exp (base 2) saved per query row for the backward;
+* backward (FlashAttention-2): P is recomputed from q, k and the saved log-sum-exp, with
+  ``delta = rowsum(dO * O)`` computed once by :func:`attn_bwd_delta_kernel`.
+
+Also here: the launcher that picks autotuned configs on a GPU and a fixed config under the Triton
+interpreter (``TRITON_INTERPRET=1``, where autotuning would only burn CPU time).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mma(a, b, IEEE: tl.constexpr):
+    """``tl.dot`` that keeps full fp32 precision for fp32 inputs (IEEE) instead of tf32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def program_coords(n_rows, BLOCK: tl.constexpr):
+    """(batch*head, row block) of this program in a flat 1D grid (no 65535 limit on axis 1)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n_rows, BLOCK)
+    return (pid // n_blocks).to(tl.int64), pid % n_blocks
+
+
+@triton.jit
+def tile_ptrs(base, tok, offs_d, stride_n, stride_d):
+    """[len(tok), len(offs_d)] pointers of a (token, channel) tile; int64 token offsets."""
+    return base + tok.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr):
+    """One online-softmax step.
+
+    m_i, l_i: [BM] fp32 running max / sum (base-2 units); acc: [BM, BD] fp32;
+    s: [BM, BN] fp32 scores already scaled by scale*log2(e), masked entries = -inf;
+    v: [BN, BD] value tile in the input dtype.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_finish(m_i, l_i, acc):
+    """Normalised output [BM, BD] (fp32) and base-2 log-sum-exp [BM]; empty rows give 0 / -inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    return out, lse2
+
+
+@triton.jit
+def softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, mask, IEEE: tl.constexpr):
+    """Recompute P and dS for one (query tile, key tile) pair.
+
+    q, do: [BM, BD]; k, v: [BN, BD]; lse2, delta: [BM] fp32; mask: [BM, BN] bool (False = the
+    pair does not attend). Returns P and dS = P * (dO v^T - delta), both [BM, BN] fp32, where dS
+    is the gradient w.r.t. the scaled logits (multiply by ``scale`` for dQ / dK).
+    """
+    s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
+    p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = mma(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_lb, stride_lh,
+    n_heads, N, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, n] = sum_d dO[b, h, n, d] * O[b, h, n, d] (fp32); DELTA (B, h, N), n-stride 1."""
+    pid_bh, pid_m = program_coords(N, BLOCK_M)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows64 = rows.to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows64[:, None] * stride_on
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows64[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + rows64, tl.sum(o * do, 1), mask=rows < N)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (the smallest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+class Launcher:
+    """A jit kernel plus its autotune configs for one head-dim class.
+
+    On a GPU the configs are autotuned (keyed by ``key``); under the interpreter the first
+    config runs directly. ``configs_for(BLOCK_D)`` returns the configs that fit that head dim
+    without spilling (checked by the ahead-of-time compile test).
+    """
+
+    def __init__(self, fn, configs_for, key):
+        self.fn = fn
+        self.configs_for = configs_for
+        self.key = list(key)
+        self._tuned: dict[int, object] = {}
+
+    def __call__(self, grid, *args, BLOCK_D: int, **kwargs):
+        if interpreting():
+            cfg = self.configs_for(BLOCK_D)[0]
+            return self.fn[grid(cfg.kwargs)](*args, BLOCK_D=BLOCK_D, **kwargs, **cfg.kwargs,
+                                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        tuned = self._tuned.get(BLOCK_D)
+        if tuned is None:
+            tuned = triton.autotune(configs=self.configs_for(BLOCK_D), key=self.key)(self.fn)
+            self._tuned[BLOCK_D] = tuned
+        return tuned[grid](*args, BLOCK_D=BLOCK_D, **kwargs)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def qk_scale_log2(scale: float) -> float:
+    return float(scale) * LOG2E
+
+
+def launch_delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O), fp32, laid out like ``lse`` so kernels index both alike."""
+    b, h, n, d = o.shape
+    delta = torch.empty_strided(lse.shape, lse.stride(), device=o.device, dtype=torch.float32)
+    block_m = 64
+    attn_bwd_delta_kernel[(cdiv(n, block_m) * b * h,)](
+        o, do, delta, *strides4(o), *strides4(do), *delta.stride()[:2], h, n, d,
+        BLOCK_M=block_m, BLOCK_D=block_d(d),
+    )
+    return delta
+
+
+assert math.isclose(LOG2E, 1.0 / math.log(2.0))

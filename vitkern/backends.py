@@ -1,0 +1,116 @@
+"""Backend availability and per-call dispatch.
+
+Backends, fastest first: ``cuda`` (hand-written kernels in ``vitkern._C``), ``triton`` (the
+default GPU backend) and ``reference`` (pure PyTorch; what ``auto`` uses for CPU tensors).
+Every op takes ``backend="auto" | "cuda" | "triton" | "reference"``; the environment variable
+``VITKERN_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument still wins). When the chosen
+backend refuses an input, :class:`BackendError` lists every backend and its reason.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+#: Backends ``auto`` may pick. The CUDA backend stays opt-in until its kernels have passed the
+#: GPU test tier and measured faster than Triton in a committed results file.
+AUTO_ORDER = ("triton", "reference")
+
+
+class BackendError(ValueError):
+    """No backend accepts the given inputs (or the requested one refuses them)."""
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the Triton interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    try:
+        import triton
+
+        from vitkern import triton_kernels  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return False, f"importing triton failed: {exc!r}"
+    return True, f"triton {triton.__version__}"
+
+
+def triton_status() -> tuple[bool, str]:
+    ok, why = _triton_import()
+    if not ok:
+        return ok, why
+    if torch.cuda.is_available():
+        return True, f"{why} on {torch.cuda.get_device_name()}"
+    if interpreting():
+        return True, f"{why}, CPU interpreter (TRITON_INTERPRET=1; slow, for tests)"
+    return False, f"{why} installed, but no CUDA device (TRITON_INTERPRET=1 runs it on the CPU)"
+
+
+def cuda_status() -> tuple[bool, str]:
+    from vitkern import _cext
+
+    mod, why = _cext.load()
+    if mod is None:
+        return False, why
+    return False, ("vitkern._C is built, but no op has a CUDA C++ kernel yet "
+                   "(HiLo uses the triton backend)")
+
+
+def reference_status() -> tuple[bool, str]:
+    return True, f"pure PyTorch {torch.__version__}"
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """Backend name -> (available, human-readable reason)."""
+    return {"cuda": cuda_status(), "triton": triton_status(), "reference": reference_status()}
+
+
+def device_reason(backend: str, device: torch.device, explicit: bool) -> Optional[str]:
+    """Why ``backend`` cannot run on tensors of ``device`` (None if it can)."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return why
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and interpreting():
+            return None if explicit else (
+                "CPU tensors go to the reference under auto (the Triton interpreter is for tests; "
+                "ask for it with backend='triton')")
+        return f"tensors are on {device.type}; triton needs CUDA tensors"
+    if backend == "cuda":
+        ok, why = cuda_status()
+        return None if ok else why
+    raise AssertionError(backend)
+
+
+def select(op: str, backend: str, reason: Callable[[str, bool], Optional[str]]) -> str:
+    """Pick the backend for one call.
+
+    ``reason(name, explicit)`` returns why backend ``name`` refuses the inputs, or None.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("VITKERN_BACKEND", "auto") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of "
+                         f"{('auto',) + BACKENDS} (or set VITKERN_BACKEND)")
+    explicit = backend != "auto"
+    for name in (backend,) if explicit else AUTO_ORDER:
+        if reason(name, explicit) is None:
+            return name
+    lines = "\n".join(f"  {name}: {reason(name, explicit) or 'accepts these inputs'}"
+                      for name in BACKENDS)
+    wanted = f"backend {backend!r}" if explicit else "any backend"
+    raise BackendError(f"{op}: {wanted} cannot run these inputs:\n{lines}")

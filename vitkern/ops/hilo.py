@@ -1,0 +1,256 @@
+"""HiLo attention ops: checks, backend dispatch, ``torch.library`` registration and autograd.
+
+Public ops (q, k, v are (B, heads, N, d), N = H·W in raster order, strided views welcome):
+
+* :func:`hilo_attention` — the first ``heads - num_lo_heads`` heads Hi-Fi, the rest Lo-Fi;
+* :func:`hifi_attention` — every head Hi-Fi (e.g. q, k, v read straight out of ``h_qkv``);
+* :func:`lofi_attention` — every head Lo-Fi; ``kv_pooled=True`` takes already-pooled k, v.
+
+The Triton backend is one pair of custom ops, ``vitkern::hilo_fwd`` / ``vitkern::hilo_bwd``, that
+serves all three (one output buffer; the Hi-Fi and Lo-Fi kernels write their own heads of it).
+Outputs are stored (B, N, heads, d) and returned as a (B, heads, N, d) view, so
+``o.transpose(1, 2).reshape(B, N, heads * d)`` is free.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vitkern import backends
+from vitkern.reference import hilo as ref
+
+__all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_POOL_IN_KERNEL = 8  # in-kernel pooling unrolls s² loads per key tile
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check(op, q, k, v, hw, window_size, scale, pad, *, kv_pooled=False):
+    """Validate the arguments; returns (H, W, s, scale)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, heads, N, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in hw)):
+        raise ValueError(f"{op}: hw must be a pair of positive ints (H, W), got {hw!r}")
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+        raise ValueError(f"{op}: window_size must be an int >= 1, got {window_size!r}")
+    if pad not in (None, "zero"):
+        raise ValueError(f"{op}: pad must be None or 'zero', got {pad!r}")
+    H, W = hw
+    s = window_size
+    B, h, N, d = q.shape
+    if N != H * W:
+        raise ValueError(f"{op}: q has N={N} tokens but hw={tuple(hw)} gives H*W={H * W}")
+    if (H % s or W % s) and pad is None:
+        raise ValueError(f"{op}: hw={tuple(hw)} is not divisible by window_size={s}; pass "
+                         "pad='zero' for LITv2's zero padding (detection / segmentation HiLo)")
+    Hp, Wp = ref.padded_hw((H, W), s)
+    n_kv = (Hp // s) * (Wp // s) if kv_pooled else N
+    what = f"the {Hp // s}x{Wp // s} pooled map" if kv_pooled else "q"
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != (B, h, n_kv, d):
+            raise ValueError(f"{op}: {name} must have shape {(B, h, n_kv, d)} to match {what}, "
+                             f"got {tuple(t.shape)}")
+    if scale is None:
+        scale = d ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    return H, W, s, float(scale)
+
+
+def _backend(op, backend, q, s, n_lo, kv_pooled):
+    d = q.shape[-1]
+
+    def reason(name: str, explicit: bool) -> Optional[str]:
+        why = backends.device_reason(name, q.device, explicit)
+        if why is not None or name == "reference":
+            return why
+        if name == "triton":
+            if q.dtype not in TRITON_DTYPES:
+                return f"dtype {q.dtype} not supported by triton (float32, float16, bfloat16)"
+            if d % 8 or d > 256:
+                return f"head_dim {d} not supported by triton (multiples of 8 up to 256)"
+            if n_lo and s > MAX_POOL_IN_KERNEL and not kv_pooled:
+                return (f"window_size {s} > {MAX_POOL_IN_KERNEL} for in-kernel pooling; "
+                        "pool k, v first and pass kv_pooled=True")
+            return None
+        return "no HiLo kernel in vitkern._C yet"
+
+    return backends.select(op, backend, reason)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton custom ops
+# --------------------------------------------------------------------------------------------
+
+
+def _bhnd_empty(like: Tensor, n: int) -> Tensor:
+    """(B, heads, n, d) output stored as (B, n, heads, d): heads fold into channels for free."""
+    b, h, _, d = like.shape
+    return like.new_empty((b, n, h, d)).transpose(1, 2)
+
+
+def _on_device(t: Tensor):
+    """Launch on the tensor's GPU (not the current one); a no-op for interpreted CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _lse_empty(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkern::hilo_fwd", mutates_args=())
+def _hilo_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
+              num_lo_heads: int, scale: float, kv_pooled: bool) -> tuple[Tensor, Tensor]:
+    """Triton HiLo forward: (o, lse2); lse2 is the base-2 log-sum-exp, fp32 (B, heads, N)."""
+    from vitkern.triton_kernels import hilo as tk
+
+    o, lse = _bhnd_empty(q, q.shape[2]), _lse_empty(q)
+    n_hi = q.shape[1] - num_lo_heads
+    with _on_device(q):
+        if n_hi:
+            tk.hifi_forward(q[:, :n_hi], k[:, :n_hi], v[:, :n_hi], o[:, :n_hi], lse[:, :n_hi],
+                            H, W, window_size, scale)
+        if num_lo_heads:
+            tk.lofi_forward(q[:, n_hi:], k[:, n_hi:], v[:, n_hi:], o[:, n_hi:], lse[:, n_hi:],
+                            H, W, window_size, scale, kv_pooled)
+    return o, lse
+
+
+@_hilo_fwd.register_fake
+def _(q, k, v, H, W, window_size, num_lo_heads, scale, kv_pooled):
+    return _bhnd_empty(q, q.shape[2]), _lse_empty(q)
+
+
+@torch.library.custom_op("vitkern::hilo_bwd", mutates_args=())
+def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, H: int,
+              W: int, window_size: int, num_lo_heads: int, scale: float,
+              kv_pooled: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton HiLo backward: (dq, dk, dv)."""
+    from vitkern.triton_kernels import hilo as tk
+
+    dq, dk, dv = _bhnd_empty(q, q.shape[2]), _bhnd_empty(k, k.shape[2]), _bhnd_empty(v, v.shape[2])
+    n_hi = q.shape[1] - num_lo_heads
+    hi, lo = slice(0, n_hi), slice(n_hi, None)
+    with _on_device(q):
+        if n_hi:
+            tk.hifi_backward(do[:, hi], q[:, hi], k[:, hi], v[:, hi], o[:, hi], lse[:, hi],
+                             dq[:, hi], dk[:, hi], dv[:, hi], H, W, window_size, scale)
+        if num_lo_heads:
+            tk.lofi_backward(do[:, lo], q[:, lo], k[:, lo], v[:, lo], o[:, lo], lse[:, lo],
+                             dq[:, lo], dk[:, lo], dv[:, lo], H, W, window_size, scale,
+                             kv_pooled)
+    return dq, dk, dv
+
+
+@_hilo_bwd.register_fake
+def _(do, q, k, v, o, lse, H, W, window_size, num_lo_heads, scale, kv_pooled):
+    return _bhnd_empty(q, q.shape[2]), _bhnd_empty(k, k.shape[2]), _bhnd_empty(v, v.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, H, W, window_size, num_lo_heads, scale, kv_pooled = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.args = (H, W, window_size, num_lo_heads, scale, kv_pooled)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.vitkern.hilo_bwd(do, q, k, v, o, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("vitkern::hilo_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------------------------
+
+
+def hilo_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], window_size: int,
+                   num_lo_heads: int, scale: Optional[float] = None, pad: Optional[str] = None,
+                   backend: str = "auto") -> Tensor:
+    """HiLo attention (LITv2): Hi-Fi window heads first, then ``num_lo_heads`` Lo-Fi heads.
+
+    Args:
+        q, k, v: (B, heads, N, d), N = H·W tokens in raster order; any strides.
+        hw: the map size (H, W).
+        window_size: s. Hi-Fi heads attend inside non-overlapping s×s windows; Lo-Fi heads attend
+            to the s×s average-pooled k, v (pooled inside the kernel). s = 1 with
+            ``num_lo_heads = heads`` is plain global attention.
+        num_lo_heads: how many of the last heads are Lo-Fi (0 … heads).
+        scale: logit scale, default d**-0.5.
+        pad: None (H and W must be multiples of s) or "zero": LITv2's detection HiLo, zero-pad
+            right / bottom, pad tokens are unmasked zero keys / values, output cropped.
+        backend: "auto", "triton", "cuda" or "reference" (see :mod:`vitkern.backends`).
+
+    Returns:
+        (B, heads, N, d) in the input dtype.
+    """
+    op = "hilo_attention"
+    H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad)
+    heads = q.shape[1]
+    if not isinstance(num_lo_heads, int) or isinstance(num_lo_heads, bool) or not (
+            0 <= num_lo_heads <= heads):
+        raise ValueError(f"{op}: num_lo_heads must be an int in [0, {heads}], got "
+                         f"{num_lo_heads!r}")
+    return _run(op, backend, q, k, v, H, W, s, num_lo_heads, scale, pad, False)
+
+
+def hifi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], window_size: int,
+                   scale: Optional[float] = None, pad: Optional[str] = None,
+                   backend: str = "auto") -> Tensor:
+    """Hi-Fi heads only: softmax attention inside s×s windows. Shapes as :func:`hilo_attention`."""
+    op = "hifi_attention"
+    H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad)
+    return _run(op, backend, q, k, v, H, W, s, 0, scale, pad, False)
+
+
+def lofi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], window_size: int,
+                   scale: Optional[float] = None, pad: Optional[str] = None,
+                   kv_pooled: bool = False, backend: str = "auto") -> Tensor:
+    """Lo-Fi heads only: every query attends to s×s average-pooled keys and values.
+
+    With ``kv_pooled=True``, k and v are already pooled: (B, heads, M, d) with
+    M = ceil(H/s)·ceil(W/s) in raster order of the pooled map (LITv2 pools x before its kv
+    projection, s² cheaper than projecting every token).
+    """
+    op = "lofi_attention"
+    if not isinstance(kv_pooled, bool):
+        raise TypeError(f"{op}: kv_pooled must be a bool, got {type(kv_pooled).__name__}")
+    H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad, kv_pooled=kv_pooled)
+    return _run(op, backend, q, k, v, H, W, s, q.shape[1], scale, pad, kv_pooled)
+
+
+def _run(op, backend, q, k, v, H, W, s, n_lo, scale, pad, kv_pooled):
+    name = _backend(op, backend, q, s, n_lo, kv_pooled)
+    if name == "reference" or q.numel() == 0:
+        kw = dict(hw=(H, W), window_size=s, scale=scale, pad=pad)
+        if n_lo == 0:
+            return ref.hifi_attention(q, k, v, **kw)
+        if n_lo == q.shape[1]:
+            return ref.lofi_attention(q, k, v, kv_pooled=kv_pooled, **kw)
+        return ref.hilo_attention(q, k, v, num_lo_heads=n_lo, **kw)
+    return torch.ops.vitkern.hilo_fwd(q, k, v, H, W, s, n_lo, scale, kv_pooled)[0]

@@ -1,0 +1,4 @@
+"""Pure-PyTorch definitions of every vitkern op (the kernels are tested against these)."""
+from .hilo import hifi_attention, hilo_attention, lofi_attention
+
+__all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
