@@ -23,6 +23,10 @@ except Exception as e:  # reported by test_collect_cases, without hiding the dem
     _KERNEL_CASES, _COLLECT_ERROR = [], e
 
 
+#: Largest dynamic shared memory one block may use (A100: 163 KiB, H100: 227 KiB).
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
 def _check_no_spills(report):
     print("\n" + aot.format_report(report))
     assert report.n_regs > 0
@@ -45,7 +49,10 @@ def test_collect_cases():
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("case", _KERNEL_CASES, ids=[c.name for c in _KERNEL_CASES])
 def test_kernel_case_compiles_without_spills(case, arch):
-    _check_no_spills(aot.compile_case(case, arch))
+    report = aot.compile_case(case, arch)
+    _check_no_spills(report)
+    assert (report.smem_bytes or 0) <= SMEM_LIMIT[arch], (
+        f"{report.case} needs {report.smem_bytes} B of shared memory, more than sm_{arch} allows")
 
 
 @needs_cuda_backend

@@ -37,7 +37,7 @@ def interpreting() -> bool:
 def mma(a, b, IEEE: tl.constexpr):
     """``tl.dot`` that keeps full fp32 precision for fp32 inputs (IEEE) instead of tf32."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b)
 
@@ -139,29 +139,30 @@ def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 class Launcher:
-    """A jit kernel plus its autotune configs for one head-dim class.
+    """A jit kernel plus its autotune configs.
 
-    On a GPU the configs are autotuned (keyed by ``key``); under the interpreter the first
-    config runs directly. ``configs_for(BLOCK_D)`` returns the configs that fit that head dim
-    without spilling (checked by the ahead-of-time compile test).
+    ``configs_for(**constexprs)`` returns the configs that fit the launch's specialisation
+    (head-dim class, dtype, mode) without spilling — checked by the ahead-of-time compile test.
+    On a GPU they are autotuned (keyed by ``key``); under the interpreter the first one runs.
     """
 
     def __init__(self, fn, configs_for, key):
         self.fn = fn
         self.configs_for = configs_for
         self.key = list(key)
-        self._tuned: dict[int, object] = {}
+        self._tuned: dict[tuple, object] = {}
 
-    def __call__(self, grid, *args, BLOCK_D: int, **kwargs):
+    def __call__(self, grid, *args, **constexprs):
+        configs = self.configs_for(**constexprs)
         if interpreting():
-            cfg = self.configs_for(BLOCK_D)[0]
-            return self.fn[grid(cfg.kwargs)](*args, BLOCK_D=BLOCK_D, **kwargs, **cfg.kwargs,
+            cfg = configs[0]
+            return self.fn[grid(cfg.kwargs)](*args, **constexprs, **cfg.kwargs,
                                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        tuned = self._tuned.get(BLOCK_D)
+        spec = tuple(sorted(constexprs.items()))
+        tuned = self._tuned.get(spec)
         if tuned is None:
-            tuned = triton.autotune(configs=self.configs_for(BLOCK_D), key=self.key)(self.fn)
-            self._tuned[BLOCK_D] = tuned
-        return tuned[grid](*args, BLOCK_D=BLOCK_D, **kwargs)
+            tuned = self._tuned[spec] = triton.autotune(configs=configs, key=self.key)(self.fn)
+        return tuned[grid](*args, **constexprs)
 
 
 def cdiv(a: int, b: int) -> int:

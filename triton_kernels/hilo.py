@@ -87,20 +87,74 @@ def _bh_bases(pid_bh, n_heads, sb, sh):
     return (pid_bh // n_heads) * sb + (pid_bh % n_heads) * sh
 
 
+@triton.jit
+def _query_rows(rows, n_rows, GW, MH, MW, WINDOW: tl.constexpr):
+    """Tile rows -> (raster token, real query?, window id); identity rows for Lo-Fi."""
+    if WINDOW > 0:
+        tok, real, win, _ = _window_tokens(rows, n_rows, GW, MH, MW, WINDOW)
+    else:
+        tok, real, win = rows, rows < n_rows, rows
+    return tok, real, win
+
+
+@triton.jit
+def _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn, skd, svn, svd,
+               WINDOW: tl.constexpr, POOL: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """k, v tiles [BLOCK_N, BLOCK_D] of key columns ``cols``, their window ids and validity.
+
+    Hi-Fi: window tokens, pad tokens read as zeros. Lo-Fi: POOL×POOL means pooled on the fly.
+    """
+    if WINDOW > 0:
+        tok, real, win, valid = _window_tokens(cols, n_keys, GW, MH, MW, WINDOW)
+        kv_mask = real[:, None] & dmask[None, :]
+        k = tl.load(tile_ptrs(K, tok, offs_d, skn, skd), mask=kv_mask, other=0.0)
+        v = tl.load(tile_ptrs(V, tok, offs_d, svn, svd), mask=kv_mask, other=0.0)
+    else:
+        k = _pooled_tile(K, cols, n_keys, GW, MH, MW, offs_d, dmask, skn, skd,
+                         POOL, BLOCK_N, BLOCK_D)
+        v = _pooled_tile(V, cols, n_keys, GW, MH, MW, offs_d, dmask, svn, svd,
+                         POOL, BLOCK_N, BLOCK_D)
+        win, valid = cols, cols < n_keys
+    return k, v, win, valid
+
+
+@triton.jit
+def _span(start, n, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
+    """Range of the other side that tile [start, start + BLOCK) meets: its windows, or all n."""
+    if WINDOW > 0:
+        lo, hi = _window_span(start, n, WINDOW, BLOCK)
+    else:
+        lo, hi = 0, n
+    return lo, hi
+
+
+@triton.jit
+def _attends(real_m, win_m, valid_n, win_n, WINDOW: tl.constexpr):
+    mask = real_m[:, None] & valid_n[None, :]
+    if WINDOW > 0:  # block-diagonal: only pairs inside one window
+        mask = mask & (win_m[:, None] == win_n[None, :])
+    return mask
+
+
 # --------------------------------------------------------------------------------------------
-# Hi-Fi: window kernels
+# kernels: WINDOW = s for Hi-Fi heads, WINDOW = 0 (and POOL = s or 1) for Lo-Fi heads
+#
+# Geometry (runtime): n_rows / n_keys = query / key positions of the tile space (the virtual
+# window sequence for Hi-Fi, N tokens / M pooled keys for Lo-Fi); MH×MW the token map keys are
+# read from; GW its width in windows or pooled blocks; N the token count (LSE is per token).
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def hifi_fwd_kernel(
+def hilo_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    n_heads, slb, slh, N, H, W, n_win_w, n_virt, HEAD_DIM, qk_scale_log2,
-    S: tl.constexpr, IEEE: tl.constexpr,
+    n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, qk_scale_log2,
+    WINDOW: tl.constexpr, POOL: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
+    pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
     Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
     K += _bh_bases(pid_bh, n_heads, skb, skh)
     V += _bh_bases(pid_bh, n_heads, svb, svh)
@@ -109,40 +163,37 @@ def hifi_fwd_kernel(
     dmask = offs_d < HEAD_DIM
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m, _ = _window_tokens(rows, n_virt, n_win_w, H, W, S)
-    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=real_m[:, None] & dmask[None, :],
-                other=0.0)
+    tok_m, real_m, win_m = _query_rows(rows, n_rows, GW, MH, MW, WINDOW)
+    q_mask = real_m[:, None] & dmask[None, :]
+    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, S, BLOCK_M)
+    lo, hi = _span(pid_m * BLOCK_M, n_keys, WINDOW, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        tok_n, real_n, win_n, in_n = _window_tokens(cols, n_virt, n_win_w, H, W, S)
-        kv_mask = real_n[:, None] & dmask[None, :]  # pad tokens read as zero keys / values
-        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
+        k, v, win_n, valid_n = _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn,
+                                          skd, svn, svd, WINDOW, POOL, BLOCK_N, BLOCK_D)
         s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        s = tl.where((win_m[:, None] == win_n[None, :]) & in_n[None, :], s, float("-inf"))
+        s = tl.where(_attends(real_m, win_m, valid_n, win_n, WINDOW), s, float("-inf"))
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE)
 
     out, lse2 = softmax_finish(m_i, l_i, acc)
-    tl.store(tile_ptrs(O, tok_m, offs_d, son, sod), out.to(O.dtype.element_ty),
-             mask=real_m[:, None] & dmask[None, :])
+    tl.store(tile_ptrs(O, tok_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + _bh_bases(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
 
 
 @triton.jit
-def hifi_bwd_dkdv_kernel(
+def hilo_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    n_heads, slb, slh, N, H, W, n_win_w, n_virt, HEAD_DIM, scale, qk_scale_log2,
-    S: tl.constexpr, IEEE: tl.constexpr,
+    n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
+    WINDOW: tl.constexpr, POOL: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_n = program_coords(n_virt, BLOCK_N)
+    pid_bh, pid_n = program_coords(n_keys, BLOCK_N)
     Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
     K += _bh_bases(pid_bh, n_heads, skb, skh)
     V += _bh_bases(pid_bh, n_heads, svb, svh)
@@ -155,42 +206,57 @@ def hifi_bwd_dkdv_kernel(
     dmask = offs_d < HEAD_DIM
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tok_n, real_n, win_n, in_n = _window_tokens(cols, n_virt, n_win_w, H, W, S)
-    kv_mask = real_n[:, None] & dmask[None, :]
-    k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-    v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-
+    k, v, win_n, valid_n = _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn, skd,
+                                      svn, svd, WINDOW, POOL, BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_n * BLOCK_N, n_virt, S, BLOCK_N)
+    lo, hi = _span(pid_n * BLOCK_N, n_rows, WINDOW, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        tok_m, real_m, win_m, _ = _window_tokens(rows, n_virt, n_win_w, H, W, S)
+        tok_m, real_m, win_m = _query_rows(rows, n_rows, GW, MH, MW, WINDOW)
         q_mask = real_m[:, None] & dmask[None, :]  # pad queries have no output: no gradient
         q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
         do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + tok_m, mask=real_m, other=0.0)
         delta = tl.load(DELTA + tok_m, mask=real_m, other=0.0)
-        attend = real_m[:, None] & in_n[None, :] & (win_m[:, None] == win_n[None, :])
+        attend = _attends(real_m, win_m, valid_n, win_n, WINDOW)
         p, ds = softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, attend, IEEE)
         dv += mma(tl.trans(p).to(do.dtype), do, IEEE)
         dk += mma(tl.trans(ds).to(q.dtype), q, IEEE)
 
-    tl.store(tile_ptrs(DK, tok_n, offs_d, sdkn, sdkd), (dk * scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(tile_ptrs(DV, tok_n, offs_d, sdvn, sdvd), dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if WINDOW > 0:
+        tok_n, real_n, _, _ = _window_tokens(cols, n_keys, GW, MH, MW, WINDOW)
+        kv_mask = real_n[:, None] & dmask[None, :]
+        tl.store(tile_ptrs(DK, tok_n, offs_d, sdkn, sdkd), (dk * scale).to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(tile_ptrs(DV, tok_n, offs_d, sdvn, sdvd), dv.to(DV.dtype.element_ty),
+                 mask=kv_mask)
+    else:
+        # Each source token of a pooled key receives 1/POOL² of its gradient.
+        inv = 1.0 / (POOL * POOL)
+        dk = (dk * (scale * inv)).to(DK.dtype.element_ty)
+        dv = (dv * inv).to(DV.dtype.element_ty)
+        pr = cols // GW
+        pc = cols % GW
+        for dy in tl.static_range(POOL):
+            for dx in tl.static_range(POOL):
+                r = pr * POOL + dy
+                c = pc * POOL + dx
+                ok = (valid_n & (r < MH) & (c < MW))[:, None] & dmask[None, :]
+                tl.store(tile_ptrs(DK, r * MW + c, offs_d, sdkn, sdkd), dk, mask=ok)
+                tl.store(tile_ptrs(DV, r * MW + c, offs_d, sdvn, sdvd), dv, mask=ok)
 
 
 @triton.jit
-def hifi_bwd_dq_kernel(
+def hilo_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
-    n_heads, slb, slh, N, H, W, n_win_w, n_virt, HEAD_DIM, scale, qk_scale_log2,
-    S: tl.constexpr, IEEE: tl.constexpr,
+    n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
+    WINDOW: tl.constexpr, POOL: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
+    pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
     Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
     K += _bh_bases(pid_bh, n_heads, skb, skh)
     V += _bh_bases(pid_bh, n_heads, svb, svh)
@@ -200,22 +266,21 @@ def hifi_bwd_dq_kernel(
     dmask = offs_d < HEAD_DIM
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m, _ = _window_tokens(rows, n_virt, n_win_w, H, W, S)
+    tok_m, real_m, win_m = _query_rows(rows, n_rows, GW, MH, MW, WINDOW)
     q_mask = real_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
     do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + _bh_bases(pid_bh, n_heads, slb, slh) + tok_m, mask=real_m, other=0.0)
-    delta = tl.load(DELTA + _bh_bases(pid_bh, n_heads, slb, slh) + tok_m, mask=real_m, other=0.0)
+    lse_base = _bh_bases(pid_bh, n_heads, slb, slh)
+    lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
+    delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, S, BLOCK_M)
+    lo, hi = _span(pid_m * BLOCK_M, n_keys, WINDOW, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        tok_n, real_n, win_n, in_n = _window_tokens(cols, n_virt, n_win_w, H, W, S)
-        kv_mask = real_n[:, None] & dmask[None, :]
-        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-        attend = real_m[:, None] & in_n[None, :] & (win_m[:, None] == win_n[None, :])
+        k, v, win_n, valid_n = _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn,
+                                          skd, svn, svd, WINDOW, POOL, BLOCK_N, BLOCK_D)
+        attend = _attends(real_m, win_m, valid_n, win_n, WINDOW)
         p, ds = softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, attend, IEEE)
         dq += mma(ds.to(k.dtype), k, IEEE)
 
@@ -224,249 +289,86 @@ def hifi_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Lo-Fi: pooled-key kernels
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def lofi_fwd_kernel(
-    Q, K, V, O, LSE,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    n_heads, slb, slh, N, KH, KW, pool_w, M, HEAD_DIM, qk_scale_log2,
-    POOL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_bh, pid_m = program_coords(N, BLOCK_M)
-    Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
-    K += _bh_bases(pid_bh, n_heads, skb, skh)
-    V += _bh_bases(pid_bh, n_heads, svb, svh)
-    O += _bh_bases(pid_bh, n_heads, sob, soh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_mask = (rows < N)[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _pooled_tile(K, cols, M, pool_w, KH, KW, offs_d, dmask, skn, skd,
-                         POOL, BLOCK_N, BLOCK_D)
-        v = _pooled_tile(V, cols, M, pool_w, KH, KW, offs_d, dmask, svn, svd,
-                         POOL, BLOCK_N, BLOCK_D)
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        s = tl.where((cols < M)[None, :], s, float("-inf"))
-        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE)
-
-    out, lse2 = softmax_finish(m_i, l_i, acc)
-    tl.store(tile_ptrs(O, rows, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + _bh_bases(pid_bh, n_heads, slb, slh) + rows, lse2, mask=rows < N)
-
-
-@triton.jit
-def lofi_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    n_heads, slb, slh, N, KH, KW, pool_w, M, HEAD_DIM, scale, qk_scale_log2,
-    POOL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_bh, pid_n = program_coords(M, BLOCK_N)
-    Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
-    K += _bh_bases(pid_bh, n_heads, skb, skh)
-    V += _bh_bases(pid_bh, n_heads, svb, svh)
-    DO += _bh_bases(pid_bh, n_heads, sdob, sdoh)
-    DK += _bh_bases(pid_bh, n_heads, sdkb, sdkh)
-    DV += _bh_bases(pid_bh, n_heads, sdvb, sdvh)
-    LSE += _bh_bases(pid_bh, n_heads, slb, slh)
-    DELTA += _bh_bases(pid_bh, n_heads, slb, slh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _pooled_tile(K, cols, M, pool_w, KH, KW, offs_d, dmask, skn, skd, POOL, BLOCK_N, BLOCK_D)
-    v = _pooled_tile(V, cols, M, pool_w, KH, KW, offs_d, dmask, svn, svd, POOL, BLOCK_N, BLOCK_D)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q_mask = (rows < N)[:, None] & dmask[None, :]
-        q = tl.load(tile_ptrs(Q, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-        do = tl.load(tile_ptrs(DO, rows, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + rows, mask=rows < N, other=0.0)
-        delta = tl.load(DELTA + rows, mask=rows < N, other=0.0)
-        attend = (rows < N)[:, None] & (cols < M)[None, :]
-        p, ds = softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, attend, IEEE)
-        dv += mma(tl.trans(p).to(do.dtype), do, IEEE)
-        dk += mma(tl.trans(ds).to(q.dtype), q, IEEE)
-
-    # Each source token of a pooled key receives 1/POOL² of its gradient.
-    inv = 1.0 / (POOL * POOL)
-    dk = (dk * (scale * inv)).to(DK.dtype.element_ty)
-    dv = (dv * inv).to(DV.dtype.element_ty)
-    pr = cols // pool_w
-    pc = cols % pool_w
-    for dy in tl.static_range(POOL):
-        for dx in tl.static_range(POOL):
-            r = pr * POOL + dy
-            c = pc * POOL + dx
-            ok = ((cols < M) & (r < KH) & (c < KW))[:, None] & dmask[None, :]
-            tl.store(tile_ptrs(DK, r * KW + c, offs_d, sdkn, sdkd), dk, mask=ok)
-            tl.store(tile_ptrs(DV, r * KW + c, offs_d, sdvn, sdvd), dv, mask=ok)
-
-
-@triton.jit
-def lofi_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
-    n_heads, slb, slh, N, KH, KW, pool_w, M, HEAD_DIM, scale, qk_scale_log2,
-    POOL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_bh, pid_m = program_coords(N, BLOCK_M)
-    Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
-    K += _bh_bases(pid_bh, n_heads, skb, skh)
-    V += _bh_bases(pid_bh, n_heads, svb, svh)
-    DO += _bh_bases(pid_bh, n_heads, sdob, sdoh)
-    DQ += _bh_bases(pid_bh, n_heads, sdqb, sdqh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_mask = (rows < N)[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-    do = tl.load(tile_ptrs(DO, rows, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + _bh_bases(pid_bh, n_heads, slb, slh) + rows, mask=rows < N, other=0.0)
-    delta = tl.load(DELTA + _bh_bases(pid_bh, n_heads, slb, slh) + rows, mask=rows < N, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _pooled_tile(K, cols, M, pool_w, KH, KW, offs_d, dmask, skn, skd,
-                         POOL, BLOCK_N, BLOCK_D)
-        v = _pooled_tile(V, cols, M, pool_w, KH, KW, offs_d, dmask, svn, svd,
-                         POOL, BLOCK_N, BLOCK_D)
-        attend = (rows < N)[:, None] & (cols < M)[None, :]
-        p, ds = softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, attend, IEEE)
-        dq += mma(ds.to(k.dtype), k, IEEE)
-
-    tl.store(tile_ptrs(DQ, rows, offs_d, sdqn, sdqd), (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
-
-
-# --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
 
-
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in pairs]
-
-
-def fwd_configs(BLOCK_D: int):
-    """Forward tiles per head-dim class: the acc (BLOCK_M×BLOCK_D fp32) must fit in registers."""
-    if BLOCK_D <= 64:
-        return _configs([(64, 64, 4, 2), (128, 64, 4, 2), (32, 32, 2, 2)])
-    if BLOCK_D <= 128:
-        return _configs([(64, 64, 4, 2), (128, 32, 8, 2)])
-    return _configs([(64, 32, 8, 1), (32, 32, 4, 1)])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), largest tile first, per kernel, mode (Hi-Fi window /
+# Lo-Fi pool), BLOCK_D and fp32-ness: the largest tiles that compile for both sm_80 and sm_90
+# without register spills and within shared memory (tests/test_aot_compile.py re-checks every
+# one; `python -m vitkern.triton_kernels.aot -k hilo` prints the table).
+_PROVISIONAL = {(bd, f32): [(32, 32, 4, 1), (16, 16, 4, 1)] for bd in (16, 32, 64, 128, 256)
+                for f32 in (False, True)}
+CONFIGS = {kernel: {"window": _PROVISIONAL, "pool": _PROVISIONAL} for kernel in ("fwd", "dkdv", "dq")}
 
 
-def bwd_configs(BLOCK_D: int):
-    """Backward tiles: dK and dV (two BLOCK_N×BLOCK_D fp32 accumulators) bound the size."""
-    if BLOCK_D <= 64:
-        return _configs([(64, 64, 4, 2), (32, 32, 2, 2)])
-    if BLOCK_D <= 128:
-        return _configs([(64, 32, 4, 2), (32, 32, 4, 2)])
-    return _configs([(32, 32, 8, 1), (16, 16, 4, 1)])
+def _configs_for(kernel: str):
+    def configs_for(*, BLOCK_D, IEEE, WINDOW, **_):
+        rows = CONFIGS[kernel]["window" if WINDOW else "pool"][(BLOCK_D, bool(IEEE))]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in rows]
+    return configs_for
 
 
-_HIFI_KEY = ["n_virt", "HEAD_DIM", "S", "IEEE"]
-_LOFI_KEY = ["N", "M", "HEAD_DIM", "POOL", "IEEE"]
-hifi_fwd = Launcher(hifi_fwd_kernel, fwd_configs, _HIFI_KEY)
-hifi_bwd_dkdv = Launcher(hifi_bwd_dkdv_kernel, bwd_configs, _HIFI_KEY)
-hifi_bwd_dq = Launcher(hifi_bwd_dq_kernel, bwd_configs, _HIFI_KEY)
-lofi_fwd = Launcher(lofi_fwd_kernel, fwd_configs, _LOFI_KEY)
-lofi_bwd_dkdv = Launcher(lofi_bwd_dkdv_kernel, bwd_configs, _LOFI_KEY)
-lofi_bwd_dq = Launcher(lofi_bwd_dq_kernel, bwd_configs, _LOFI_KEY)
+_KEY = ["n_rows", "n_keys", "HEAD_DIM"]
+hilo_fwd = Launcher(hilo_fwd_kernel, _configs_for("fwd"), _KEY)
+hilo_bwd_dkdv = Launcher(hilo_bwd_dkdv_kernel, _configs_for("dkdv"), _KEY)
+hilo_bwd_dq = Launcher(hilo_bwd_dq_kernel, _configs_for("dq"), _KEY)
 
 
 # --------------------------------------------------------------------------------------------
-# host entry points (called by vitkern.ops.hilo; inputs already validated there)
+# host entry points (called by vitkern.ops.hilo on inputs it has validated)
 # --------------------------------------------------------------------------------------------
+
+
+def _geometry(H: int, W: int, s: int, window: bool, kv_pooled: bool) -> dict:
+    """Tile-space geometry and mode constexprs of one head group."""
+    if window:  # virtual sequence of ceil(H/s)·ceil(W/s) windows of s² tokens
+        gw = cdiv(W, s)
+        n_virt = cdiv(H, s) * gw * s * s
+        return dict(n_rows=n_virt, n_keys=n_virt, MH=H, MW=W, GW=gw, WINDOW=s, POOL=1)
+    if kv_pooled or s == 1:  # keys as given: pooled map, or the full map for s = 1
+        mh, mw = (cdiv(H, s), cdiv(W, s)) if kv_pooled else (H, W)
+        return dict(n_rows=H * W, n_keys=mh * mw, MH=mh, MW=mw, GW=mw, WINDOW=0, POOL=1)
+    gw = cdiv(W, s)
+    return dict(n_rows=H * W, n_keys=cdiv(H, s) * gw, MH=H, MW=W, GW=gw, WINDOW=0, POOL=s)
 
 
 def _grid(bh: int, n: int, block: str):
     return lambda meta: (bh * cdiv(n, meta[block]),)
 
 
-def _window_geometry(H: int, W: int, s: int):
-    n_win_h, n_win_w = cdiv(H, s), cdiv(W, s)
-    return n_win_w, n_win_h * n_win_w * s * s
+def _split(geo: dict):
+    sizes = (geo["n_rows"], geo["n_keys"], geo["MH"], geo["MW"], geo["GW"])
+    return sizes, dict(WINDOW=geo["WINDOW"], POOL=geo["POOL"])
 
 
-def hifi_forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float):
-    """Window attention over every head of q, k, v (B, h, N, d) into o and lse2 (B, h, N)."""
+def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
+            kv_pooled: bool = False):
+    """One head group (all Hi-Fi if ``window`` else all Lo-Fi) of q, k, v (B, h, N, d) into
+    o (B, h, N, d) and the base-2 log-sum-exp ``lse`` (B, h, N, fp32, token stride 1)."""
     b, h, n, d = q.shape
-    n_win_w, n_virt = _window_geometry(H, W, s)
-    hifi_fwd(_grid(b * h, n_virt, "BLOCK_M"),
+    geo = _geometry(H, W, s, window, kv_pooled)
+    sizes, mode = _split(geo)
+    hilo_fwd(_grid(b * h, geo["n_rows"], "BLOCK_M"),
              q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
-             h, *lse.stride()[:2], n, H, W, n_win_w, n_virt, d, qk_scale_log2(scale),
-             S=s, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+             h, *lse.stride()[:2], n, *sizes, d, qk_scale_log2(scale),
+             **mode, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
 
 
-def hifi_backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: float):
+def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: float,
+             window: bool, kv_pooled: bool = False):
+    """Gradients of one head group into dq, dk, dv; every element of them is written (each
+    token lies in exactly one window / pooled block, pad tokens are never stored)."""
     b, h, n, d = q.shape
+    geo = _geometry(H, W, s, window, kv_pooled)
+    sizes, mode = _split(geo)
     delta = launch_delta(o, do, lse)
-    n_win_w, n_virt = _window_geometry(H, W, s)
-    common = (h, *lse.stride()[:2], n, H, W, n_win_w, n_virt, d, float(scale),
-              qk_scale_log2(scale))
-    meta = dict(S=s, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+    common = (h, *lse.stride()[:2], n, *sizes, d, float(scale), qk_scale_log2(scale))
+    meta = dict(**mode, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    hifi_bwd_dkdv(_grid(b * h, n_virt, "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
+    hilo_bwd_dkdv(_grid(b * h, geo["n_keys"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
                   *qkv, *strides4(dk), *strides4(dv), *common, **meta)
-    hifi_bwd_dq(_grid(b * h, n_virt, "BLOCK_M"), q, k, v, do, lse, delta, dq,
-                *qkv, *strides4(dq), *common, **meta)
-
-
-def _pool_geometry(H: int, W: int, s: int, kv_pooled: bool):
-    """(KH, KW, POOL, pool_w, M) for the key map: full resolution, or already pooled."""
-    if kv_pooled or s == 1:
-        kh, kw = (cdiv(H, s), cdiv(W, s)) if kv_pooled else (H, W)
-        return kh, kw, 1, kw, kh * kw
-    return H, W, s, cdiv(W, s), cdiv(H, s) * cdiv(W, s)
-
-
-def lofi_forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, kv_pooled: bool):
-    """Attention of every query to s×s-pooled keys / values, into o and lse2 (B, h, N)."""
-    b, h, n, d = q.shape
-    kh, kw, pool, pool_w, m = _pool_geometry(H, W, s, kv_pooled)
-    lofi_fwd(_grid(b * h, n, "BLOCK_M"),
-             q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
-             h, *lse.stride()[:2], n, kh, kw, pool_w, m, d, qk_scale_log2(scale),
-             POOL=pool, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
-
-
-def lofi_backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: float,
-                  kv_pooled: bool):
-    """dK / dV of every token are written: each token lies in exactly one (padded) block."""
-    b, h, n, d = q.shape
-    kh, kw, pool, pool_w, m = _pool_geometry(H, W, s, kv_pooled)
-    delta = launch_delta(o, do, lse)
-    common = (h, *lse.stride()[:2], n, kh, kw, pool_w, m, d, float(scale),
-              qk_scale_log2(scale))
-    meta = dict(POOL=pool, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
-    qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    lofi_bwd_dkdv(_grid(b * h, m, "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
-                  *qkv, *strides4(dk), *strides4(dv), *common, **meta)
-    lofi_bwd_dq(_grid(b * h, n, "BLOCK_M"), q, k, v, do, lse, delta, dq,
+    hilo_bwd_dq(_grid(b * h, geo["n_rows"], "BLOCK_M"), q, k, v, do, lse, delta, dq,
                 *qkv, *strides4(dq), *common, **meta)
 
 
@@ -474,27 +376,26 @@ def lofi_backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale
 # ahead-of-time compile cases (tests/test_aot_compile.py compiles each for sm_80 and sm_90)
 # --------------------------------------------------------------------------------------------
 
-_AOT_DTYPES = {64: ("fp16", "fp32"), 128: ("fp16", "fp32")}  # other head dims: fp16 only
-
-
 _POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV")
+_CONSTEXPRS = ("WINDOW", "POOL", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_D")
 
 
 def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
     """Runtime-arg types of a launch on q, k, v viewed out of a packed projection.
 
     Token / batch / head strides are multiples of 16 there, channel strides are 1 (which the JIT
-    turns into constants), sizes are plain i32, scales fp32.
+    turns into constants), the head dim is a multiple of 16 (d = 32, 64, 80, 96, 128, ...: what
+    lets loads vectorise under its mask), other sizes plain i32, scales fp32.
     """
     sig, const = {}, {}
     for name in fn.arg_names:
-        if name in ("S", "POOL", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
+        if name in _CONSTEXPRS:
             continue
         if name in _POINTERS:  # LSE and DELTA are fp32 whatever the input dtype
             sig[name] = "*fp32" if name in ("LSE", "DELTA") else f"*{ptr_dtype}"
         elif name.startswith("s") and name.endswith("d") and name != "scale":
             const[name] = 1
-        elif name.startswith("s") and name not in ("scale",):
+        elif (name.startswith("s") and name != "scale") or name == "HEAD_DIM":
             sig[name] = "i32:16"
         elif name in ("scale", "qk_scale_log2"):
             sig[name] = "fp32"
@@ -504,24 +405,25 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
 
 
 def aot_cases():
+    """Every kernel × mode (Hi-Fi s = 2; Lo-Fi pooling 2×2 and pre-pooled) × head-dim class ×
+    fp16/fp32 × config. bf16 compiles like fp16."""
     from .aot import AotCase
 
+    modes = {"hifi": dict(WINDOW=2, POOL=1), "lofi": dict(WINDOW=0, POOL=2),
+             "lofi_pooled": dict(WINDOW=0, POOL=1)}
     cases = []
-    kernels = [
-        ("hifi_fwd", hifi_fwd, {"S": 2}), ("hifi_bwd_dkdv", hifi_bwd_dkdv, {"S": 2}),
-        ("hifi_bwd_dq", hifi_bwd_dq, {"S": 2}), ("lofi_fwd", lofi_fwd, {"POOL": 2}),
-        ("lofi_bwd_dkdv", lofi_bwd_dkdv, {"POOL": 2}), ("lofi_bwd_dq", lofi_bwd_dq, {"POOL": 2}),
-    ]
-    for name, launcher, geometry in kernels:
-        for bd in (16, 32, 64, 128, 256):
-            for dtype in _AOT_DTYPES.get(bd, ("fp16",)):
+    for kname, launcher in (("fwd", hilo_fwd), ("dkdv", hilo_bwd_dkdv), ("dq", hilo_bwd_dq)):
+        for mname, mode in modes.items():
+            for dtype in ("fp16", "fp32"):
                 sig, const = _aot_signature(launcher.fn, dtype)
-                for cfg in launcher.configs_for(bd):
-                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                    cases.append(AotCase(
-                        name=f"hilo.{name}[{dtype},D={bd},BM={bm},BN={bn},w{cfg.num_warps}]",
-                        fn=launcher.fn, signature=sig,
-                        constexprs={**const, **geometry, "IEEE": dtype == "fp32",
-                                    "BLOCK_D": bd, **cfg.kwargs},
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                for bd in (16, 32, 64, 128, 256):
+                    meta = dict(mode, IEEE=dtype == "fp32", BLOCK_D=bd)
+                    for cfg in launcher.configs_for(**meta):
+                        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                        cases.append(AotCase(
+                            name=f"hilo.{kname}.{mname}[{dtype},D={bd},BM={bm},BN={bn},"
+                                 f"w{cfg.num_warps},s{cfg.num_stages}]",
+                            fn=launcher.fn, signature=sig,
+                            constexprs={**const, **meta, **cfg.kwargs},
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return cases

@@ -8,7 +8,7 @@ backend refuses an input, :class:`BackendError` lists every backend and its reas
 """
 from __future__ import annotations
 
-import functools
+import importlib.metadata
 import importlib.util
 import os
 from typing import Callable, Optional
@@ -30,21 +30,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import() -> tuple[bool, str]:
+def _probe_triton() -> tuple[bool, str]:
+    """Whether triton is installed, without importing it (vitkern imports stay cheap)."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install triton)"
-    try:
-        import triton
+    return True, f"triton {importlib.metadata.version('triton')}"
 
-        from vitkern import triton_kernels  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return False, f"importing triton failed: {exc!r}"
-    return True, f"triton {triton.__version__}"
+
+# Probed once at import, so that dispatch inside torch.compile reads a constant.
+_TRITON = _probe_triton()
 
 
 def triton_status() -> tuple[bool, str]:
-    ok, why = _triton_import()
+    ok, why = _TRITON
     if not ok:
         return ok, why
     if torch.cuda.is_available():

@@ -1,0 +1,1 @@
+"""Third-party model patching (``vitkern.integrations.timm``): planned, not part of this release."""

@@ -114,6 +114,13 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _head_groups(n_heads: int, num_lo_heads: int):
+    """(head slice, Hi-Fi?) of the non-empty head groups: Hi-Fi heads first, then Lo-Fi."""
+    n_hi = n_heads - num_lo_heads
+    groups = ((slice(0, n_hi), True), (slice(n_hi, n_heads), False))
+    return [(heads, window) for heads, window in groups if heads.stop > heads.start]
+
+
 def _lse_empty(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -125,14 +132,10 @@ def _hilo_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
     from vitkern.triton_kernels import hilo as tk
 
     o, lse = _bhnd_empty(q, q.shape[2]), _lse_empty(q)
-    n_hi = q.shape[1] - num_lo_heads
     with _on_device(q):
-        if n_hi:
-            tk.hifi_forward(q[:, :n_hi], k[:, :n_hi], v[:, :n_hi], o[:, :n_hi], lse[:, :n_hi],
-                            H, W, window_size, scale)
-        if num_lo_heads:
-            tk.lofi_forward(q[:, n_hi:], k[:, n_hi:], v[:, n_hi:], o[:, n_hi:], lse[:, n_hi:],
-                            H, W, window_size, scale, kv_pooled)
+        for heads, window in _head_groups(q.shape[1], num_lo_heads):
+            tk.forward(q[:, heads], k[:, heads], v[:, heads], o[:, heads], lse[:, heads], H, W,
+                       window_size, scale, window=window, kv_pooled=kv_pooled)
     return o, lse
 
 
@@ -149,16 +152,11 @@ def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     from vitkern.triton_kernels import hilo as tk
 
     dq, dk, dv = _bhnd_empty(q, q.shape[2]), _bhnd_empty(k, k.shape[2]), _bhnd_empty(v, v.shape[2])
-    n_hi = q.shape[1] - num_lo_heads
-    hi, lo = slice(0, n_hi), slice(n_hi, None)
     with _on_device(q):
-        if n_hi:
-            tk.hifi_backward(do[:, hi], q[:, hi], k[:, hi], v[:, hi], o[:, hi], lse[:, hi],
-                             dq[:, hi], dk[:, hi], dv[:, hi], H, W, window_size, scale)
-        if num_lo_heads:
-            tk.lofi_backward(do[:, lo], q[:, lo], k[:, lo], v[:, lo], o[:, lo], lse[:, lo],
-                             dq[:, lo], dk[:, lo], dv[:, lo], H, W, window_size, scale,
-                             kv_pooled)
+        for heads, window in _head_groups(q.shape[1], num_lo_heads):
+            tk.backward(do[:, heads], q[:, heads], k[:, heads], v[:, heads], o[:, heads],
+                        lse[:, heads], dq[:, heads], dk[:, heads], dv[:, heads], H, W,
+                        window_size, scale, window=window, kv_pooled=kv_pooled)
     return dq, dk, dv
 
 

@@ -52,12 +52,17 @@ def hifi_attention(q, k, v, *, hw, window_size, scale=None, pad=None):
 
 
 def pool_kv(t: torch.Tensor, *, hw, window_size) -> torch.Tensor:
-    """s×s average pooling of a (B, h, N, d) map -> (B, h, M, d); zero-padded, divisor s²."""
+    """s×s average pooling of a (B, h, N, d) map -> (B, h, M, d); zero-padded, divisor s².
+
+    ``ceil_mode`` with ``divisor_override = s²`` is exactly "zero-pad to a multiple of s, then
+    average", without the padded copy.
+    """
     B, h, _, d = t.shape
     s = window_size
-    Hp, Wp = padded_hw(hw, s)
-    t = _pad_map(t, hw, (Hp, Wp)).reshape(B, h, Hp // s, s, Wp // s, s, d)
-    return t.mean(dim=(3, 5)).reshape(B, h, (Hp // s) * (Wp // s), d)
+    maps = t.reshape(B * h, hw[0], hw[1], d).permute(0, 3, 1, 2)  # channels-last view
+    pooled = F.avg_pool2d(maps, s, s, ceil_mode=True, divisor_override=s * s)
+    m = pooled.shape[2] * pooled.shape[3]
+    return pooled.permute(0, 2, 3, 1).reshape(B, h, m, d)
 
 
 def lofi_attention(q, k, v, *, hw, window_size, scale=None, pad=None, kv_pooled=False):
