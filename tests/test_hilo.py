@@ -17,7 +17,8 @@ CASES = [
     (2, 3, 4, 6, 2, 1, None, 16),       # H != W
     (1, 2, 2, 2, 2, 1, None, 32),       # a single window
     (2, 3, 7, 5, 2, 2, "zero", 32),     # non-divisible, zero padding
-    (1, 2, 9, 13, 4, 1, "zero", 80),    # s = 4, padding, d = 80
+    (1, 2, 9, 13, 4, 1, "zero", 48),    # s = 4, padding, d = 48
+    (1, 3, 5, 6, 2, 1, "zero", 80),     # d = 80 (ViT-H); fp32 Lo-Fi pooling refuses it
     (1, 2, 14, 14, 2, 1, None, 32),     # LITv2 stage 3 map (N = 196)
     (1, 2, 6, 9, 3, 1, None, 24),       # s = 3: windows of 9 tokens straddle tiles
     (1, 1, 12, 12, 12, 0, None, 16),    # one 144-token window: several key tiles per window
@@ -109,6 +110,15 @@ def test_reference_lofi_pooled_kv_equals_pooling():
 # --------------------------------------------------------------------------------------------
 
 
+def _skip_if_refused(select, q):
+    """Skip (visibly) where the backend refuses by design: no spill-free tiles for that shape."""
+    try:
+        select(q)
+    except backends.BackendError as exc:
+        assert "no spill-free triton tiles" in str(exc), exc
+        pytest.skip(str(exc).splitlines()[2].strip())
+
+
 def _check_against_reference(run_kernel, run_ref, inputs, dtype):
     """Kernel output and grads vs the fp64 reference, bounded by PyTorch's own low-precision error."""
     out = run_kernel(*inputs)
@@ -133,6 +143,8 @@ def test_triton_hilo(case, device, dtype):
     if s > 8 and nlo:
         pytest.skip("in-kernel pooling is limited to s <= 8")
     kw = dict(hw=(H, W), window_size=s, num_lo_heads=nlo, pad=pad)
+    _skip_if_refused(lambda q: ops.hilo._backend("t", "triton", q, s, nlo, False),
+                     torch.empty(B, h, H * W, d, dtype=dtype, device=device))
     _check_against_reference(
         lambda q, k, v: ops.hilo_attention(q, k, v, backend="triton", **kw),
         lambda q, k, v: R.hilo_attention(q, k, v, **kw),
@@ -200,6 +212,7 @@ def _t(*shape, dtype=torch.float32):
     (dict(scale="big"), TypeError, "scale must be a float"),
     (dict(backend="cudnn"), ValueError, "unknown backend"),
     (dict(q="nope"), TypeError, "q must be a torch.Tensor"),
+    (dict(k=torch.empty(1, 2, 16, 8, device="meta")), ValueError, "must be on one device"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
     args = dict(q=_t(1, 2, 16, 8), k=_t(1, 2, 16, 8), v=_t(1, 2, 16, 8), hw=(4, 4),
@@ -232,6 +245,15 @@ def test_dispatch_on_cpu():
     with pytest.raises(backends.BackendError, match="head_dim 12 not supported by triton"):
         x = _t(1, 2, 16, 12)
         ops.hilo_attention(x, x, x, hw=(4, 4), window_size=2, num_lo_heads=1, backend="triton")
+    # configs that would spill are not shipped: the backend says so instead of running them
+    x = _t(1, 2, 16, 256)
+    with pytest.raises(backends.BackendError, match="no spill-free triton tiles for float32 "
+                                                    "head_dim 256 in window mode"):
+        ops.hifi_attention(x, x, x, hw=(4, 4), window_size=2, backend="triton")
+    x = _t(1, 2, 16, 256, dtype=torch.float16)
+    with pytest.raises(backends.BackendError, match="in pool mode; pool k, v first"):
+        ops.lofi_attention(x, x, x, hw=(4, 4), window_size=2, backend="triton")
+    assert ops.hilo._backend("x", "triton", x, 2, 2, True) == "triton"  # pre-pooled k, v: fine
 
 
 def test_env_var_forces_backend(monkeypatch):

@@ -1,6 +1,10 @@
 """Triton kernels for HiLo attention (LITv2): Hi-Fi window heads and Lo-Fi pooled-key heads.
 
-Hi-Fi ("window" kernels). The s×s windows are laid end to end in a *virtual* sequence: virtual
+One set of three kernels (forward, dK/dV, dQ) serves both head groups; the constexpr ``WINDOW``
+picks the tile geometry (Hi-Fi: WINDOW = s; Lo-Fi: WINDOW = 0, POOL = s, or 1 for keys given as
+they are), everything else is shared.
+
+Hi-Fi (window mode). The s×s windows are laid end to end in a *virtual* sequence: virtual
 index ``v = window * s² + slot`` with windows in raster order over the (padded) window grid and
 slots row-major inside a window. A tile of virtual rows therefore holds many whole windows (16
 windows of 4 tokens in a 64-row tile for s = 2) and its keys are the same virtual range, so one
@@ -10,7 +14,7 @@ tile (s² > BLOCK) the key loop walks the window in BLOCK_N steps, flash-attenti
 ``pad="zero"`` the window grid covers ceil(H/s)×ceil(W/s) windows and tokens outside the map read
 as zero keys/values (LITv2's unmasked zero padding); their queries are computed and not stored.
 
-Lo-Fi ("pooled" kernels). Queries are the N raster tokens; a key tile is the mean of s×s blocks
+Lo-Fi (pool / direct mode). Queries are the N raster tokens; a key tile is the mean of s×s blocks
 of the full-resolution k / v map, averaged in fp32 registers as it is loaded (divisor s² also for
 border blocks of a zero-padded map), so the pooled tensor is never materialised. ``POOL = 1``
 serves both global attention (window_size = 1) and callers that pass already-pooled k, v.
@@ -292,21 +296,143 @@ def hilo_bwd_dq_kernel(
 # configs
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), largest tile first, per kernel, mode (Hi-Fi window /
-# Lo-Fi pool), BLOCK_D and fp32-ness: the largest tiles that compile for both sm_80 and sm_90
-# without register spills and within shared memory (tests/test_aot_compile.py re-checks every
-# one; `python -m vitkern.triton_kernels.aot -k hilo` prints the table).
-_PROVISIONAL = {(bd, f32): [(32, 32, 4, 1), (16, 16, 4, 1)] for bd in (16, 32, 64, 128, 256)
-                for f32 in (False, True)}
-CONFIGS = {kernel: {"window": _PROVISIONAL, "pool": _PROVISIONAL} for kernel in ("fwd", "dkdv", "dq")}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, mode and (BLOCK_D, fp32?): the two
+# largest tiles (from a sweep of 10 candidates) that compile for both sm_80 and sm_90 without
+# register spills and within shared memory; tests/test_aot_compile.py re-checks every one
+# (`python -m vitkern.triton_kernels.aot -k hilo` prints registers / spills / smem).
+# Modes: "window" = Hi-Fi, "pool" = Lo-Fi pooling s×s in the kernel, "direct" = Lo-Fi on keys as
+# given (pre-pooled, or s = 1). A missing entry means no candidate fits: the triton backend
+# refuses that input (see `unsupported`), e.g. fp32 with head_dim > 128.
+CONFIGS = {
+    "fwd": {
+        "window": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(64, 64, 4, 2)],
+            (128, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (256, False): [(64, 64, 8, 2), (64, 32, 8, 1)],
+            (16, True): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, True): [(64, 64, 8, 2)],
+            (64, True): [(64, 32, 4, 2), (32, 32, 4, 2)],
+            (128, True): [(16, 16, 8, 1)],
+            (256, True): [(16, 16, 8, 1)],
+        },
+        "pool": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (128, False): [(64, 64, 8, 2), (64, 32, 8, 1)],
+            (256, False): [(16, 16, 8, 1)],
+            (16, True): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, True): [(64, 32, 4, 2)],
+            (64, True): [(32, 32, 4, 2), (32, 32, 8, 1)],
+            (128, True): [(32, 32, 8, 1), (16, 16, 4, 1)],
+        },
+        "direct": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (128, False): [(128, 64, 8, 2)],
+            (256, False): [(64, 32, 8, 1), (32, 32, 4, 2)],
+            (16, True): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, True): [(128, 64, 8, 2), (64, 64, 8, 2)],
+            (64, True): [(64, 32, 8, 1)],
+            (128, True): [(32, 32, 8, 1), (16, 16, 4, 1)],
+            (256, True): [(16, 16, 8, 1)],
+        },
+    },
+    "dkdv": {
+        "window": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(64, 64, 8, 2), (64, 32, 4, 2)],
+            (128, False): [(32, 32, 4, 2), (32, 16, 4, 1)],
+            (256, False): [(32, 32, 8, 1), (32, 16, 4, 1)],
+            (16, True): [(64, 32, 4, 2), (32, 32, 4, 2)],
+            (32, True): [(32, 16, 4, 1), (16, 16, 4, 1)],
+            (64, True): [(32, 32, 8, 1), (16, 16, 4, 1)],
+            (128, True): [(16, 16, 4, 1), (16, 16, 8, 1)],
+        },
+        "pool": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(64, 32, 4, 2), (64, 32, 8, 1)],
+            (128, False): [(64, 32, 8, 1), (32, 32, 4, 2)],
+            (256, False): [(32, 32, 8, 1), (32, 16, 4, 1)],
+            (16, True): [(32, 32, 4, 2), (32, 32, 8, 1)],
+            (32, True): [(32, 16, 4, 1), (16, 16, 4, 1)],
+            (64, True): [(32, 32, 8, 1), (32, 16, 4, 1)],
+            (128, True): [(16, 16, 8, 1)],
+        },
+        "direct": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(64, 64, 8, 2), (64, 32, 4, 2)],
+            (128, False): [(64, 64, 8, 2), (32, 32, 4, 2)],
+            (256, False): [(32, 32, 8, 1), (32, 16, 4, 1)],
+            (16, True): [(64, 32, 4, 2), (32, 32, 4, 2)],
+            (32, True): [(32, 16, 4, 1), (16, 16, 4, 1)],
+            (64, True): [(32, 32, 8, 1), (16, 16, 8, 1)],
+            (128, True): [(16, 16, 8, 1)],
+        },
+    },
+    "dq": {
+        "window": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(64, 64, 4, 2), (64, 64, 8, 2)],
+            (64, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (128, False): [(64, 64, 8, 2), (64, 32, 4, 2)],
+            (256, False): [(32, 32, 4, 2), (16, 16, 4, 1)],
+            (16, True): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, True): [(64, 32, 8, 1), (16, 16, 4, 1)],
+            (64, True): [(32, 32, 8, 1), (16, 16, 4, 1)],
+            (128, True): [(16, 16, 4, 1), (16, 16, 8, 1)],
+        },
+        "pool": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(64, 32, 4, 2), (32, 32, 4, 2)],
+            (128, False): [(64, 32, 4, 2), (64, 32, 8, 1)],
+            (16, True): [(64, 32, 4, 2), (64, 32, 8, 1)],
+            (32, True): [(32, 16, 4, 1), (16, 16, 8, 1)],
+            (64, True): [(32, 32, 4, 2), (32, 32, 8, 1)],
+        },
+        "direct": {
+            (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (32, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
+            (64, False): [(64, 32, 4, 2), (32, 32, 4, 2)],
+            (128, False): [(64, 32, 4, 2), (64, 32, 8, 1)],
+            (256, False): [(32, 32, 4, 2), (16, 16, 4, 1)],
+            (16, True): [(64, 32, 4, 2), (64, 32, 8, 1)],
+            (32, True): [(32, 16, 4, 1), (16, 16, 8, 1)],
+            (64, True): [(32, 32, 8, 1)],
+            (128, True): [(16, 16, 8, 1)],
+        },
+    },
+}
+
+
+def _mode(WINDOW: int, POOL: int) -> str:
+    return "window" if WINDOW else ("pool" if POOL > 1 else "direct")
 
 
 def _configs_for(kernel: str):
-    def configs_for(*, BLOCK_D, IEEE, WINDOW, **_):
-        rows = CONFIGS[kernel]["window" if WINDOW else "pool"][(BLOCK_D, bool(IEEE))]
+    def configs_for(*, BLOCK_D, IEEE, WINDOW, POOL):
+        rows = CONFIGS[kernel][_mode(WINDOW, POOL)][(BLOCK_D, bool(IEEE))]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                 for m, n, w, st in rows]
     return configs_for
+
+
+def unsupported(head_dim: int, fp32: bool, window: int, pool: int):
+    """Why no spill-free kernel config exists for this head group (None when one does)."""
+    mode, key = _mode(window, pool), (block_d(head_dim), fp32)
+    if all(key in CONFIGS[kernel][mode] for kernel in CONFIGS):
+        return None
+    dtype = "float32" if fp32 else "16-bit"
+    hint = "; pool k, v first (kv_pooled=True)" if mode == "pool" else ""
+    return (f"no spill-free triton tiles for {dtype} head_dim {head_dim} in {mode} mode"
+            f"{hint}")
 
 
 _KEY = ["n_rows", "n_keys", "HEAD_DIM"]
@@ -405,8 +531,8 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
 
 
 def aot_cases():
-    """Every kernel × mode (Hi-Fi s = 2; Lo-Fi pooling 2×2 and pre-pooled) × head-dim class ×
-    fp16/fp32 × config. bf16 compiles like fp16."""
+    """Every kernel × mode (Hi-Fi s = 2; Lo-Fi pooling 2×2 and pre-pooled) × supported head-dim
+    class × fp16/fp32 × config. bf16 compiles like fp16."""
     from .aot import AotCase
 
     modes = {"hifi": dict(WINDOW=2, POOL=1), "lofi": dict(WINDOW=0, POOL=2),
@@ -417,6 +543,8 @@ def aot_cases():
             for dtype in ("fp16", "fp32"):
                 sig, const = _aot_signature(launcher.fn, dtype)
                 for bd in (16, 32, 64, 128, 256):
+                    if unsupported(bd, dtype == "fp32", mode["WINDOW"], mode["POOL"]):
+                        continue  # the backend refuses these inputs: nothing to compile
                     meta = dict(mode, IEEE=dtype == "fp32", BLOCK_D=bd)
                     for cfg in launcher.configs_for(**meta):
                         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]

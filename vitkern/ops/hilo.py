@@ -79,6 +79,7 @@ def _check(op, q, k, v, hw, window_size, scale, pad, *, kv_pooled=False):
 
 def _backend(op, backend, q, s, n_lo, kv_pooled):
     d = q.shape[-1]
+    n_hi = q.shape[1] - n_lo
 
     def reason(name: str, explicit: bool) -> Optional[str]:
         why = backends.device_reason(name, q.device, explicit)
@@ -92,6 +93,15 @@ def _backend(op, backend, q, s, n_lo, kv_pooled):
             if n_lo and s > MAX_POOL_IN_KERNEL and not kv_pooled:
                 return (f"window_size {s} > {MAX_POOL_IN_KERNEL} for in-kernel pooling; "
                         "pool k, v first and pass kv_pooled=True")
+            from vitkern.triton_kernels import hilo as tk
+
+            fp32 = q.dtype == torch.float32
+            groups = ((n_hi, dict(window=s, pool=1)),
+                      (n_lo, dict(window=0, pool=1 if kv_pooled else s)))
+            for n_heads, mode in groups:
+                why = n_heads and tk.unsupported(d, fp32, **mode)
+                if why:
+                    return why
             return None
         return "no HiLo kernel in vitkern._C yet"
 
