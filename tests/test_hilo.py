@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close
 from vitkern import backends, ops

@@ -6,7 +6,8 @@ keys, kept tokens, ...) and masks the score tile; the math below is the same for
 * forward: online softmax in base 2 (scores pre-multiplied by ``scale * log2(e)``), fp32 running
   max / sum / accumulator, log-sum-exp (base 2) saved per query row for the backward;
 * backward (FlashAttention-2): P is recomputed from q, k and the saved log-sum-exp, with
-  ``delta = rowsum(dO * O)`` computed once by :func:`attn_bwd_delta_kernel`.
+  ``delta = rowsum(dO * O)`` computed once by :func:`attn_bwd_delta_kernel`; every family's
+  backward ends in :func:`softmax_p_ds` (through one of its wrappers).
 
 Also here: the launcher that picks autotuned configs on a GPU and a fixed config under the Triton
 interpreter (``TRITON_INTERPRET=1``, where autotuning would only burn CPU time).
@@ -84,18 +85,38 @@ def softmax_finish(m_i, l_i, acc):
 
 
 @triton.jit
-def softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, mask, IEEE: tl.constexpr):
-    """Recompute P and dS for one (query tile, key tile) pair.
+def softmax_p_ds(s, dp, lse2, delta, mask):
+    """P and dS of one (query tile, key tile) pair from its logits and dO·vᵀ.
 
-    q, do: [BM, BD]; k, v: [BN, BD]; lse2, delta: [BM] fp32; mask: [BM, BN] bool (False = the
-    pair does not attend). Returns P and dS = P * (dO v^T - delta), both [BM, BN] fp32, where dS
-    is the gradient w.r.t. the scaled logits (multiply by ``scale`` for dQ / dK).
+    s: [BM, BN] fp32 logits in base-2 units (scale·log2(e) and any bias·log2(e) applied);
+    dp: [BM, BN] fp32 = dO·vᵀ; lse2, delta: [BM] fp32; mask: [BM, BN] bool (False = the pair does
+    not attend). Masked pairs get P = dS = 0 even where s or lse2 is -inf (rows with no key).
+    Returns (P, dS), dS = P·(dP − delta) being the gradient w.r.t. the natural-unit logits
+    (multiply by ``scale`` for dQ / dK; it is the bias gradient as it is).
     """
+    lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty rows: no -inf - -inf
+    p = tl.where(mask, tl.exp2(s - lse_safe[:, None]), 0.0)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def softmax_bwd_scores(s, v, do, lse2, delta, mask, IEEE: tl.constexpr):
+    """:func:`softmax_p_ds` computing dO·vᵀ itself (v: [BN, BD], do: [BM, BD])."""
+    return softmax_p_ds(s, mma(do, tl.trans(v), IEEE), lse2, delta, mask)
+
+
+@triton.jit
+def softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, mask, IEEE: tl.constexpr):
+    """:func:`softmax_p_ds` for plain scaled dot-product logits (q, do: [BM, BD]; k, v: [BN, BD])."""
     s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-    p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = mma(do, tl.trans(v), IEEE)
-    ds = p * (dp - delta[:, None])
-    return p, ds
+    return softmax_bwd_scores(s, v, do, lse2, delta, mask, IEEE)
+
+
+@triton.jit
+def softmax_bwd_ds(qk, dp, lse2, delta, qk_scale_log2, bias2, mask):
+    """:func:`softmax_p_ds` from dots qk = q·kᵀ and dp = dO·vᵀ the caller accumulated itself
+    (e.g. over head-dim chunks to save registers); bias2 in base-2 units, 0.0 for none."""
+    return softmax_p_ds(qk * qk_scale_log2 + bias2, dp, lse2, delta, mask)
 
 
 @triton.jit

@@ -13,7 +13,6 @@ Outputs are stored (B, N, heads, d) and returned as a (B, heads, N, d) view, so
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -21,6 +20,8 @@ from torch import Tensor
 
 from vitkern import backends
 from vitkern.reference import hilo as ref
+
+from ._common import bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, on_device
 
 __all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
 
@@ -35,31 +36,14 @@ MAX_POOL_IN_KERNEL = 8  # in-kernel pooling unrolls s² loads per key tile
 
 def _check(op, q, k, v, hw, window_size, scale, pad, *, kv_pooled=False):
     """Validate the arguments; returns (H, W, s, scale)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (B, heads, N, head_dim), got shape "
-                             f"{tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, "
-                         f"{v.device}")
-    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in hw)):
-        raise ValueError(f"{op}: hw must be a pair of positive ints (H, W), got {hw!r}")
-    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+    check_qkv(op, q, k, v)
+    H, W = check_hw(op, hw, q.shape[2])
+    if not is_int(window_size) or window_size < 1:
         raise ValueError(f"{op}: window_size must be an int >= 1, got {window_size!r}")
     if pad not in (None, "zero"):
         raise ValueError(f"{op}: pad must be None or 'zero', got {pad!r}")
-    H, W = hw
     s = window_size
     B, h, N, d = q.shape
-    if N != H * W:
-        raise ValueError(f"{op}: q has N={N} tokens but hw={tuple(hw)} gives H*W={H * W}")
     if (H % s or W % s) and pad is None:
         raise ValueError(f"{op}: hw={tuple(hw)} is not divisible by window_size={s}; pass "
                          "pad='zero' for LITv2's zero padding (detection / segmentation HiLo)")
@@ -70,11 +54,7 @@ def _check(op, q, k, v, hw, window_size, scale, pad, *, kv_pooled=False):
         if tuple(t.shape) != (B, h, n_kv, d):
             raise ValueError(f"{op}: {name} must have shape {(B, h, n_kv, d)} to match {what}, "
                              f"got {tuple(t.shape)}")
-    if scale is None:
-        scale = d ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
-    return H, W, s, float(scale)
+    return H, W, s, check_scale(op, scale, d)
 
 
 def _backend(op, backend, q, s, n_lo, kv_pooled):
@@ -113,26 +93,11 @@ def _backend(op, backend, q, s, n_lo, kv_pooled):
 # --------------------------------------------------------------------------------------------
 
 
-def _bhnd_empty(like: Tensor, n: int) -> Tensor:
-    """(B, heads, n, d) output stored as (B, n, heads, d): heads fold into channels for free."""
-    b, h, _, d = like.shape
-    return like.new_empty((b, n, h, d)).transpose(1, 2)
-
-
-def _on_device(t: Tensor):
-    """Launch on the tensor's GPU (not the current one); a no-op for interpreted CPU tensors."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _head_groups(n_heads: int, num_lo_heads: int):
     """(head slice, Hi-Fi?) of the non-empty head groups: Hi-Fi heads first, then Lo-Fi."""
     n_hi = n_heads - num_lo_heads
     groups = ((slice(0, n_hi), True), (slice(n_hi, n_heads), False))
     return [(heads, window) for heads, window in groups if heads.stop > heads.start]
-
-
-def _lse_empty(q: Tensor) -> Tensor:
-    return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("vitkern::hilo_fwd", mutates_args=())
@@ -141,8 +106,8 @@ def _hilo_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
     """Triton HiLo forward: (o, lse2); lse2 is the base-2 log-sum-exp, fp32 (B, heads, N)."""
     from vitkern.triton_kernels import hilo as tk
 
-    o, lse = _bhnd_empty(q, q.shape[2]), _lse_empty(q)
-    with _on_device(q):
+    o, lse = bhnd_empty(q, q.shape[2]), lse_empty(q)
+    with on_device(q):
         for heads, window in _head_groups(q.shape[1], num_lo_heads):
             tk.forward(q[:, heads], k[:, heads], v[:, heads], o[:, heads], lse[:, heads], H, W,
                        window_size, scale, window=window, kv_pooled=kv_pooled)
@@ -151,7 +116,7 @@ def _hilo_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
 
 @_hilo_fwd.register_fake
 def _(q, k, v, H, W, window_size, num_lo_heads, scale, kv_pooled):
-    return _bhnd_empty(q, q.shape[2]), _lse_empty(q)
+    return bhnd_empty(q, q.shape[2]), lse_empty(q)
 
 
 @torch.library.custom_op("vitkern::hilo_bwd", mutates_args=())
@@ -161,8 +126,8 @@ def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     """Triton HiLo backward: (dq, dk, dv)."""
     from vitkern.triton_kernels import hilo as tk
 
-    dq, dk, dv = _bhnd_empty(q, q.shape[2]), _bhnd_empty(k, k.shape[2]), _bhnd_empty(v, v.shape[2])
-    with _on_device(q):
+    dq, dk, dv = bhnd_empty(q, q.shape[2]), bhnd_empty(k, k.shape[2]), bhnd_empty(v, v.shape[2])
+    with on_device(q):
         for heads, window in _head_groups(q.shape[1], num_lo_heads):
             tk.backward(do[:, heads], q[:, heads], k[:, heads], v[:, heads], o[:, heads],
                         lse[:, heads], dq[:, heads], dk[:, heads], dv[:, heads], H, W,
@@ -172,7 +137,7 @@ def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
 
 @_hilo_bwd.register_fake
 def _(do, q, k, v, o, lse, H, W, window_size, num_lo_heads, scale, kv_pooled):
-    return _bhnd_empty(q, q.shape[2]), _bhnd_empty(k, k.shape[2]), _bhnd_empty(v, v.shape[2])
+    return bhnd_empty(q, q.shape[2]), bhnd_empty(k, k.shape[2]), bhnd_empty(v, v.shape[2])
 
 
 def _setup_context(ctx, inputs, output):
@@ -220,8 +185,7 @@ def hilo_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], wind
     op = "hilo_attention"
     H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad)
     heads = q.shape[1]
-    if not isinstance(num_lo_heads, int) or isinstance(num_lo_heads, bool) or not (
-            0 <= num_lo_heads <= heads):
+    if not is_int(num_lo_heads) or not 0 <= num_lo_heads <= heads:
         raise ValueError(f"{op}: num_lo_heads must be an int in [0, {heads}], got "
                          f"{num_lo_heads!r}")
     return _run(op, backend, q, k, v, H, W, s, num_lo_heads, scale, pad, False)

@@ -1,4 +1,7 @@
 """Pure-PyTorch definitions of every vitkern op (the kernels are tested against these)."""
 from .hilo import hifi_attention, hilo_attention, lofi_attention
+from .token import token_attention
+from .window import window_attention
 
-__all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
+__all__ = ["hilo_attention", "hifi_attention", "lofi_attention", "window_attention",
+           "token_attention"]

@@ -1,0 +1,607 @@
+"""Triton kernels for Swin window attention (W-MSA / SW-MSA with relative position bias).
+
+Geometry. Windows are read straight from the (B, heads, N, d) raster map by index math: no roll,
+no pad, no partition copy and no materialised (nW, N, N) mask. Like HiLo's Hi-Fi heads, the
+windows of the *shifted, padded* frame (Hp×Wp, windows of ws×ws) are laid end to end in a
+virtual sequence ``v = window * ws² + slot`` (windows raster over the window grid, slots row-major
+inside a window), so one 64/128-row tile packs several 49-token windows and a block-diagonal mask
+keeps them apart. A virtual index becomes a token on the fly:
+
+    (window, slot) -> frame position (r', c') -> source (r, c) = ((r' + s) mod MH, (c' + s) mod MW)
+
+with MH = H for timm's "shift_then_pad" (roll the map, then pad: frame rows r' >= H are padding)
+and MH = Hp for mmdet's "pad_then_shift" (pad, then roll: a frame row is padding when its source
+row r >= H). Pad tokens read as zero keys / values and take part in the softmax (no reference
+masks them); pad queries are computed and not stored.
+
+The SW-MSA mask is Swin's region-id mask, computed from the frame position: on each axis the
+slices [0, P-ws), [P-ws, P-s), [P-s, P) of the padded length P get ids 0, 1, 2 and a pair of
+tokens in different regions gets ``mask_value`` (-100) added. The bias is read by index from the
+((2ws-1)², heads) table, or from a dense (heads, ws², ws²) bias: both are addressed as
+``BIAS + h*sbh + boff + i_q*b0 + j_q*b1 + i_k*b2 + j_k*b3`` for window-local coordinates (i, j),
+strides chosen on the host (the table's are negative for the key side).
+
+Backward: FlashAttention-2 style (delta pre-pass, then dK/dV per key tile and dQ per query
+tile, no atomics). Bias gradient, deterministic and without atomics: ``window_bwd_dbias_kernel``
+runs one program per (head, chunk of (batch, window) pairs, query-slot block, key-slot block);
+it walks its chunk's windows in a fixed order, recomputes dS for that slot-pair block of each
+window and sums it in registers, then writes one fp32 partial (ws², ws²) block to a scratch
+buffer (n_chunks, heads, ws², ws²). The host sums the chunks (``scratch.sum(0)``) and, for a
+table, folds the (ws², ws²) sum into table rows with a fixed gather + sum (``fold_to_table``).
+Every step has a fixed summation order, so the result is bitwise reproducible. The extra pass
+recomputes QKᵀ and dO·Vᵀ once more; it reads q, k, v, dO once (the chunking keeps the scratch
+at most ~256 partials per head).
+
+All softmax math is the shared core in ``attention_core``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_core import (
+    LOG2E,
+    Launcher,
+    block_d,
+    cdiv,
+    launch_delta,
+    mma,
+    program_coords,
+    qk_scale_log2,
+    softmax_bwd_ds,
+    softmax_bwd_scores,
+    softmax_finish,
+    softmax_step,
+    strides4,
+    tile_ptrs,
+)
+
+# --------------------------------------------------------------------------------------------
+# geometry helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS: tl.constexpr):
+    """(window, slot) -> (raster token, real?, local row, local col, region id)."""
+    i = slot // WS
+    j = slot % WS
+    rp = (win // GW) * WS + i
+    cp = (win % GW) * WS + j
+    r = (rp + SHIFT) % MH
+    c = (cp + SHIFT) % MW
+    real = in_range & (rp < LH) & (cp < LW) & (r < H) & (c < W)
+    # Swin's region ids on the padded frame (Hp - 0 > rp: no split when SHIFT = 0)
+    region = ((rp >= Hp - WS).to(tl.int32) + (rp >= Hp - SHIFT).to(tl.int32)) * 3 \
+        + (cp >= Wp - WS).to(tl.int32) + (cp >= Wp - SHIFT).to(tl.int32)
+    return r * W + c, real, i, j, region
+
+
+@triton.jit
+def _virtual(idx, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS: tl.constexpr):
+    win = idx // (WS * WS)
+    tok, real, i, j, region = _tokens(win, idx % (WS * WS), idx < n_virt, GW, H, W, MH, MW, LH,
+                                      LW, Hp, Wp, SHIFT, WS)
+    return tok, real, win, idx < n_virt, i, j, region
+
+
+@triton.jit
+def _window_span(start, n_virt, WS: tl.constexpr, BLOCK: tl.constexpr):
+    """Virtual range [lo, hi) of the windows that rows [start, start + BLOCK) belong to."""
+    lo = (start // (WS * WS)) * (WS * WS)
+    hi = tl.minimum(((start + BLOCK - 1) // (WS * WS) + 1) * (WS * WS), n_virt)
+    return lo, hi
+
+
+@triton.jit
+def _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1, b2, b3,
+            mask2, HAS_BIAS: tl.constexpr):
+    """Bias + shift mask of a tile, base-2 units (fp32)."""
+    extra = tl.where(reg_m[:, None] != reg_n[None, :], mask2, 0.0)
+    if HAS_BIAS:
+        off = (boff + (i_m * b0 + j_m * b1)[:, None] + (i_n * b2 + j_n * b3)[None, :])
+        bias = tl.load(BIAS + h * sbh + off, mask=attend, other=0.0).to(tl.float32)
+        extra += bias * 1.4426950408889634
+    return extra
+
+
+@triton.jit
+def _bh(pid_bh, n_heads, sb, sh):
+    return (pid_bh // n_heads) * sb + (pid_bh % n_heads) * sh
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+#
+# Runtime geometry: n_virt = Hp·Wp virtual positions; GW windows per frame row; H×W the map,
+# MH×MW the modulus of the source rows / cols, LH×LW the frame limit (see module docstring).
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def window_fwd_kernel(
+    Q, K, V, O, LSE, BIAS,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    n_heads, slb, slh, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
+    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
+    h = pid_bh % n_heads
+    Q += _bh(pid_bh, n_heads, sqb, sqh)
+    K += _bh(pid_bh, n_heads, skb, skh)
+    V += _bh(pid_bh, n_heads, svb, svh)
+    O += _bh(pid_bh, n_heads, sob, soh)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(rows, n_virt, GW, H, W, MH, MW, LH, LW,
+                                                        Hp, Wp, SHIFT, WS)
+    q_mask = real_m[:, None] & dmask[None, :]
+    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WS, BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
+            cols, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS)
+        kv_mask = real_n[:, None] & dmask[None, :]
+        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
+        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
+        attend = real_m[:, None] & valid_n[None, :] & (win_m[:, None] == win_n[None, :])
+        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
+        s += _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1, b2,
+                     b3, mask2, HAS_BIAS)
+        s = tl.where(attend, s, float("-inf"))
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE)
+
+    out, lse2 = softmax_finish(m_i, l_i, acc)
+    tl.store(tile_ptrs(O, tok_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + _bh(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
+
+
+@triton.jit
+def window_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    n_heads, slb, slh, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
+    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh, pid_n = program_coords(n_virt, BLOCK_N)
+    h = pid_bh % n_heads
+    Q += _bh(pid_bh, n_heads, sqb, sqh)
+    K += _bh(pid_bh, n_heads, skb, skh)
+    V += _bh(pid_bh, n_heads, svb, svh)
+    DO += _bh(pid_bh, n_heads, sdob, sdoh)
+    DK += _bh(pid_bh, n_heads, sdkb, sdkh)
+    DV += _bh(pid_bh, n_heads, sdvb, sdvh)
+    LSE += _bh(pid_bh, n_heads, slb, slh)
+    DELTA += _bh(pid_bh, n_heads, slb, slh)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(cols, n_virt, GW, H, W, MH, MW, LH,
+                                                              LW, Hp, Wp, SHIFT, WS)
+    kv_mask = real_n[:, None] & dmask[None, :]
+    k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
+    v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo, hi = _window_span(pid_n * BLOCK_N, n_virt, WS, BLOCK_N)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(rows, n_virt, GW, H, W, MH, MW, LH,
+                                                            LW, Hp, Wp, SHIFT, WS)
+        q_mask = real_m[:, None] & dmask[None, :]  # pad queries have no output: no gradient
+        q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
+        do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE + tok_m, mask=real_m, other=0.0)
+        delta = tl.load(DELTA + tok_m, mask=real_m, other=0.0)
+        attend = real_m[:, None] & valid_n[None, :] & (win_m[:, None] == win_n[None, :])
+        extra = _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1,
+                        b2, b3, mask2, HAS_BIAS)
+        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2 + extra
+        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, attend, IEEE)
+        dv += mma(tl.trans(p).to(do.dtype), do, IEEE)
+        dk += mma(tl.trans(ds).to(q.dtype), q, IEEE)
+
+    tl.store(tile_ptrs(DK, tok_n, offs_d, sdkn, sdkd), (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(tile_ptrs(DV, tok_n, offs_d, sdvn, sdvd), dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def window_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+    n_heads, slb, slh, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
+    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
+    h = pid_bh % n_heads
+    Q += _bh(pid_bh, n_heads, sqb, sqh)
+    K += _bh(pid_bh, n_heads, skb, skh)
+    V += _bh(pid_bh, n_heads, svb, svh)
+    DO += _bh(pid_bh, n_heads, sdob, sdoh)
+    DQ += _bh(pid_bh, n_heads, sdqb, sdqh)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(rows, n_virt, GW, H, W, MH, MW, LH, LW,
+                                                        Hp, Wp, SHIFT, WS)
+    q_mask = real_m[:, None] & dmask[None, :]
+    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
+    do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
+    lse_base = _bh(pid_bh, n_heads, slb, slh)
+    lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
+    delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WS, BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
+            cols, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS)
+        kv_mask = real_n[:, None] & dmask[None, :]
+        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
+        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
+        attend = real_m[:, None] & valid_n[None, :] & (win_m[:, None] == win_n[None, :])
+        extra = _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1,
+                        b2, b3, mask2, HAS_BIAS)
+        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2 + extra
+        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, attend, IEEE)
+        dq += mma(ds.to(k.dtype), k, IEEE)
+
+    tl.store(tile_ptrs(DQ, tok_m, offs_d, sdqn, sdqd), (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+@triton.jit
+def window_bwd_dbias_kernel(
+    Q, K, V, DO, LSE, DELTA, DB, BIAS,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    n_heads, slb, slh, n_win, n_pairs, per_chunk, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
+    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, D_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Partial dBias[chunk, h, slot_q, slot_k] = sum over the chunk's (batch, window) pairs of dS.
+
+    DB: fp32 (n_chunks, heads, ws², ws²), contiguous. Grid: heads * n_chunks * nbm * nbn.
+    """
+    NS: tl.constexpr = WS * WS
+    nbm = tl.cdiv(NS, BLOCK_M)
+    nbn = tl.cdiv(NS, BLOCK_N)
+    pid = tl.program_id(0)
+    bn = pid % nbn
+    bm = (pid // nbn) % nbm
+    hc = pid // (nbn * nbm)
+    h = hc % n_heads
+    chunk = hc // n_heads
+    slot_m = bm * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot_n = bn * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_m = slot_m < NS
+    ok_n = slot_n < NS
+    h64 = h.to(tl.int64)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    g0 = chunk * per_chunk
+    g1 = tl.minimum(g0 + per_chunk, n_pairs)
+    for g in range(g0, g1):
+        b = (g // n_win).to(tl.int64)
+        win = g % n_win
+        tok_m, real_m, i_m, j_m, reg_m = _tokens(win, slot_m, ok_m, GW, H, W, MH, MW, LH, LW,
+                                                 Hp, Wp, SHIFT, WS)
+        tok_n, real_n, i_n, j_n, reg_n = _tokens(win, slot_n, ok_n, GW, H, W, MH, MW, LH, LW,
+                                                 Hp, Wp, SHIFT, WS)
+        q_base = Q + b * sqb + h64 * sqh
+        do_base = DO + b * sdob + h64 * sdoh
+        k_base = K + b * skb + h64 * skh
+        v_base = V + b * svb + h64 * svh
+        # q·kᵀ and dO·vᵀ accumulated over head-dim chunks: only D_CHUNK columns live at a time
+        qk = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for c in tl.static_range(BLOCK_D // D_CHUNK):
+            offs_c = c * D_CHUNK + tl.arange(0, D_CHUNK)
+            cmask = offs_c < HEAD_DIM
+            q_mask = real_m[:, None] & cmask[None, :]
+            kv_mask = real_n[:, None] & cmask[None, :]
+            q = tl.load(tile_ptrs(q_base, tok_m, offs_c, sqn, sqd), mask=q_mask, other=0.0)
+            k = tl.load(tile_ptrs(k_base, tok_n, offs_c, skn, skd), mask=kv_mask, other=0.0)
+            qk += mma(q, tl.trans(k), IEEE)
+            do = tl.load(tile_ptrs(do_base, tok_m, offs_c, sdon, sdod), mask=q_mask, other=0.0)
+            v = tl.load(tile_ptrs(v_base, tok_n, offs_c, svn, svd), mask=kv_mask, other=0.0)
+            dp += mma(do, tl.trans(v), IEEE)
+        lse_base = b * slb + h64 * slh
+        lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
+        delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
+        attend = real_m[:, None] & ok_n[None, :]
+        extra = _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1,
+                        b2, b3, mask2, HAS_BIAS)
+        p, ds = softmax_bwd_ds(qk, dp, lse2, delta, qk_scale_log2, extra, attend)
+        acc += ds
+
+    out = DB + (chunk.to(tl.int64) * n_heads + h) * (NS * NS)
+    tl.store(out + slot_m[:, None] * NS + slot_n[None, :], acc, mask=ok_m[:, None] & ok_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?); the largest tiles
+# of a small sweep that compile for sm_80 and sm_90 without spills and within shared memory
+# (tests/test_aot_compile.py re-checks every one; `python -m vitkern.triton_kernels.aot -k
+# window` prints registers / spills / smem). For "dbias" the tile is over (query slot, key slot)
+# pairs of one window. A missing entry: no candidate fits, the triton backend refuses the input.
+CONFIGS = {
+    "fwd": {
+        (16, False): [(128, 64, 8, 2)],
+        (32, False): [(64, 64, 8, 2)],
+        (64, False): [(128, 64, 8, 2)],
+        (128, False): [(64, 32, 8, 2)],
+        (16, True): [(64, 64, 8, 2)],
+        (32, True): [(64, 32, 8, 2)],
+        (64, True): [(32, 32, 4, 2)],
+    },
+    "dkdv": {
+        (16, False): [(64, 32, 8, 2)],
+        (32, False): [(64, 32, 8, 2)],
+        (64, False): [(32, 16, 4, 1)],
+        (128, False): [(32, 32, 8, 1)],
+        (16, True): [(32, 32, 8, 1)],
+        (32, True): [(32, 16, 4, 1)],
+        (64, True): [(16, 16, 4, 1)],
+    },
+    "dq": {
+        (16, False): [(128, 64, 8, 2)],
+        (32, False): [(64, 64, 8, 2)],
+        (64, False): [(64, 64, 8, 2)],
+        (128, False): [(64, 32, 8, 2)],
+        (16, True): [(64, 32, 8, 2)],
+        (32, True): [(32, 16, 4, 1)],
+        (64, True): [(16, 16, 4, 1)],
+    },
+    "dbias": {
+        (16, False): [(64, 64, 8, 2)],
+        (32, False): [(64, 64, 8, 2)],
+        (64, False): [(64, 32, 8, 2)],
+        (128, False): [(64, 32, 8, 2)],
+        (16, True): [(64, 32, 8, 2)],
+        (32, True): [(32, 32, 8, 1)],
+        (64, True): [(16, 16, 4, 1)],
+    },
+}
+
+MIN_WS, MAX_WS = 1, 16
+MAX_HEAD_DIM = 128
+
+
+def _configs_for(kernel: str):
+    def configs_for(*, BLOCK_D, IEEE, WS, HAS_BIAS, D_CHUNK=None):
+        rows = CONFIGS[kernel][(BLOCK_D, bool(IEEE))]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in rows]
+    return configs_for
+
+
+def unsupported(head_dim: int, fp32: bool, window_size: int):
+    """Why the triton backend refuses this input (None when a spill-free config exists)."""
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        return (f"head_dim {head_dim} not supported by triton window attention (multiples of 8 "
+                f"up to {MAX_HEAD_DIM})")
+    if window_size > MAX_WS:
+        return f"window_size {window_size} > {MAX_WS} not supported by triton window attention"
+    key = (block_d(head_dim), fp32)
+    if all(key in CONFIGS[kernel] for kernel in CONFIGS):
+        return None
+    dtype = "float32" if fp32 else "16-bit"
+    return f"no spill-free triton tiles for {dtype} head_dim {head_dim} in window attention"
+
+
+_KEY = ["n_virt", "HEAD_DIM"]
+window_fwd = Launcher(window_fwd_kernel, _configs_for("fwd"), _KEY)
+window_bwd_dkdv = Launcher(window_bwd_dkdv_kernel, _configs_for("dkdv"), _KEY)
+window_bwd_dq = Launcher(window_bwd_dq_kernel, _configs_for("dq"), _KEY)
+window_bwd_dbias = Launcher(window_bwd_dbias_kernel, _configs_for("dbias"), ["n_pairs", "HEAD_DIM"])
+
+
+# --------------------------------------------------------------------------------------------
+# host entry points (called by vitkern.ops.window on inputs it has validated)
+# --------------------------------------------------------------------------------------------
+
+
+def geometry(H: int, W: int, ws: int, shift: int, pad_then_shift: bool) -> dict:
+    """Runtime geometry of an *effective* window size / shift (see the module docstring)."""
+    Hp, Wp = cdiv(H, ws) * ws, cdiv(W, ws) * ws
+    MH, MW = (Hp, Wp) if pad_then_shift else (H, W)
+    return dict(n_virt=Hp * Wp, GW=Wp // ws, H=H, W=W, MH=MH, MW=MW, LH=MH, LW=MW, Hp=Hp, Wp=Wp,
+                SHIFT=shift, n_win=(Hp // ws) * (Wp // ws))
+
+
+_GEO = ("GW", "H", "W", "MH", "MW", "LH", "LW", "Hp", "Wp", "SHIFT")
+
+
+def bias_strides(bias, ws: int):
+    """(sbh, boff, b0, b1, b2, b3) addressing bias[h, (i_q, j_q), (i_k, j_k)] (see docstring)."""
+    if bias is None:
+        return (0,) * 6
+    if bias.dim() == 2:  # table ((2ws-1)², heads)
+        st, sh = bias.stride()
+        row = (2 * ws - 1) * st
+        return (sh, (ws - 1) * row + (ws - 1) * st, row, st, -row, -st)
+    sh, sq, sk = bias.stride()  # dense (heads, ws², ws²)
+    return (sh, 0, ws * sq, sq, ws * sk, sk)
+
+
+def _grid(bh: int, n: int, block: str):
+    return lambda meta: (bh * cdiv(n, meta[block]),)
+
+
+def forward(q, k, v, o, lse, bias, geo: dict, ws: int, scale: float, mask_value: float):
+    """q, k, v (B, h, N, d) into o (B, h, N, d) and base-2 LSE (B, h, N) fp32, token stride 1.
+    ``bias`` is an fp32 table / dense bias or None."""
+    b, h, n, d = q.shape
+    fwd_bias = bias if bias is not None else lse
+    window_fwd(_grid(b * h, geo["n_virt"], "BLOCK_M"),
+               q, k, v, o, lse, fwd_bias, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
+               h, *lse.stride()[:2], geo["n_virt"], *(geo[x] for x in _GEO),
+               *bias_strides(bias, ws), d, qk_scale_log2(scale), float(mask_value) * LOG2E,
+               WS=ws, HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32,
+               BLOCK_D=block_d(d))
+
+
+def _n_chunks(n_pairs: int, heads: int) -> int:
+    """Windows are split into at most ~256 chunks per head (and at least ~512 programs)."""
+    return max(1, min(n_pairs, 256, cdiv(512, heads)))
+
+
+def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, ws: int, scale: float,
+             mask_value: float, need_dbias: bool):
+    """Gradients into dq, dk, dv (every element written); returns the fp32 dense bias gradient
+    (heads, ws², ws²) when ``need_dbias`` (summed deterministically), else None."""
+    b, h, n, d = q.shape
+    delta = launch_delta(o, do, lse)
+    bias_arg = bias if bias is not None else lse
+    common = (h, *lse.stride()[:2], geo["n_virt"], *(geo[x] for x in _GEO),
+              *bias_strides(bias, ws), d)
+    logs = (float(scale), qk_scale_log2(scale), float(mask_value) * LOG2E)
+    meta = dict(WS=ws, HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32,
+                BLOCK_D=block_d(d))
+    qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
+    window_bwd_dkdv(_grid(b * h, geo["n_virt"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
+                    bias_arg, *qkv, *strides4(dk), *strides4(dv), *common, *logs, **meta)
+    window_bwd_dq(_grid(b * h, geo["n_virt"], "BLOCK_M"), q, k, v, do, lse, delta, dq, bias_arg,
+                  *qkv, *strides4(dq), *common, *logs, **meta)
+    if bias is None or not need_dbias:
+        return None
+    n_pairs = b * geo["n_win"]
+    n_chunks = _n_chunks(n_pairs, h)
+    per_chunk = cdiv(n_pairs, n_chunks)
+    n_chunks = cdiv(n_pairs, per_chunk)
+    ns = ws * ws
+    scratch = torch.empty((n_chunks, h, ns, ns), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (h * n_chunks * cdiv(ns, meta["BLOCK_M"]) * cdiv(ns, meta["BLOCK_N"]),)
+
+    window_bwd_dbias(grid, q, k, v, do, lse, delta, scratch, bias,
+                     *qkv, h, *lse.stride()[:2], geo["n_win"], n_pairs, per_chunk,
+                     *(geo[x] for x in _GEO), *bias_strides(bias, ws), d,
+                     qk_scale_log2(scale), float(mask_value) * LOG2E, **meta,
+                     D_CHUNK=dbias_chunk(meta["BLOCK_D"], meta["IEEE"]))
+    return scratch.sum(0)
+
+
+def dbias_chunk(bd: int, fp32: bool) -> int:
+    """Head-dim chunk of the dbias kernel: 32 columns at a time (what lets fp32 d = 64 and
+    16-bit d = 128 compile without spills; fp32 operands are split in two by tf32x3)."""
+    return min(bd, 32)
+
+
+_FOLD_CACHE: dict = {}
+
+
+def fold_to_table(dense: torch.Tensor, ws: int) -> torch.Tensor:
+    """(heads, ws², ws²) -> ((2ws-1)², heads): sum of the pairs that share a table row.
+
+    A fixed gather + sum (pairs of each row in a fixed order, padded with a zero entry), so it
+    is deterministic on every device, unlike ``index_add_`` on CUDA.
+    """
+    key = (ws, dense.device)
+    gather = _FOLD_CACHE.get(key)
+    if gather is None:
+        ns = ws * ws
+        r = torch.arange(ws)
+        hi, wi = r.repeat_interleave(ws), r.repeat(ws)
+        idx = ((hi[:, None] - hi[None, :] + ws - 1) * (2 * ws - 1)
+               + (wi[:, None] - wi[None, :] + ws - 1)).reshape(-1)
+        order = torch.argsort(idx, stable=True)
+        counts = torch.bincount(idx, minlength=(2 * ws - 1) ** 2)
+        starts = torch.cumsum(counts, 0) - counts
+        width = int(counts.max())
+        slot = torch.arange(width)[None, :]
+        pos = starts[:, None] + slot
+        gather = torch.where(slot < counts[:, None], order[pos.clamp(max=ns * ns - 1)],
+                             torch.full_like(pos, ns * ns))
+        gather = _FOLD_CACHE[key] = gather.to(dense.device)
+    flat = dense.reshape(dense.shape[0], -1)
+    flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
+    return flat[:, gather].sum(-1).transpose(0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compile cases (tests/test_aot_compile.py compiles each for sm_80 and sm_90)
+# --------------------------------------------------------------------------------------------
+
+_POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV", "DB", "BIAS")
+_FP32_POINTERS = ("LSE", "DELTA", "DB", "BIAS")
+_CONSTEXPRS = ("WS", "HAS_BIAS", "IEEE", "D_CHUNK", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+_PLAIN_INTS = ("sbh", "boff", "b0", "b1", "b2", "b3")
+
+
+def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
+    """Runtime-arg types of a launch on q, k, v viewed out of a packed projection (see HiLo's):
+    16-multiple token / batch / head strides, unit channel strides (constants), head dim a
+    multiple of 16, a contiguous fp32 table (its strides plain ints), geometry plain i32."""
+    sig, const = {}, {}
+    for name in fn.arg_names:
+        if name in _CONSTEXPRS:
+            continue
+        if name in _POINTERS:
+            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{ptr_dtype}"
+        elif name in _PLAIN_INTS:
+            sig[name] = "i32"
+        elif name.startswith("s") and name.endswith("d") and name != "scale":
+            const[name] = 1
+        elif name.startswith("s") and name not in ("scale", "SHIFT"):
+            sig[name] = "i32:16"
+        elif name == "HEAD_DIM":
+            sig[name] = "i32:16"
+        elif name in ("scale", "qk_scale_log2", "mask2"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, const
+
+
+def aot_cases():
+    """Every kernel × supported head-dim class × fp16/fp32 × config, for Swin's ws = 7 with a
+    bias table (the heavier path). bf16 compiles like fp16."""
+    from .aot import AotCase
+
+    cases = []
+    kernels = (("fwd", window_fwd), ("dkdv", window_bwd_dkdv), ("dq", window_bwd_dq),
+               ("dbias", window_bwd_dbias))
+    for kname, launcher in kernels:
+        for dtype in ("fp16", "fp32"):
+            sig, const = _aot_signature(launcher.fn, dtype)
+            for bd in (16, 32, 64, 128):
+                if unsupported(bd, dtype == "fp32", 7):
+                    continue
+                meta = dict(WS=7, HAS_BIAS=True, IEEE=dtype == "fp32", BLOCK_D=bd)
+                if kname == "dbias":
+                    meta["D_CHUNK"] = dbias_chunk(bd, dtype == "fp32")
+                for cfg in launcher.configs_for(**meta):
+                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                    cases.append(AotCase(
+                        name=f"window.{kname}[{dtype},D={bd},BM={bm},BN={bn},"
+                             f"w{cfg.num_warps},s{cfg.num_stages}]",
+                        fn=launcher.fn, signature=sig,
+                        constexprs={**const, **meta, **cfg.kwargs},
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return cases

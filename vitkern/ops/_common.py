@@ -1,0 +1,66 @@
+"""Pieces every op family shares: argument checks, output allocation, device guard."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_qkv(op: str, q, k, v) -> None:
+    """q, k, v: 4-D floating-point tensors of one dtype on one device (shapes are per op)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, heads, N, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+
+
+def check_hw(op: str, hw, n_tokens: int) -> tuple[int, int]:
+    """``hw`` is a pair of positive ints whose product is the token count."""
+    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
+            or not all(is_int(x) and x > 0 for x in hw)):
+        raise ValueError(f"{op}: hw must be a pair of positive ints (H, W), got {hw!r}")
+    H, W = hw
+    if n_tokens != H * W:
+        raise ValueError(f"{op}: q has N={n_tokens} tokens but hw={tuple(hw)} gives H*W={H * W}")
+    return H, W
+
+
+def check_scale(op: str, scale, head_dim: int) -> float:
+    """The logit scale, head_dim**-0.5 by default."""
+    if scale is None:
+        return head_dim ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def bhnd_empty(like: Tensor, n: int, zero: bool = False) -> Tensor:
+    """(B, heads, n, d) output stored as (B, n, heads, d): kernels write through strides, and
+    ``o.transpose(1, 2).reshape(B, n, heads * d)`` folds heads into channels for free."""
+    b, h, _, d = like.shape
+    shape = (b, n, h, d)
+    return (like.new_zeros(shape) if zero else like.new_empty(shape)).transpose(1, 2)
+
+
+def lse_empty(q: Tensor, n: int | None = None) -> Tensor:
+    """fp32 (B, heads, n) per-row softmax statistics (n = q's token count by default)."""
+    return q.new_empty((*q.shape[:2], q.shape[2] if n is None else n), dtype=torch.float32)
+
+
+def on_device(t: Tensor):
+    """Launch on the tensor's GPU (not the current one); a no-op for interpreted CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
