@@ -18,7 +18,7 @@ from torch import Tensor
 from vitkern import backends
 from vitkern.reference import token as ref
 
-from ._common import bhnd_empty, check_qkv, check_scale, on_device
+from ._common import bhnd_empty, check_qkv, check_scale, lse_empty, on_device
 
 __all__ = ["token_attention"]
 
@@ -139,10 +139,8 @@ def _token_fwd(q: Tensor, k: Tensor, v: Tensor, keep_idx: Optional[Tensor],
     from vitkern.triton_kernels import token as tk
 
     n = _n_keep(q, keep_idx)
-    b, h = q.shape[:2]
-    o = bhnd_empty(q, n)
-    lse = q.new_empty((b, h, n), dtype=torch.float32)
-    p0 = q.new_empty((b, h, n if want_cls else 0), dtype=torch.float32)
+    o, lse = bhnd_empty(q, n), lse_empty(q, n)
+    p0 = lse_empty(q, n if want_cls else 0)
     with on_device(q):
         tk.forward(q, k, v, keep_idx, key_bias, o, lse, scale)
         if want_cls:
@@ -153,9 +151,7 @@ def _token_fwd(q: Tensor, k: Tensor, v: Tensor, keep_idx: Optional[Tensor],
 @_token_fwd.register_fake
 def _(q, k, v, keep_idx, key_bias, scale, want_cls):
     n = _n_keep(q, keep_idx)
-    b, h = q.shape[:2]
-    return (bhnd_empty(q, n), q.new_empty((b, h, n), dtype=torch.float32),
-            q.new_empty((b, h, n if want_cls else 0), dtype=torch.float32))
+    return bhnd_empty(q, n), lse_empty(q, n), lse_empty(q, n if want_cls else 0)
 
 
 def _bias_grad_empty(q: Tensor, key_bias: Optional[Tensor]) -> Tensor:
