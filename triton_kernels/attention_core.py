@@ -159,6 +159,12 @@ def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
 
+def tile_configs(rows) -> list:
+    """``triton.Config``s from a family table's (BLOCK_M, BLOCK_N, num_warps, num_stages) rows."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in rows]
+
+
 class Launcher:
     """A jit kernel plus its autotune configs.
 

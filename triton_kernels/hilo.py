@@ -41,6 +41,7 @@ from .attention_core import (
     softmax_finish,
     softmax_step,
     strides4,
+    tile_configs,
     tile_ptrs,
 )
 
@@ -418,9 +419,7 @@ def _mode(WINDOW: int, POOL: int) -> str:
 
 def _configs_for(kernel: str):
     def configs_for(*, BLOCK_D, IEEE, WINDOW, POOL):
-        rows = CONFIGS[kernel][_mode(WINDOW, POOL)][(BLOCK_D, bool(IEEE))]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n, w, st in rows]
+        return tile_configs(CONFIGS[kernel][_mode(WINDOW, POOL)][(BLOCK_D, bool(IEEE))])
     return configs_for
 
 

@@ -39,6 +39,7 @@ from .attention_core import (
     softmax_finish,
     softmax_step,
     strides4,
+    tile_configs,
     tile_ptrs,
 )
 
@@ -338,8 +339,7 @@ def unsupported(head_dim: int, fp32: bool, backward: bool = True):
 
 def _configs_for(kernel: str):
     def configs_for(*, BLOCK_D, IEEE, **_):
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n, w, st in CONFIGS[kernel][(BLOCK_D, bool(IEEE))]]
+        return tile_configs(CONFIGS[kernel][(BLOCK_D, bool(IEEE))])
     return configs_for
 
 

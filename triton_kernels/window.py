@@ -54,6 +54,7 @@ from .attention_core import (
     softmax_finish,
     softmax_step,
     strides4,
+    tile_configs,
     tile_ptrs,
 )
 
@@ -393,9 +394,7 @@ MAX_HEAD_DIM = 128
 
 def _configs_for(kernel: str):
     def configs_for(*, BLOCK_D, IEEE, WS, HAS_BIAS, D_CHUNK=None):
-        rows = CONFIGS[kernel][(BLOCK_D, bool(IEEE))]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n, w, st in rows]
+        return tile_configs(CONFIGS[kernel][(BLOCK_D, bool(IEEE))])
     return configs_for
 
 
