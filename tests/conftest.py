@@ -66,3 +66,24 @@ def assert_close(out, ref, lowp_ref=None, *, name="out", rtol32=1e-5, factor=3.0
         floor = torch.finfo(out.dtype).eps * max(mag, 1.0)
         bound = factor * base + floor
     assert err <= bound, f"{name}: max abs error {err:.3g} > bound {bound:.3g} (max|ref| {mag:.3g})"
+
+
+def check_against_reference(run_kernel, run_ref, inputs, dtype,
+                            names=("dq", "dk", "dv", "dbias")):
+    """Kernel output and every input gradient vs the fp64 CPU reference, each bounded by the
+    error of the same PyTorch math in the kernel's dtype (fp32: by ``rtol32``)."""
+    out = run_kernel(*inputs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64).to(out.device)
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    ref = run_ref(*ref_in)
+    lowp_in = [t.detach().clone().requires_grad_() for t in inputs]
+    lowp = run_ref(*lowp_in) if dtype != torch.float32 else None
+    assert_close(out.cpu(), ref, None if lowp is None else lowp.cpu(), name="out")
+    grads = torch.autograd.grad(out, inputs, grad.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.cpu())
+    lowp_grads = (torch.autograd.grad(lowp, lowp_in, grad.to(dtype)) if lowp is not None
+                  else [None] * len(inputs))
+    for name, g, rg, lg in zip(names, grads, ref_grads, lowp_grads):
+        assert g.shape == rg.shape and g.dtype == dtype, name
+        assert_close(g.cpu(), rg, None if lg is None else lg.cpu(), name=name)

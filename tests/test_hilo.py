@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close
+from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close, check_against_reference
 from vitkern import backends, ops
 from vitkern import reference as R
 from vitkern.bench.litv2 import LITv2HiLo
@@ -36,10 +36,6 @@ def _qkv(B, h, N, d, dtype, device, n_kv=None, seed=0):
     shapes = [(B, h, N, d), (B, h, n_kv or N, d), (B, h, n_kv or N, d)]
     return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
             .requires_grad_() for s in shapes]
-
-
-def _grads(out, inputs, grad):
-    return torch.autograd.grad(out, inputs, grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,23 +114,6 @@ def _skip_if_refused(select, q):
         pytest.skip(str(exc).splitlines()[2].strip())
 
 
-def _check_against_reference(run_kernel, run_ref, inputs, dtype):
-    """Kernel output and grads vs the fp64 reference, bounded by PyTorch's own low-precision error."""
-    out = run_kernel(*inputs)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                       dtype=torch.float64).to(out.device)
-    ref_in = [t.detach().double().cpu().requires_grad_() for t in inputs]
-    ref = run_ref(*ref_in)
-    lowp_in = [t.detach().clone().requires_grad_() for t in inputs]
-    lowp = run_ref(*lowp_in) if dtype != torch.float32 else None
-    assert_close(out.cpu(), ref, None if lowp is None else lowp.cpu(), name="out")
-    grads = _grads(out, inputs, grad.to(dtype))
-    ref_grads = _grads(ref, ref_in, grad.cpu())
-    lowp_grads = _grads(lowp, lowp_in, grad.to(dtype)) if lowp is not None else [None] * 3
-    for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, ref_grads, lowp_grads):
-        assert_close(g.cpu(), rg, None if lg is None else lg.cpu(), name=name)
-
-
 @pytest.mark.parametrize("device,dtype", KERNEL_DEVICES, ids=lambda x: str(x).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_triton_hilo(case, device, dtype):
@@ -144,7 +123,7 @@ def test_triton_hilo(case, device, dtype):
     kw = dict(hw=(H, W), window_size=s, num_lo_heads=nlo, pad=pad)
     _skip_if_refused(lambda q: ops.hilo._backend("t", "triton", q, s, nlo, False),
                      torch.empty(B, h, H * W, d, dtype=dtype, device=device))
-    _check_against_reference(
+    check_against_reference(
         lambda q, k, v: ops.hilo_attention(q, k, v, backend="triton", **kw),
         lambda q, k, v: R.hilo_attention(q, k, v, **kw),
         _qkv(B, h, H * W, d, dtype, device), dtype)
@@ -156,7 +135,7 @@ def test_triton_lofi_pooled_kv(hw, s, pad, device, dtype):
     H, W = hw
     m = -(-H // s) * -(-W // s)
     kw = dict(hw=hw, window_size=s, pad=pad, kv_pooled=True)
-    _check_against_reference(
+    check_against_reference(
         lambda q, k, v: ops.lofi_attention(q, k, v, backend="triton", **kw),
         lambda q, k, v: R.lofi_attention(q, k, v, **kw),
         _qkv(2, 2, H * W, 32, dtype, device, n_kv=m), dtype)

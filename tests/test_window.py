@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close
+from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close, check_against_reference
 from vitkern import backends
 from vitkern.ops import window as W_ops
 from vitkern.reference import window as W_ref
@@ -149,25 +149,6 @@ def test_reference_gradcheck(case):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_against_reference(run_kernel, run_ref, inputs, dtype):
-    """Kernel output and grads vs the fp64 reference, bounded by PyTorch's low-precision error."""
-    out = run_kernel(*inputs)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                       dtype=torch.float64).to(out.device)
-    ref_in = [t.detach().double().cpu().requires_grad_() for t in inputs]
-    ref = run_ref(*ref_in)
-    lowp_in = [t.detach().clone().requires_grad_() for t in inputs]
-    lowp = run_ref(*lowp_in) if dtype != torch.float32 else None
-    assert_close(out.cpu(), ref, None if lowp is None else lowp.cpu(), name="out")
-    grads = torch.autograd.grad(out, inputs, grad.to(dtype))
-    ref_grads = torch.autograd.grad(ref, ref_in, grad.cpu())
-    lowp_grads = (torch.autograd.grad(lowp, lowp_in, grad.to(dtype)) if lowp is not None
-                  else [None] * len(inputs))
-    for name, g, rg, lg in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, lowp_grads):
-        assert g.shape == rg.shape and g.dtype == dtype, name
-        assert_close(g.cpu(), rg, None if lg is None else lg.cpu(), name=name)
-
-
 @pytest.mark.parametrize("device,dtype", KERNEL_DEVICES, ids=lambda x: str(x).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_triton_window(case, device, dtype):
@@ -179,7 +160,7 @@ def test_triton_window(case, device, dtype):
         assert "no spill-free triton tiles" in str(exc), exc
         pytest.skip(str(exc).splitlines()[2].strip())
     run = _call(lambda *a, **k: window_attention(*a, backend="triton", **k), kw)
-    _check_against_reference(run, _call(W_ref.window_attention, kw), _inputs(case, dtype, device),
+    check_against_reference(run, _call(W_ref.window_attention, kw), _inputs(case, dtype, device),
                              dtype)
 
 
@@ -212,7 +193,7 @@ def test_triton_hard_mask_value(device, dtype):
     case = (1, 2, 8, 8, 4, 2, 16, "table", "pad_then_shift")
     kw = dict(_kw(case), mask_value=float("-inf"))
     run = _call(lambda *a, **k: window_attention(*a, backend="triton", **k), kw)
-    _check_against_reference(run, _call(W_ref.window_attention, kw), _inputs(case, dtype, device),
+    check_against_reference(run, _call(W_ref.window_attention, kw), _inputs(case, dtype, device),
                              dtype)
 
 

@@ -1,4 +1,4 @@
-"""Public ops: ``vitkern.ops.<op>(...)``, each with ``backend="auto" | "triton" | "cuda" | "reference"``."""
+"""Public ops ``vitkern.ops.<op>(...)``, each with ``backend="auto"|"triton"|"cuda"|"reference"``."""
 from .hilo import hifi_attention, hilo_attention, lofi_attention
 from .token import token_attention
 from .window import window_attention

@@ -7,6 +7,17 @@ import torch
 from torch import Tensor
 
 
+#: dtypes the Triton kernels take (the reference takes any float dtype, fp64 included).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_dtype_reason(dtype: torch.dtype, what: str = "dtype"):
+    """Why the triton backend refuses ``dtype`` (None if it takes it)."""
+    if dtype in TRITON_DTYPES:
+        return None
+    return f"{what} {dtype} not supported by triton (float32, float16, bfloat16)"
+
+
 def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

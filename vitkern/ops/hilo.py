@@ -21,11 +21,11 @@ from torch import Tensor
 from vitkern import backends
 from vitkern.reference import hilo as ref
 
-from ._common import bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, on_device
+from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, on_device,
+                      triton_dtype_reason)
 
 __all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_POOL_IN_KERNEL = 8  # in-kernel pooling unrolls s² loads per key tile
 
 
@@ -66,8 +66,8 @@ def _backend(op, backend, q, s, n_lo, kv_pooled):
         if why is not None or name == "reference":
             return why
         if name == "triton":
-            if q.dtype not in TRITON_DTYPES:
-                return f"dtype {q.dtype} not supported by triton (float32, float16, bfloat16)"
+            if why := triton_dtype_reason(q.dtype):
+                return why
             if d % 8 or d > 256:
                 return f"head_dim {d} not supported by triton (multiples of 8 up to 256)"
             if n_lo and s > MAX_POOL_IN_KERNEL and not kv_pooled:

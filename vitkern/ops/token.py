@@ -18,11 +18,11 @@ from torch import Tensor
 from vitkern import backends
 from vitkern.reference import token as ref
 
-from ._common import bhnd_empty, check_qkv, check_scale, lse_empty, on_device
+from ._common import (bhnd_empty, check_qkv, check_scale, lse_empty, on_device,
+                      triton_dtype_reason)
 
 __all__ = ["token_attention"]
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_HEAD_DIM = 128
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -102,14 +102,14 @@ def _backend(op, backend, q, key_bias, needs_grad=False):
         if why is not None or name == "reference":
             return why
         if name == "triton":
-            if q.dtype not in TRITON_DTYPES:
-                return f"dtype {q.dtype} not supported by triton (float32, float16, bfloat16)"
+            if why := triton_dtype_reason(q.dtype):
+                return why
             if d % 8 or d > MAX_TRITON_HEAD_DIM:
                 return (f"head_dim {d} not supported by triton (multiples of 8 up to "
                         f"{MAX_TRITON_HEAD_DIM})")
-            if key_bias is not None and key_bias.dtype not in TRITON_DTYPES:
-                return (f"key_bias dtype {key_bias.dtype} not supported by triton "
-                        "(float32, float16, bfloat16)")
+            if key_bias is not None and (why := triton_dtype_reason(key_bias.dtype,
+                                                                    "key_bias dtype")):
+                return why
             from vitkern.triton_kernels import token as tk
 
             return tk.unsupported(d, q.dtype == torch.float32, backward=needs_grad)

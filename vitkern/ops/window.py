@@ -17,11 +17,11 @@ from torch import Tensor
 from vitkern import backends
 from vitkern.reference import window as ref
 
-from ._common import bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, on_device
+from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, on_device,
+                      triton_dtype_reason)
 
 __all__ = ["window_attention"]
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,8 +77,8 @@ def _backend(op, backend, q, ws):
         if why is not None or name == "reference":
             return why
         if name == "triton":
-            if q.dtype not in TRITON_DTYPES:
-                return f"dtype {q.dtype} not supported by triton (float32, float16, bfloat16)"
+            if why := triton_dtype_reason(q.dtype):
+                return why
             from vitkern.triton_kernels import window as tk
 
             return tk.unsupported(d, q.dtype == torch.float32, ws)
