@@ -23,7 +23,13 @@ group           vitkern provider                              baselines
 
 vitkern op providers are named ``vitkern[<backend>]``: on CUDA every compiled backend that
 ``vitkern.backends.backend_status()`` reports available (``--backends`` overrides), on CPU
-``vitkern[auto:reference]`` (what ``auto`` resolves to). Groups without work for a case are left out
+``vitkern[auto:reference]`` (what ``auto`` resolves to). ``vitkern[cuda]`` is the CUDA C++ backend
+(vitkern._C): Hi-Fi heads (s <= 4) forward and backward, Lo-Fi heads forward only (its
+``fwd+bwd`` records of the ``hilo`` / ``lofi`` groups are ``skipped`` with the reason); where it
+refuses a case by design the record says ``skipped`` with its reason rather than failing the run.
+Every vitkern record also carries ``speedup_vs_vitkern`` (the other vitkern providers' ms / its
+ms, same task and mode): the ``vitkern[cuda]`` / ``vitkern[triton]`` ratio that decides whether
+``auto`` may prefer CUDA. Groups without work for a case are left out
 (``hifi`` without Hi-Fi heads, ``lofi_pooled`` when s = 1). Non-divisible maps use LITv2's detection
 semantics everywhere (``pad="zero"`` for vitkern, zero padding + crop in the baselines).
 
@@ -351,6 +357,7 @@ class Provider:
     skip: str = ""                      # reason when not runnable
     backend: str | None = None
     module: torch.nn.Module | None = None
+    fwd_only: str = ""                  # reason when only the forward can be timed (inference kernel)
 
 
 def _op_providers(task: Task, ctx: Context, ops, ops_reason: str, pad_arg) -> list[Provider]:
@@ -540,6 +547,9 @@ def _time_and_record(task: Task, B: int, provs: list["Provider"], checks: dict[s
                 else:
                     rec.update(status="skipped", reason=p.skip)
                 continue
+            if p.fwd_only and mode != "fwd":
+                rec.update(status="skipped", reason=p.fwd_only)
+                continue
             params = []
             if p.module is not None and mode != "fwd":
                 params = [prm for prm in p.module.parameters() if prm.requires_grad]
@@ -622,8 +632,20 @@ def run_task(task: Task, ctx: Context) -> list[dict]:
         if ref_fn is None:
             continue
         try:
-            info = _check(p.name, p.fn, ref_fn, arg_sets[0], douts[0], task.dtype, with_grad)
+            try:
+                info = _check(p.name, p.fn, ref_fn, arg_sets[0], douts[0], task.dtype, with_grad)
+            except Exception as exc:  # noqa: BLE001
+                if not (p.kind == "vitkern" and p.backend == "cuda" and with_grad and _is_refusal(exc)):
+                    raise
+                # an inference-only CUDA kernel (Lo-Fi): check and time its forward alone
+                p.fwd_only = f"refused by design: {_refusal_reason(exc, 'cuda')}"
+                info = _check(p.name, p.fn, ref_fn, arg_sets[0], douts[0], task.dtype, False)
         except Exception as exc:  # noqa: BLE001
+            if p.kind == "vitkern" and p.backend == "cuda" and _is_refusal(exc):
+                # The CUDA C++ backend covers part of the op family by design.
+                p.skip = f"refused by design: {_refusal_reason(exc, 'cuda')}"
+                p.fn = None
+                continue
             if p.kind == "vitkern":
                 msg = f"{task.label} {p.name}: raised {type(exc).__name__}: {exc}"
                 if p.backend not in (None, "auto") and backend_availability() is None:
@@ -661,16 +683,39 @@ def run_task(task: Task, ctx: Context) -> list[dict]:
         bytes_fn=lambda mode: attention_bytes(c, B, heads, elem, mode=mode, pooled=pooled), extra=extra)
 
 
+def _is_refusal(exc: Exception) -> bool:
+    try:
+        from vitkern.backends import BackendError
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(exc, BackendError)
+
+
+def _refusal_reason(exc: Exception, backend: str) -> str:
+    """The ``<backend>: reason`` line of a BackendError (the whole message if absent)."""
+    for line in str(exc).splitlines():
+        if line.strip().startswith(f"{backend}:"):
+            return line.strip()[len(backend) + 1:].strip()
+    return str(exc)
+
+
 def _add_speedups(records: list[dict]) -> None:
-    """speedup[baseline] = baseline ms / vitkern ms, same task and mode."""
+    """speedup[baseline] = baseline ms / vitkern ms, same task and mode; speedup_vs_vitkern the
+    same against the other vitkern providers (e.g. cuda vs triton)."""
     for r in records:
         if r.get("kind") != "vitkern" or r.get("status") != "ok":
             continue
-        sp = {}
+        sp, vs = {}, {}
         for b in records:
-            if b.get("kind") == "baseline" and b.get("status") == "ok" and b["mode"] == r["mode"]:
-                sp[b["provider"]] = b["ms"] / r["ms"] if r["ms"] > 0 else None
+            if b.get("status") != "ok" or b["mode"] != r["mode"] or b is r:
+                continue
+            ratio = b["ms"] / r["ms"] if r["ms"] > 0 else None
+            if b.get("kind") == "baseline":
+                sp[b["provider"]] = ratio
+            elif b.get("kind") == "vitkern":
+                vs[b["provider"]] = ratio
         r["speedup"] = sp
+        r["speedup_vs_vitkern"] = vs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@
 
 #include "common.h"
 #include "common/fill.h"
+#include "hilo/hifi.h"
+#include "hilo/lofi.h"
+#include "window/window.h"
 
 #ifndef VITKERN_VERSION
 #define VITKERN_VERSION "0.0.0+unknown"
@@ -149,6 +152,140 @@ int fill_f32(std::uintptr_t ptr, std::int64_t n, float value, std::uintptr_t str
   return vitkern_fill_f32(as_ptr<float>(ptr), n, value, as_stream(stream));
 }
 
+// A tensor crosses the boundary as (data_ptr, sizes, strides, dtype code); sizes / strides of
+// rank < 4 are left-padded with size 1 / stride 0 (common.h's descriptor convention).
+bool to_tensor(const py::tuple& t, vitkern_tensor* out) {
+  if (t.size() != 4) return false;
+  const auto sizes = t[1].cast<std::vector<std::int64_t>>();
+  const auto strides = t[2].cast<std::vector<std::int64_t>>();
+  if (sizes.size() != strides.size() || sizes.size() > VK_MAX_DIMS) return false;
+  out->data = as_ptr<void>(t[0].cast<std::uintptr_t>());
+  const size_t pad = VK_MAX_DIMS - sizes.size();
+  for (size_t i = 0; i < VK_MAX_DIMS; ++i) {
+    out->sizes[i] = i < pad ? 1 : sizes[i - pad];
+    out->strides[i] = i < pad ? 0 : strides[i - pad];
+  }
+  out->dtype = t[3].cast<std::int32_t>();
+  return true;
+}
+
+using StatusWhy = std::tuple<int, std::string>;
+
+StatusWhy bad_descriptor() {
+  return {VK_STATUS_INVALID_ARGUMENT, "tensor descriptors are (data_ptr, sizes, strides, dtype) with rank <= 4"};
+}
+
+StatusWhy hifi_supported(int dtype, std::int64_t head_dim, std::int64_t window_size, bool backward) {
+  char why[256] = {0};
+  const int st = vitkern_hifi_supported(dtype, head_dim, window_size, backward ? 1 : 0, why, sizeof why);
+  return {st, why};
+}
+
+StatusWhy hifi_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
+                   std::int64_t H, std::int64_t W, std::int64_t window_size, float scale,
+                   std::uintptr_t stream, int device) {
+  vitkern_tensor t[4];
+  const py::tuple* in[4] = {&q, &k, &v, &o};
+  for (int i = 0; i < 4; ++i) {
+    if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
+  }
+  char why[256] = {0};
+  int st;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device, t[0].data);
+    st = guard.status();
+    if (st == VK_STATUS_SUCCESS) {
+      st = vitkern_hifi_fwd(&t[0], &t[1], &t[2], &t[3], H, W, window_size, scale, as_stream(stream),
+                            why, sizeof why);
+    }
+  }
+  return {st, why};
+}
+
+StatusWhy hifi_bwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& dout,
+                   const py::tuple& dq, const py::tuple& dk, const py::tuple& dv, std::int64_t H,
+                   std::int64_t W, std::int64_t window_size, float scale, std::uintptr_t stream,
+                   int device) {
+  vitkern_tensor t[7];
+  const py::tuple* in[7] = {&q, &k, &v, &dout, &dq, &dk, &dv};
+  for (int i = 0; i < 7; ++i) {
+    if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
+  }
+  char why[256] = {0};
+  int st;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device, t[0].data);
+    st = guard.status();
+    if (st == VK_STATUS_SUCCESS) {
+      st = vitkern_hifi_bwd(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], H, W, window_size,
+                            scale, as_stream(stream), why, sizeof why);
+    }
+  }
+  return {st, why};
+}
+
+StatusWhy lofi_supported(int dtype, std::int64_t head_dim, std::int64_t pool) {
+  char why[256] = {0};
+  const int st = vitkern_lofi_supported(dtype, head_dim, pool, why, sizeof why);
+  return {st, why};
+}
+
+StatusWhy lofi_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
+                   std::int64_t H, std::int64_t W, std::int64_t window_size, bool kv_pooled,
+                   float scale, std::uintptr_t stream, int device) {
+  vitkern_tensor t[4];
+  const py::tuple* in[4] = {&q, &k, &v, &o};
+  for (int i = 0; i < 4; ++i) {
+    if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
+  }
+  char why[256] = {0};
+  int st;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device, t[0].data);
+    st = guard.status();
+    if (st == VK_STATUS_SUCCESS) {
+      st = vitkern_lofi_fwd(&t[0], &t[1], &t[2], &t[3], H, W, window_size, kv_pooled ? 1 : 0, scale,
+                            as_stream(stream), why, sizeof why);
+    }
+  }
+  return {st, why};
+}
+
+StatusWhy window_supported(int dtype, std::int64_t head_dim, std::int64_t window_size) {
+  char why[256] = {0};
+  const int st = vitkern_window_supported(dtype, head_dim, window_size, why, sizeof why);
+  return {st, why};
+}
+
+StatusWhy window_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
+                     const py::object& bias, std::int64_t H, std::int64_t W,
+                     std::int64_t window_size, std::int64_t shift, int pad_order, float mask_value,
+                     float scale, std::uintptr_t stream, int device) {
+  vitkern_tensor t[5];
+  const py::tuple* in[4] = {&q, &k, &v, &o};
+  for (int i = 0; i < 4; ++i) {
+    if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
+  }
+  const bool has_bias = !bias.is_none();
+  if (has_bias && !to_tensor(bias.cast<py::tuple>(), &t[4])) return bad_descriptor();
+  char why[256] = {0};
+  int st;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device, t[0].data);
+    st = guard.status();
+    if (st == VK_STATUS_SUCCESS) {
+      st = vitkern_window_fwd(&t[0], &t[1], &t[2], &t[3], has_bias ? &t[4] : nullptr, H, W,
+                              window_size, shift, pad_order, mask_value, scale, as_stream(stream),
+                              why, sizeof why);
+    }
+  }
+  return {st, why};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -181,4 +318,36 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream") = 0, py::arg("device") = -1,
         py::call_guard<py::gil_scoped_release>(),
         "ptr[0:n] = value (float32, device memory), asynchronously on `stream`. Returns a status.");
+
+  // HiLo Hi-Fi (csrc/hilo/hifi.h). Tensors: (data_ptr, sizes, strides, dtype code), all
+  // (B, heads, H*W, d) of one dtype. Each returns (status, reason); nothing raises.
+  m.def("hifi_supported", &hifi_supported, py::arg("dtype"), py::arg("head_dim"),
+        py::arg("window_size"), py::arg("backward") = false,
+        "(status, reason): whether the Hi-Fi kernels take this dtype / head_dim / window_size.");
+  m.def("hifi_fwd", &hifi_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
+        py::arg("H"), py::arg("W"), py::arg("window_size"), py::arg("scale"),
+        py::arg("stream") = 0, py::arg("device") = -1,
+        "Hi-Fi forward into o, asynchronously on `stream`. Returns (status, reason).");
+  m.def("hifi_bwd", &hifi_bwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("H"), py::arg("W"),
+        py::arg("window_size"), py::arg("scale"), py::arg("stream") = 0, py::arg("device") = -1,
+        "Hi-Fi backward into dq, dk, dv (scores recomputed). Returns (status, reason).");
+
+  // HiLo Lo-Fi forward (csrc/hilo/lofi.h): k, v full-resolution (pooled in the kernel) or pooled.
+  m.def("lofi_supported", &lofi_supported, py::arg("dtype"), py::arg("head_dim"), py::arg("pool"),
+        "(status, reason): whether the Lo-Fi kernel takes this dtype / head_dim / pooling factor.");
+  m.def("lofi_fwd", &lofi_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("H"),
+        py::arg("W"), py::arg("window_size"), py::arg("kv_pooled"), py::arg("scale"),
+        py::arg("stream") = 0, py::arg("device") = -1,
+        "Lo-Fi forward into o, asynchronously on `stream`. Returns (status, reason).");
+
+  // Swin window attention forward (csrc/window/window.h): ws 7 / 12, d 32, fp16 / bf16.
+  m.def("window_supported", &window_supported, py::arg("dtype"), py::arg("head_dim"),
+        py::arg("window_size"),
+        "(status, reason): whether the window kernel takes this dtype / head_dim / window.");
+  m.def("window_fwd", &window_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
+        py::arg("bias"), py::arg("H"), py::arg("W"), py::arg("window_size"), py::arg("shift"),
+        py::arg("pad_order"), py::arg("mask_value"), py::arg("scale"), py::arg("stream") = 0,
+        py::arg("device") = -1,
+        "Window attention forward into o (bias: None or a float32 descriptor). (status, reason).");
 }

@@ -16,7 +16,7 @@ import importlib
 from types import ModuleType
 from typing import Optional
 
-__all__ = ["load", "info", "check", "DTYPE_CODES", "CudaExtError"]
+__all__ = ["load", "info", "check", "DTYPE_CODES", "CudaExtError", "has", "tensor_desc", "launch"]
 
 #: dtype code of the C ABI (csrc/common.h ``vitkern_dtype``), keyed by the dtype's name.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -128,10 +128,44 @@ def info() -> dict:
     return out
 
 
-def check(status: int, what: str = "vitkern._C call") -> None:
+def check(status: int, what: str = "vitkern._C call", detail: str = "") -> None:
     """Raise :class:`CudaExtError` unless ``status`` is 0 (the C ABI's VK_STATUS_SUCCESS)."""
     if status == 0:
         return
     mod, _ = load(require_device=False)
     msg = mod.status_string(status) if mod is not None else f"status {status}"
-    raise CudaExtError(f"{what} failed: {msg}")
+    raise CudaExtError(f"{what} failed: {msg}" + (f": {detail}" if detail else ""))
+
+
+def has(*names: str) -> bool:
+    """Whether the usable ``vitkern._C`` (a GPU can run it) exports every entry in ``names``."""
+    mod, _ = load()
+    return mod is not None and all(hasattr(mod, n) for n in names)
+
+
+def tensor_desc(t) -> tuple:
+    """A torch tensor as the C ABI's descriptor: ``(data_ptr, sizes, strides, dtype code)``.
+
+    Strides are in elements and taken as they are (views are never copied)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), DTYPE_CODES[str(t.dtype)[len("torch."):]])
+
+
+def launch(entry: str, *args, device=None) -> None:
+    """Call the ``vitkern._C`` kernel entry ``entry(*args, stream, device)`` on the current torch
+    stream of ``device`` (a torch.device) and raise :class:`CudaExtError` on a failure status.
+
+    Tensors among ``args`` are passed as :func:`tensor_desc` tuples (``None`` stays ``None``, an
+    absent optional tensor). Entries return ``(status, reason)``."""
+    import torch
+
+    mod, why = load()
+    if mod is None:
+        raise CudaExtError(f"vitkern._C is not usable: {why}")
+    fn = getattr(mod, entry, None)
+    if fn is None:
+        raise CudaExtError(f"vitkern._C has no entry {entry!r}: a stale build; {_REBUILD_HINT}")
+    conv = [tensor_desc(a) if isinstance(a, torch.Tensor) else a for a in args]
+    stream = torch.cuda.current_stream(device).cuda_stream
+    status, reason = fn(*conv, stream, device.index if device is not None and device.index is not None
+                        else torch.cuda.current_device())
+    check(status, f"vitkern._C.{entry}", reason)

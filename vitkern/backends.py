@@ -52,14 +52,28 @@ def triton_status() -> tuple[bool, str]:
     return False, f"{why} installed, but no CUDA device (TRITON_INTERPRET=1 runs it on the CPU)"
 
 
+#: What vitkern._C's kernels cover, and why ``auto`` does not pick them yet.
+CUDA_KERNELS = ("HiLo Hi-Fi forward + backward (window_size <= 4), HiLo Lo-Fi forward with "
+                "in-kernel pooling (inference), fp32 / fp16 / bf16; Swin window forward "
+                "(inference; window 7 / 12, head_dim 32, fp16 / bf16, tensor cores)")
+_CUDA_ENTRIES = ("hifi_fwd", "hifi_bwd", "lofi_fwd", "window_fwd")
+CUDA_OPT_IN = ("opt-in with backend='cuda': auto does not pick it until its kernels have passed the "
+               "GPU test tier and measured faster than triton in a committed bench/results file")
+
+
 def cuda_status() -> tuple[bool, str]:
     from vitkern import _cext
 
     mod, why = _cext.load()
     if mod is None:
+        built, _ = _cext.load(require_device=False)
+        if built is not None and all(hasattr(built, e) for e in _CUDA_ENTRIES):
+            why += f" (vitkern._C is built with kernels for {CUDA_KERNELS}; {CUDA_OPT_IN})"
         return False, why
-    return False, ("vitkern._C is built, but no op has a CUDA C++ kernel yet "
-                   "(HiLo uses the triton backend)")
+    if not all(hasattr(mod, e) for e in _CUDA_ENTRIES):
+        return False, ("vitkern._C is built but lacks the op kernels (a stale build): rebuild "
+                       "with VITKERN_CUDA=1")
+    return True, f"{why}; kernels: {CUDA_KERNELS}; {CUDA_OPT_IN}"
 
 
 def reference_status() -> tuple[bool, str]:

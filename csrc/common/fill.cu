@@ -2,6 +2,9 @@
 
 namespace {
 
+// A grid-stride store loop needs next to nothing; 32 registers keep full occupancy
+// (ptxas gate in tests/test_csrc_build.py):
+//   VK_REG_BUDGET vk_fill_f32_kernel 32
 constexpr int kFillThreads = 256;
 // Grid-stride loop: a bounded grid covers any n (int64) without overflowing gridDim.x.
 constexpr int64_t kFillMaxBlocks = 65535;

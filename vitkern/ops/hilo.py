@@ -8,6 +8,9 @@ Public ops (q, k, v are (B, heads, N, d), N = H·W in raster order, strided view
 
 The Triton backend is one pair of custom ops, ``vitkern::hilo_fwd`` / ``vitkern::hilo_bwd``, that
 serves all three (one output buffer; the Hi-Fi and Lo-Fi kernels write their own heads of it).
+The CUDA C++ backend (``backend="cuda"``, opt-in: ``auto`` never picks it) is
+``vitkern::hifi_cuda_fwd`` / ``vitkern::hifi_cuda_bwd`` for Hi-Fi heads with s <= 4, and the
+forward-only ``vitkern::hilo_cuda_fwd`` when Lo-Fi heads are present (inference; csrc/hilo/).
 Outputs are stored (B, N, heads, d) and returned as a (B, heads, N, d) view, so
 ``o.transpose(1, 2).reshape(B, N, heads * d)`` is free.
 """
@@ -57,7 +60,7 @@ def _check(op, q, k, v, hw, window_size, scale, pad, *, kv_pooled=False):
     return H, W, s, check_scale(op, scale, d)
 
 
-def _backend(op, backend, q, s, n_lo, kv_pooled):
+def _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad=False):
     d = q.shape[-1]
     n_hi = q.shape[1] - n_lo
 
@@ -83,9 +86,58 @@ def _backend(op, backend, q, s, n_lo, kv_pooled):
                 if why:
                     return why
             return None
-        return "no HiLo kernel in vitkern._C yet"
+        return _cuda_reason(q, s, n_lo, kv_pooled, needs_grad)
 
     return backends.select(op, backend, reason)
+
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda_reason(q, s, n_lo, kv_pooled, needs_grad) -> Optional[str]:
+    """Why the CUDA C++ kernels refuse these inputs (None when they take them)."""
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}; the cuda backend needs CUDA tensors"
+    return _cuda_shape_reason(q.dtype, q.shape[-1], s, q.shape[1] - n_lo, n_lo, kv_pooled,
+                              needs_grad)
+
+
+def _cuda_shape_reason(dtype, d, s, n_hi, n_lo, kv_pooled, needs_grad) -> Optional[str]:
+    if dtype not in _CUDA_DTYPES:
+        return f"dtype {dtype} not supported by cuda (float32, float16, bfloat16)"
+    if n_lo and needs_grad:
+        return (f"{n_lo} Lo-Fi head(s) need gradients: the CUDA Lo-Fi kernel is forward-only "
+                "(inference); use triton for training")
+    from vitkern import _cext
+
+    code = _cext.DTYPE_CODES[str(dtype)[len("torch."):]]
+    if n_hi:
+        for backward in (False, True) if needs_grad else (False,):
+            why = _kernel_reason("hifi_supported", code, d, s, backward)
+            if why:
+                return why
+    if n_lo:
+        why = _kernel_reason("lofi_supported", code, d, 1 if kv_pooled else s)
+        if why:
+            return why
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _kernel_reason(entry: str, *args) -> str:
+    """vitkern._C's shape check ``entry(*args)`` -> reason ('' when supported). A pure function
+    of its arguments: torch.compile evaluates it once while tracing instead of breaking the graph
+    on the extension call."""
+    from vitkern import _cext
+
+    mod, why = _cext.load()
+    if mod is None:
+        return why
+    fn = getattr(mod, entry, None)
+    if fn is None:
+        return "vitkern._C has no HiLo kernels: a stale build, rebuild it (VITKERN_CUDA=1)"
+    status, why = fn(*args)
+    return why if status else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +210,89 @@ torch.library.register_autograd("vitkern::hilo_fwd", _backward, setup_context=_s
 
 
 # --------------------------------------------------------------------------------------------
+# CUDA C++ custom ops (vitkern._C, csrc/hilo/hifi.cu): Hi-Fi heads, s <= 4
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vitkern::hifi_cuda_fwd", mutates_args=())
+def _hifi_cuda_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
+                   scale: float) -> Tensor:
+    """CUDA C++ Hi-Fi forward: o (B, heads, N, d), stored (B, N, heads, d)."""
+    from vitkern import _cext
+
+    o = bhnd_empty(q, q.shape[2])
+    with on_device(q):
+        _cext.launch("hifi_fwd", q, k, v, o, H, W, window_size, scale, device=q.device)
+    return o
+
+
+@_hifi_cuda_fwd.register_fake
+def _(q, k, v, H, W, window_size, scale):
+    return bhnd_empty(q, q.shape[2])
+
+
+@torch.library.custom_op("vitkern::hifi_cuda_bwd", mutates_args=())
+def _hifi_cuda_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, H: int, W: int,
+                   window_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """CUDA C++ Hi-Fi backward: (dq, dk, dv); the window scores are recomputed from q, k (no
+    saved output or log-sum-exp: a window's softmax costs less than reading them)."""
+    from vitkern import _cext
+
+    dq, dk, dv = (bhnd_empty(t, t.shape[2]) for t in (q, k, v))
+    with on_device(q):
+        _cext.launch("hifi_bwd", q, k, v, do, dq, dk, dv, H, W, window_size, scale,
+                     device=q.device)
+    return dq, dk, dv
+
+
+@_hifi_cuda_bwd.register_fake
+def _(do, q, k, v, H, W, window_size, scale):
+    return tuple(bhnd_empty(t, t.shape[2]) for t in (q, k, v))
+
+
+@torch.library.custom_op("vitkern::hilo_cuda_fwd", mutates_args=())
+def _hilo_cuda_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
+                   num_lo_heads: int, scale: float, kv_pooled: bool) -> Tensor:
+    """CUDA C++ HiLo forward with Lo-Fi heads (inference only: the Lo-Fi kernel has no backward;
+    dispatch never sends inputs that need gradients here). One output buffer, each kernel writes
+    its own heads: Hi-Fi heads first, then Lo-Fi (pooled in the kernel unless ``kv_pooled``)."""
+    from vitkern import _cext
+
+    o = bhnd_empty(q, q.shape[2])
+    n_hi = q.shape[1] - num_lo_heads
+    hi, lo = slice(0, n_hi), slice(n_hi, q.shape[1])
+    with on_device(q):
+        if n_hi:
+            _cext.launch("hifi_fwd", q[:, hi], k[:, hi], v[:, hi], o[:, hi], H, W, window_size,
+                         scale, device=q.device)
+        if num_lo_heads:
+            _cext.launch("lofi_fwd", q[:, lo], k[:, lo], v[:, lo], o[:, lo], H, W, window_size,
+                         kv_pooled, scale, device=q.device)
+    return o
+
+
+@_hilo_cuda_fwd.register_fake
+def _(q, k, v, H, W, window_size, num_lo_heads, scale, kv_pooled):
+    return bhnd_empty(q, q.shape[2])
+
+
+def _hifi_cuda_setup_context(ctx, inputs, output):
+    q, k, v, H, W, window_size, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.args = (H, W, window_size, scale)
+
+
+def _hifi_cuda_backward(ctx, do):
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = torch.ops.vitkern.hifi_cuda_bwd(do, q, k, v, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("vitkern::hifi_cuda_fwd", _hifi_cuda_backward,
+                                setup_context=_hifi_cuda_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # public ops
 # --------------------------------------------------------------------------------------------
 
@@ -217,7 +352,8 @@ def lofi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], wind
 
 
 def _run(op, backend, q, k, v, H, W, s, n_lo, scale, pad, kv_pooled):
-    name = _backend(op, backend, q, s, n_lo, kv_pooled)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    name = _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad)
     if name == "reference" or q.numel() == 0:
         kw = dict(hw=(H, W), window_size=s, scale=scale, pad=pad)
         if n_lo == 0:
@@ -225,4 +361,8 @@ def _run(op, backend, q, k, v, H, W, s, n_lo, scale, pad, kv_pooled):
         if n_lo == q.shape[1]:
             return ref.lofi_attention(q, k, v, kv_pooled=kv_pooled, **kw)
         return ref.hilo_attention(q, k, v, num_lo_heads=n_lo, **kw)
+    if name == "cuda":
+        if n_lo == 0:  # differentiable
+            return torch.ops.vitkern.hifi_cuda_fwd(q, k, v, H, W, s, scale)
+        return torch.ops.vitkern.hilo_cuda_fwd(q, k, v, H, W, s, n_lo, scale, kv_pooled)
     return torch.ops.vitkern.hilo_fwd(q, k, v, H, W, s, n_lo, scale, kv_pooled)[0]
