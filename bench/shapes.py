@@ -173,3 +173,74 @@ def hilo_cases(select: str | None = None, *, quick: bool = False) -> list[HiLoCa
     if not out:
         raise KeyError(f"no HiLo case matches {select!r}; known: {sorted(_ALL)}")
     return out
+
+# ================================================================================================
+# Linear / softmax-free attention (vitkern.bench.bench_linear): XCiT XCA and L2ViT / generic
+# kernelized linear attention, at the models' stage shapes and at high resolution.
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    """One attention call: ``op`` "xca" (XCiT) or "linear" (with ``preset`` of
+    ``vitkern.ops.linear.PRESETS``) on (B, heads, N, head_dim) q, k, v."""
+
+    name: str
+    op: str
+    N: int
+    heads: int
+    head_dim: int
+    preset: str = ""
+    batch: int = 64          # GPU batch
+    cpu_batch: int = 2
+    note: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+    def batch_for(self, device) -> int:
+        return self.batch if str(getattr(device, "type", device)) == "cuda" else self.cpu_batch
+
+    def describe(self) -> str:
+        extra = f" {self.preset}" if self.preset else ""
+        return f"{self.op}{extra} N={self.N} h={self.heads} d={self.head_dim}"
+
+
+LINEAR_CASES: tuple[LinearCase, ...] = (
+    # XCiT (timm xcit_*): XCA blocks see the patch tokens; dim 384 / 8 heads = 48 (S), 512 / 8 = 64 (M)
+    LinearCase("xcit_s_p16_224", "xca", 196, 8, 48, note="XCiT-S12/16 @224", tags=("xcit",)),
+    LinearCase("xcit_s_p8_224", "xca", 784, 8, 48, note="XCiT-S12/8 @224", tags=("xcit",)),
+    LinearCase("xcit_m_p16_224", "xca", 196, 8, 64, note="XCiT-M24/16 @224", tags=("xcit",)),
+    LinearCase("xcit_m_p8_224", "xca", 784, 8, 64, note="XCiT-M24/8 @224", tags=("xcit",)),
+    LinearCase("xcit_s_p16_1024", "xca", 4096, 8, 48, batch=16, cpu_batch=1,
+               note="XCiT-S12/16 @1024 (high resolution)", tags=("xcit", "highres")),
+    LinearCase("xcit_s_p8_1024", "xca", 16384, 8, 48, batch=4, cpu_batch=1,
+               note="XCiT-S12/8 @1024 (high resolution)", tags=("xcit", "highres")),
+    # L2ViT-T LGA blocks (head_dim 32; heads 3/6/12/24 per stage; ReLU, clamp 100, temperature)
+    LinearCase("l2vit_t_s1", "linear", 3136, 3, 32, "l2vit", note="L2ViT-T stage 1 @224", tags=("l2vit",)),
+    LinearCase("l2vit_t_s2", "linear", 784, 6, 32, "l2vit", note="L2ViT-T stage 2 @224", tags=("l2vit",)),
+    LinearCase("l2vit_t_s3", "linear", 196, 12, 32, "l2vit", note="L2ViT-T stage 3 @224", tags=("l2vit",)),
+    LinearCase("l2vit_t_s4", "linear", 49, 24, 32, "l2vit", note="L2ViT-T stage 4 @224", tags=("l2vit",)),
+    LinearCase("l2vit_t_s1_512", "linear", 16384, 3, 32, "l2vit", batch=8, cpu_batch=1,
+               note="L2ViT-T stage 1 @512 (high resolution)", tags=("l2vit", "highres")),
+    LinearCase("elu1_n4096_d64", "linear", 4096, 8, 64, "katharopoulos", batch=16, cpu_batch=1,
+               note="Transformers-are-RNNs elu+1 at N = 4096", tags=("highres",)),
+)
+
+LINEAR_QUICK_CASES: tuple[str, ...] = ("xcit_s_p16_224", "l2vit_t_s3")
+
+_LINEAR_ALL = {c.name: c for c in LINEAR_CASES}
+
+
+def linear_cases(select: str | None = None, *, quick: bool = False) -> list[LinearCase]:
+    """Benchmark cases, optionally filtered by a comma-separated list of names / substrings / tags."""
+    if not select:
+        return [_LINEAR_ALL[n] for n in LINEAR_QUICK_CASES] if quick else list(LINEAR_CASES)
+    keys = [k.strip() for k in select.split(",") if k.strip()]
+    out = [c for c in LINEAR_CASES if any(k == c.name or k in c.name or k in c.tags for k in keys)]
+    if not out:
+        raise KeyError(f"no linear case matches {select!r}; known: {sorted(_LINEAR_ALL)}")
+    return out
+
+
+__all__ += ["LinearCase", "LINEAR_CASES", "LINEAR_QUICK_CASES", "linear_cases"]
+
+

@@ -1,1 +1,1 @@
-"""Third-party model patching (``vitkern.integrations.timm``): planned, not part of this release."""
+"""Third-party model patching: ``vitkern.integrations.timm.patch_model(model)``."""

@@ -1,4 +1,5 @@
 """Drop-in modules with the original papers' parameter names (checkpoints load unchanged)."""
 from .hilo import HiLo
+from .linear import XCA, LinearAttention
 
-__all__ = ["HiLo"]
+__all__ = ["HiLo", "XCA", "LinearAttention"]

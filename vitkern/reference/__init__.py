@@ -1,7 +1,8 @@
 """Pure-PyTorch definitions of every vitkern op (the kernels are tested against these)."""
 from .hilo import hifi_attention, hilo_attention, lofi_attention
+from .linear import linear_attention, xca_attention
 from .token import token_attention
 from .window import window_attention
 
 __all__ = ["hilo_attention", "hifi_attention", "lofi_attention", "window_attention",
-           "token_attention"]
+           "token_attention", "linear_attention", "xca_attention"]
