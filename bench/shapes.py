@@ -244,3 +244,59 @@ def linear_cases(select: str | None = None, *, quick: bool = False) -> list[Line
 __all__ += ["LinearCase", "LINEAR_CASES", "LINEAR_QUICK_CASES", "linear_cases"]
 
 
+
+# ---------------------------------------------------------------------------------------------
+# PPMA (polyline path masked attention): the stage maps of PPMA-T / S / B at 224 (spec
+# hilo-ppma.md section 2.8), heads and head dims per stage. The released models run full (N×N)
+# attention at 7² (and 14² in PPMA-T) and criss-cross attention on the larger maps; every stage
+# is listed for the full op so the cost of the mask can be compared at each size.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PPMACase:
+    """One PPMA attention layer: an H x W map, ``heads`` heads of ``head_dim``."""
+
+    name: str
+    H: int
+    W: int
+    heads: int
+    head_dim: int
+    batch: int = 64          # GPU batch (PPMA's throughput batch)
+    cpu_batch: int = 1
+    note: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def N(self) -> int:
+        return self.H * self.W
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+    def describe(self) -> str:
+        return f"{self.H}x{self.W} h{self.heads} d{self.head_dim}"
+
+
+PPMA_CASES = (
+    PPMACase("ppma_ts_s1", 56, 56, 4, 16, tags=("ppma_t", "ppma_s"), note="criss-cross in PPMA"),
+    PPMACase("ppma_ts_s2", 28, 28, 4, 32, tags=("ppma_t", "ppma_s"), note="criss-cross in PPMA"),
+    PPMACase("ppma_ts_s3", 14, 14, 8, 32, tags=("ppma_t", "ppma_s"), note="full in PPMA-T"),
+    PPMACase("ppma_tsb_s4", 7, 7, 16, 32, tags=("ppma_t", "ppma_s", "ppma_b"), note="full"),
+    PPMACase("ppma_b_s1", 56, 56, 5, 16, tags=("ppma_b",), note="criss-cross in PPMA"),
+    PPMACase("ppma_b_s2", 28, 28, 5, 32, tags=("ppma_b",), note="criss-cross in PPMA"),
+    PPMACase("ppma_b_s3", 14, 14, 10, 32, tags=("ppma_b",), note="criss-cross in PPMA"),
+)
+PPMA_QUICK_CASES = ("ppma_tsb_s4", "ppma_ts_s3")
+
+
+def ppma_cases(select: str | None = None, *, quick: bool = False) -> list[PPMACase]:
+    """PPMA benchmark cases, optionally filtered by names / substrings / tags (comma list)."""
+    by_name = {c.name: c for c in PPMA_CASES}
+    if not select:
+        return [by_name[n] for n in PPMA_QUICK_CASES] if quick else list(PPMA_CASES)
+    keys = [k.strip() for k in select.split(",") if k.strip()]
+    out = [c for c in PPMA_CASES if any(k == c.name or k in c.name or k in c.tags for k in keys)]
+    if not out:
+        raise KeyError(f"no PPMA case matches {select!r}; known: {sorted(by_name)}")
+    return out
+

@@ -58,6 +58,22 @@ def tile_ptrs(base, tok, offs_d, stride_n, stride_d):
 
 
 @triton.jit
+def softmax_rescale(m_i, l_i, s):
+    """The statistics half of :func:`softmax_step`, for kernels that do the P·V product themselves
+    (e.g. several softmax states over one score tile, or their own dot precision).
+
+    Returns (m_new, l_new, alpha, p): the caller updates ``acc = acc * alpha[:, None] + p @ v``.
+    Same conventions as :func:`softmax_step` (base-2 scores, masked entries -inf).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
 def softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr):
     """One online-softmax step.
 
@@ -65,12 +81,7 @@ def softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr):
     s: [BM, BN] fp32 scores already scaled by scale*log2(e), masked entries = -inf;
     v: [BN, BD] value tile in the input dtype.
     """
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with every key masked so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, l_i, alpha, p = softmax_rescale(m_i, l_i, s)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc
 
