@@ -25,7 +25,7 @@ from . import harness
 
 # op families: name -> module (each exposes available(), plan(), run_task(), cases_for(), Context)
 FAMILIES = {"hilo": "vitkern.bench.bench_hilo", "linear": "vitkern.bench.bench_linear",
-            "ppma": "vitkern.bench.bench_ppma"}
+            "ppma": "vitkern.bench.bench_ppma", "window": "vitkern.bench.bench_window"}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -37,7 +37,10 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few cases, small batch, short timing (smoke run)")
     p.add_argument("--families", default=None, help=f"comma list of op families (default: all of {list(FAMILIES)})")
     p.add_argument("--cases", default=None, help="comma list of case names / substrings / tags")
-    p.add_argument("--groups", default=None, help="comma list of comparison groups (hilo: hilo,hifi,lofi,lofi_pooled,layer; linear: xca,linear; ppma: full,criss_cross)")
+    p.add_argument("--groups", default=None,
+                   help="comma list of comparison groups (hilo: hilo,hifi,lofi,lofi_pooled,layer; "
+                        "linear: xca,linear; ppma: full,criss_cross; "
+                        "window: attn,block_attn,sparse30,sparse50,sparse70)")
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backward", dest="backward", action="store_true", default=None,
                    help="also time forward+backward (default on CUDA)")

@@ -174,6 +174,86 @@ def hilo_cases(select: str | None = None, *, quick: bool = False) -> list[HiLoCa
         raise KeyError(f"no HiLo case matches {select!r}; known: {sorted(_ALL)}")
     return out
 
+# ---------------------------------------------------------------------------------------------
+# Window attention (Swin): the attention layer of every Swin-T / S / B stage at 224 (ws 7) and
+# 384 (ws 12), head dim 32 everywhere (specs/window-tokendrop.md A1, "Typical sizes"). Swin-S has
+# Swin-T's stage shapes (only the depth differs): the T cases carry the "swin_s" tag too.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WindowCase:
+    """One Swin attention layer: an H x W map, ``heads`` heads of ``head_dim``, window ``ws``,
+    shift ``shift`` (SW-MSA, every second block; 0 where Swin clamps the window to the map)."""
+
+    name: str
+    H: int
+    W: int
+    heads: int
+    head_dim: int
+    window_size: int
+    shift: int
+    batch: int = 64          # GPU batch (Swin's throughput batch)
+    cpu_batch: int = 1
+    note: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def n_windows(self) -> int:
+        ws = min(self.window_size, self.H, self.W)
+        return math.ceil(self.H / ws) * math.ceil(self.W / ws)
+
+    def batch_for(self, device) -> int:
+        kind = getattr(device, "type", str(device))
+        return self.batch if kind == "cuda" else self.cpu_batch
+
+    def describe(self) -> str:
+        return (f"{self.H}x{self.W} h{self.heads} d{self.head_dim} ws{self.window_size} "
+                f"s{self.shift}")
+
+
+def _swin_stages(model: str, heads: tuple[int, ...], res: int, ws: int, batch: int,
+                 tags: tuple[str, ...]) -> tuple[WindowCase, ...]:
+    out = []
+    for i, h in enumerate(heads):
+        m = res // 4 // 2 ** i
+        shift = ws // 2 if m > ws else 0  # the last stage at 224 / 384: one global window
+        out.append(WindowCase(f"{model}_{res}_s{i + 1}", m, m, h, 32, ws, shift,
+                              batch=batch, tags=tags + (f"{res}", f"stage{i + 1}")))
+    return tuple(out)
+
+
+WINDOW_CASES = (
+    _swin_stages("swin_t", (3, 6, 12, 24), 224, 7, 64, ("swin_t", "swin_s"))
+    + _swin_stages("swin_b", (4, 8, 16, 32), 224, 7, 64, ("swin_b",))
+    + _swin_stages("swin_t", (3, 6, 12, 24), 384, 12, 16, ("swin_t", "swin_s"))
+    + _swin_stages("swin_b", (4, 8, 16, 32), 384, 12, 16, ("swin_b",))
+)
+WINDOW_TEST_CASES = (
+    WindowCase("t_win_pad", 9, 13, 2, 16, 4, 2, batch=2, cpu_batch=2, note="padded, H != W"),
+    WindowCase("t_win_small", 14, 14, 2, 32, 7, 3, batch=2, cpu_batch=1),
+)
+WINDOW_QUICK_CASES = ("t_win_small",)
+_WINDOW_ALL = {c.name: c for c in WINDOW_CASES + WINDOW_TEST_CASES}
+
+
+def window_cases(select: str | None = None, *, quick: bool = False) -> list[WindowCase]:
+    """Window benchmark cases, optionally filtered by names / substrings / tags (comma list)."""
+    cases = [_WINDOW_ALL[n] for n in WINDOW_QUICK_CASES] if quick else list(WINDOW_CASES)
+    if not select:
+        return cases
+    keys = [k.strip() for k in select.split(",") if k.strip()]
+    out = [c for c in _WINDOW_ALL.values()
+           if any(k == c.name or k in c.name or k in c.tags for k in keys)]
+    if not out:
+        raise KeyError(f"no window case matches {select!r}; known: {sorted(_WINDOW_ALL)}")
+    return out
+
+__all__ += ["WindowCase", "WINDOW_CASES", "WINDOW_TEST_CASES", "WINDOW_QUICK_CASES", "window_cases"]
+
+
 # ================================================================================================
 # Linear / softmax-free attention (vitkern.bench.bench_linear): XCiT XCA and L2ViT / generic
 # kernelized linear attention, at the models' stage shapes and at high resolution.

@@ -8,7 +8,7 @@ whole launches on CPU tensors (fp16 and bf16: the kernel's own conversions), aga
 ``vitkern.reference.window``. The two tensor-core products (wmma) are the only GPU-only part.
 
 GPU tier (skipped without a CUDA device and a built ``vitkern._C``): the real kernel through
-``vitkern.ops._window_cuda.window_cuda_forward``.
+``vitkern.ops.window_attention(..., backend="cuda")``.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def test_host_build_rejects_bad_bias(host):
 
 
 # ---------------------------------------------------------------------------------------------
-# the op layer (vitkern.ops._window_cuda) on the CPU: vitkern._C replaced by the CPU build
+# the op layer (vitkern.ops.window) on the CPU: vitkern._C replaced by the CPU build
 # ---------------------------------------------------------------------------------------------
 class _HostModule:
     def __init__(self, so):
@@ -215,11 +215,12 @@ def host_ext(host, monkeypatch):
 
 
 def test_op_layer_through_host_build(host_ext):
-    from vitkern.ops import _window_cuda as wc
+    from vitkern.ops import window as wc
 
     q, k, v = _qkv(2, 2, 9 * 11, 32, torch.float16)
     bias = _bias("table", 7, 2).half()  # converted to fp32 by the op
-    out = wc.window_cuda_forward(q, k, v, 9, 11, 7, 3, bias, -100.0, 32 ** -0.5, "pad_then_shift")
+    out = torch.ops.vitkern.window_cuda_fwd(q, k, v, bias, 9, 11, 7, 3, -100.0, 32 ** -0.5,
+                                            "pad_then_shift")
     kw = dict(hw=(9, 11), window_size=7, shift=3, pad_order="pad_then_shift")
     assert_close(out, R.window_attention(q.double(), k.double(), v.double(), rel_pos_bias=bias.double(), **kw),
                  R.window_attention(q, k, v, rel_pos_bias=bias, **kw))
@@ -231,21 +232,21 @@ def test_op_layer_through_host_build(host_ext):
 
 
 def test_cuda_reason(host_ext):
-    from vitkern.ops import _window_cuda as wc
+    from vitkern.ops import window as wc
 
     q = torch.empty(1, 2, 49, 32, dtype=torch.float16)
-    assert "tensors are on cpu" in wc.cuda_reason(q, 7, None, False)
+    assert "tensors are on cpu" in wc._cuda_reason(q, (7, 7), (0, 0), None, False)
     meta = torch.empty(1, 2, 49, 32, dtype=torch.float16, device="meta")
-    assert "tensors are on meta" in wc.cuda_reason(meta, 7, None, False)
+    assert "tensors are on meta" in wc._cuda_reason(meta, (7, 7), (0, 0), None, False)
     f16 = torch.float16
-    assert wc.shape_reason(f16, 32, 7, None, False) is None
-    assert wc.shape_reason(torch.bfloat16, 32, 12, None, False) is None
-    assert "forward-only" in wc.shape_reason(f16, 32, 7, None, True)
-    assert "active_windows" in wc.shape_reason(f16, 32, 7, torch.zeros(1, 1), False)
-    assert "out=" in wc.shape_reason(f16, 32, 7, None, False, out=q)
-    assert "float16 / bfloat16 only" in wc.shape_reason(torch.float32, 32, 7, None, False)
-    assert "head_dim 64" in wc.shape_reason(f16, 64, 7, None, False)
-    assert "window 8" in wc.shape_reason(f16, 32, 8, None, False)
+    assert wc._cuda_shape_reason(f16, 32, 7, None, False) is None
+    assert wc._cuda_shape_reason(torch.bfloat16, 32, 12, None, False) is None
+    assert "forward-only" in wc._cuda_shape_reason(f16, 32, 7, None, True)
+    assert "active_windows" in wc._cuda_shape_reason(f16, 32, 7, torch.zeros(1, 1), False)
+    assert "out=" in wc._cuda_shape_reason(f16, 32, 7, None, False, out=q)
+    assert "float16 / bfloat16 only" in wc._cuda_shape_reason(torch.float32, 32, 7, None, False)
+    assert "head_dim 64" in wc._cuda_shape_reason(f16, 64, 7, None, False)
+    assert "window 8" in wc._cuda_shape_reason(f16, 32, 8, None, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ _READY = _ready()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda x: str(x)[6:])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_cuda_window_matches_reference(case, dtype):
-    from vitkern.ops import _window_cuda as wc
+    from vitkern.ops import window as wc
 
     B, h, H, W, ws, shift, order, kind = case
     ews, es = effective((H, W), ws, shift)
@@ -278,9 +279,11 @@ def test_cuda_window_matches_reference(case, dtype):
         pytest.skip("not a CUDA kernel size")
     q, k, v = (t.cuda() for t in _qkv(B, h, H * W, 32, dtype))
     bias = _bias(kind, ews, h)
-    assert wc.cuda_reason(q, ews, None, needs_grad=False) is None
-    out = wc.window_cuda_forward(q, k, v, H, W, ews, es, None if bias is None else bias.cuda(),
-                                 -100.0, 32 ** -0.5, order)
+    assert wc._cuda_reason(q, (ews, ews), (es, es), None, needs_grad=False) is None
+    with torch.no_grad():
+        out = wc.window_attention(q, k, v, hw=(H, W), window_size=ws, shift=shift, pad_order=order,
+                                  rel_pos_bias=None if bias is None else bias.cuda(),
+                                  backend="cuda")
     kw = dict(hw=(H, W), window_size=ws, shift=shift, pad_order=order)
     ref = R.window_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
                              rel_pos_bias=None if bias is None else bias.double(), **kw)

@@ -25,29 +25,42 @@ CASES = [
     (1, 2, 6, 10, 3, 1, 16, None, "shift_then_pad"),       # no bias, 9-token windows straddle tiles
     (1, 1, 24, 24, 12, 6, 16, "table", "shift_then_pad"),  # 144-token windows: several tiles each
     (1, 2, 7, 7, 7, 3, 80, "table", "shift_then_pad"),     # Swin last stage (clamped), d = 80
+    # non-square windows (a 10th entry: clamp)
+    (2, 2, 7, 11, (3, 5), (1, 2), 16, "table", "shift_then_pad", None),  # explicit wh x ww
+    (1, 2, 7, 11, (3, 5), (1, 2), 16, "dense", "pad_then_shift", None),
+    (1, 2, 5, 9, 7, 3, 16, "table", "shift_then_pad", "per_axis"),  # timm: (5, 7), shift (0, 3)
+    (1, 2, 7, 14, 7, 3, 16, "table", "pad_then_shift", "per_axis"),  # (7, 7), shift (0, 3)
+    (1, 2, 5, 5, 7, 3, 16, "table", "shift_then_pad", None),  # always_partition: padded 7x7
 ]
 
 
+def _unpack(case):
+    """(B, h, H, W, ws, s, d, bias, order, clamp); clamp defaults to the op's "swin"."""
+    return tuple(case) + ("swin",) * (10 - len(case))
+
+
 def _ids(case):
-    B, h, H, W, ws, s, d, bias, order = case
-    return f"B{B}-h{h}-{H}x{W}-ws{ws}-s{s}-d{d}-{bias}-{order.split('_')[0]}"
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
+    ws_, s_ = ("x".join(map(str, x)) if isinstance(x, tuple) else x for x in (ws, s))
+    return (f"B{B}-h{h}-{H}x{W}-ws{ws_}-s{s_}-d{d}-{bias}-{order.split('_')[0]}"
+            + ("" if clamp == "swin" else f"-clamp{clamp}"))
 
 
 def _inputs(case, dtype, device, seed=0):
-    B, h, H, W, ws, s, d, bias, order = case
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
     g = torch.Generator().manual_seed(seed)
-    wse, _ = W_ref.effective_window((H, W), ws, s)
+    (wh, ww), _ = W_ref.effective_window((H, W), ws, s, clamp)
     ts = [torch.randn(B, h, H * W, d, generator=g, dtype=torch.float64) for _ in range(3)]
     if bias == "table":
-        ts.append(torch.randn((2 * wse - 1) ** 2, h, generator=g, dtype=torch.float64))
+        ts.append(torch.randn((2 * wh - 1) * (2 * ww - 1), h, generator=g, dtype=torch.float64))
     elif bias == "dense":
-        ts.append(torch.randn(h, wse * wse, wse * wse, generator=g, dtype=torch.float64))
+        ts.append(torch.randn(h, wh * ww, wh * ww, generator=g, dtype=torch.float64))
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in ts]
 
 
 def _kw(case):
-    B, h, H, W, ws, s, d, bias, order = case
-    return dict(hw=(H, W), window_size=ws, shift=s, pad_order=order)
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
+    return dict(hw=(H, W), window_size=ws, shift=s, pad_order=order, clamp=clamp)
 
 
 def _call(fn, kw):
@@ -59,36 +72,58 @@ def _call(fn, kw):
 # --------------------------------------------------------------------------------------------
 
 
-def naive_window(q, k, v, bias, H, W, ws, s, order, mask_value=-100.0):
-    """The spec as dense masked attention over every position of the shifted, padded frame.
+def _naive_geometry(H, W, ws, s, clamp):
+    """The spec's effective window: "swin" (global min(H, W) window, no shift, when the map is
+    not larger than the window), "per_axis" (timm: per axis), None (as given)."""
+    (wh, ww), (sh, sw) = (ws if isinstance(ws, tuple) else (ws, ws)), (
+        s if isinstance(s, tuple) else (s, s))
+    if clamp == "swin" and min(H, W) <= wh:
+        return (min(H, W),) * 2, (0, 0)
+    if clamp == "per_axis":
+        if H <= wh:
+            wh, sh = H, 0
+        if W <= ww:
+            ww, sw = W, 0
+    return (wh, ww), (sh, sw)
 
-    Written from the prose of the spec (not from the reference): Swin's clamp rule; frame
-    position -> source token per pad order; region ids from Swin's three slices per axis; the
-    bias table index idx = (hi - hj + ws - 1)(2ws - 1) + (wi - wj + ws - 1).
-    """
-    B, h, N, d = q.shape
-    if min(H, W) <= ws:
-        ws, s = min(H, W), 0
-    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+
+def _naive_frame(H, W, ws, s, order, clamp):
+    """Per frame position p of the shifted, padded frame: source token (-1 pad), window id,
+    local row / col, region id; and the effective window."""
+    (wh, ww), (sh, sw) = _naive_geometry(H, W, ws, s, clamp)
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
     P = Hp * Wp
     src = torch.full((P,), -1, dtype=torch.long)
     win, loc_i, loc_j, region = (torch.zeros(P, dtype=torch.long) for _ in range(4))
 
-    def slice_id(x, L):
-        return 0 if x < L - ws else (1 if (s == 0 or x < L - s) else 2)
+    def slice_id(x, L, w, sft):
+        return 0 if x < L - w else (1 if (sft == 0 or x < L - sft) else 2)
 
     for rp in range(Hp):
         for cp in range(Wp):
             p = rp * Wp + cp
             if order == "shift_then_pad":
-                r, c = ((rp + s) % H, (cp + s) % W) if (rp < H and cp < W) else (H, W)
+                r, c = ((rp + sh) % H, (cp + sw) % W) if (rp < H and cp < W) else (H, W)
             else:
-                r, c = (rp + s) % Hp, (cp + s) % Wp
+                r, c = (rp + sh) % Hp, (cp + sw) % Wp
             if r < H and c < W:
                 src[p] = r * W + c
-            win[p] = (rp // ws) * (Wp // ws) + cp // ws
-            loc_i[p], loc_j[p] = rp % ws, cp % ws
-            region[p] = 3 * slice_id(rp, Hp) + slice_id(cp, Wp)
+            win[p] = (rp // wh) * (Wp // ww) + cp // ww
+            loc_i[p], loc_j[p] = rp % wh, cp % ww
+            region[p] = 3 * slice_id(rp, Hp, wh, sh) + slice_id(cp, Wp, ww, sw)
+    return src, win, loc_i, loc_j, region, (wh, ww), bool(sh or sw)
+
+
+def naive_window(q, k, v, bias, H, W, ws, s, order, clamp="swin", mask_value=-100.0):
+    """The spec as dense masked attention over every position of the shifted, padded frame.
+
+    Written from the prose of the spec (not from the reference): Swin's clamp rules; frame
+    position -> source token per pad order; region ids from Swin's three slices per axis; the
+    bias table index idx = (hi - hj + wh - 1)(2ww - 1) + (wi - wj + ww - 1).
+    """
+    B, h, N, d = q.shape
+    src, win, loc_i, loc_j, region, (wh, ww), shifted = _naive_frame(H, W, ws, s, order, clamp)
+    P = src.numel()
     real = src >= 0
 
     def frame(t):  # (B, h, N, d) -> (B, h, P, d), zero at pad positions
@@ -99,13 +134,13 @@ def naive_window(q, k, v, bias, H, W, ws, s, order, mask_value=-100.0):
     logits = (frame(q) @ frame(k).transpose(-1, -2)) * d ** -0.5
     if bias is not None:
         if bias.dim() == 2:
-            idx = ((loc_i[:, None] - loc_i[None, :] + ws - 1) * (2 * ws - 1)
-                   + (loc_j[:, None] - loc_j[None, :] + ws - 1))
+            idx = ((loc_i[:, None] - loc_i[None, :] + wh - 1) * (2 * ww - 1)
+                   + (loc_j[:, None] - loc_j[None, :] + ww - 1))
             logits = logits + bias[idx].permute(2, 0, 1)
         else:
-            slot = loc_i * ws + loc_j
+            slot = loc_i * ww + loc_j
             logits = logits + bias[:, slot[:, None], slot[None, :]]
-    if s:
+    if shifted:
         logits = logits + (region[:, None] != region[None, :]).to(q.dtype) * mask_value
     logits = logits.masked_fill(win[:, None] != win[None, :], float("-inf"))
     o = torch.softmax(logits, -1) @ frame(v)
@@ -116,10 +151,10 @@ def naive_window(q, k, v, bias, H, W, ws, s, order, mask_value=-100.0):
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_reference_matches_naive_spec(case):
-    B, h, H, W, ws, s, d, bias, order = case
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
     ins = _inputs(case, torch.float64, "cpu")
     out = _call(W_ref.window_attention, _kw(case))(*ins)
-    expected = naive_window(*ins[:3], ins[3] if bias else None, H, W, ws, s, order)
+    expected = naive_window(*ins[:3], ins[3] if bias else None, H, W, ws, s, order, clamp)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -153,7 +188,7 @@ def test_reference_gradcheck(case):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_triton_window(case, device, dtype):
     kw = _kw(case)
-    B, h, H, W, ws, s, d, bias, order = case
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
     try:  # skip (visibly) where the backend refuses by design: no spill-free tiles
         W_ops._backend("t", "triton", torch.empty(1, h, 1, d, dtype=dtype, device=device), ws)
     except backends.BackendError as exc:
@@ -206,6 +241,126 @@ def test_triton_big_batch_offsets_do_not_overflow():
 
 
 # --------------------------------------------------------------------------------------------
+# active windows (SparseViT): only listed windows computed, the rest zeros / untouched
+# --------------------------------------------------------------------------------------------
+
+# (case, K): a few kept, none kept, all kept (in a shuffled order)
+ACTIVE_CASES = [
+    ((2, 2, 9, 13, 4, 2, 16, "table", "shift_then_pad"), 3),
+    ((1, 2, 14, 14, 7, 3, 32, "table", "pad_then_shift"), 1),
+    ((2, 1, 9, 13, 4, 2, 16, None, "pad_then_shift"), 0),
+    ((1, 2, 12, 13, 7, 3, 16, "dense", "shift_then_pad"), 4),
+    ((1, 2, 5, 6, 7, 3, 16, "table", "shift_then_pad"), 1),  # clamped: 1x2 global windows
+    ((2, 2, 7, 11, (3, 5), (1, 2), 16, "table", "pad_then_shift", None), 3),  # 3x5 windows
+    ((1, 2, 5, 9, 7, 3, 16, "table", "shift_then_pad", "per_axis"), 1),
+]
+
+
+def _active_ids(case, K, seed=0):
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
+    gh, gw = W_ref.window_grid((H, W), ws, s, clamp)
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(gh * gw, generator=g)[:K] for _ in range(B)])
+
+
+def _active_ids_str(x):
+    return f"K{x}" if isinstance(x, int) else _ids(x)
+
+
+def naive_window_active(q, k, v, bias, H, W, ws, s, order, clamp, active):
+    """The naive spec with the tokens of non-listed windows zeroed (windows located from the
+    spec's frame: window id = (r' // wh) * (Wp // ww) + c' // ww of the frame position)."""
+    out = naive_window(q, k, v, bias, H, W, ws, s, order, clamp)
+    src, win, *_ = _naive_frame(H, W, ws, s, order, clamp)
+    win_of = torch.empty(H * W, dtype=torch.long)
+    win_of[src[src >= 0]] = win[src >= 0]
+    keep = (win_of[None, :, None] == active[:, None, :]).any(-1)  # (B, N)
+    return out * keep[:, None, :, None]
+
+
+@pytest.mark.parametrize("case,K", ACTIVE_CASES, ids=_active_ids_str)
+def test_reference_active_matches_naive_spec(case, K):
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
+    ins = _inputs(case, torch.float64, "cpu")
+    act = _active_ids(case, K)
+    out = _call(W_ref.window_attention, dict(_kw(case), active_windows=act))(*ins)
+    expected = naive_window_active(*ins[:3], ins[3] if bias else None, H, W, ws, s, order,
+                                   clamp, act)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["shift_then_pad", "pad_then_shift"])
+@pytest.mark.parametrize("H,W,ws,s", [(14, 14, 7, 3), (9, 13, 4, 2), (12, 13, 7, 3)])
+def test_window_ids_follow_swin_partition_order(H, W, ws, s, order):
+    """Window k of active_windows is the k-th window of timm's / mmdet's window_partition of the
+    rolled (and padded) map."""
+    swin = pytest.importorskip("timm.models.swin_transformer")
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    ids = torch.arange(H * W, dtype=torch.float64).reshape(1, H, W, 1)
+    pad = (0, 0, 0, Wp - W, 0, Hp - H)
+    if order == "shift_then_pad":
+        frame = torch.nn.functional.pad(torch.roll(ids, (-s, -s), (1, 2)), pad, value=-1.0)
+    else:
+        frame = torch.roll(torch.nn.functional.pad(ids, pad, value=-1.0), (-s, -s), (1, 2))
+    expected = swin.window_partition(frame, (ws, ws)).reshape(-1, ws * ws).long()
+    assert torch.equal(W_ref.window_token_ids((H, W), ws, s, order), expected)
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_DEVICES, ids=lambda x: str(x).split(".")[-1])
+@pytest.mark.parametrize("case,K", ACTIVE_CASES, ids=_active_ids_str)
+def test_triton_active_windows(case, K, device, dtype):
+    kw = dict(_kw(case), active_windows=_active_ids(case, K).to(device))
+    run = _call(lambda *a, **k: window_attention(*a, backend="triton", **k), kw)
+    ref_kw = dict(kw, active_windows=kw["active_windows"].cpu())
+    check_against_reference(run, _call(W_ref.window_attention, ref_kw),
+                            _inputs(case, dtype, device), dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_active_windows_out_is_left_untouched_elsewhere(backend):
+    case = (2, 2, 9, 13, 4, 2, 16, "table", "pad_then_shift")
+    B, h, H, W, ws, s, d, bias, order, clamp = _unpack(case)
+    q, k, v, table = (t.detach() for t in _inputs(case, torch.float32, "cpu"))
+    act = _active_ids(case, 5).int()
+    kw = dict(_kw(case), rel_pos_bias=table, active_windows=act)
+    # a strided (B, N, heads, d)-stored buffer, pre-filled with sentinels
+    out = torch.full((B, H * W, h, d), 7.0).transpose(1, 2)
+    before = out.clone()
+    with torch.no_grad():
+        res = window_attention(q, k, v, out=out, backend=backend, **kw)
+    assert res is out
+    keep = W_ref.active_token_mask((H, W), ws, s, act, order)[:, None, :, None].expand_as(out)
+    assert 0 < keep.sum() < keep.numel()
+    assert torch.equal(out[~keep], before[~keep])
+    expected = W_ref.window_attention(q.double(), k.double(), v.double(),
+                                      **dict(kw, rel_pos_bias=table.double()))
+    assert_close(out[keep], expected[keep])
+    # without out=: zeros at the dropped windows
+    zero = window_attention(q, k, v, backend=backend, **kw)
+    assert torch.equal(zero[~keep], torch.zeros_like(zero[~keep]))
+
+
+def test_active_windows_grads_only_through_kept_windows():
+    case = (1, 2, 8, 8, 4, 2, 16, "table", "shift_then_pad")
+    q, k, v, table = _inputs(case, torch.float32, "cpu")
+    act = torch.tensor([[2]])
+    out = window_attention(q, k, v, rel_pos_bias=table, active_windows=act, backend="triton",
+                           **_kw(case))
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    keep = W_ref.active_token_mask((8, 8), 4, 2, act)[0]
+    assert keep.sum() == 16
+    for g in (dq, dk, dv):
+        assert torch.equal(g[:, :, ~keep], torch.zeros_like(g[:, :, ~keep]))
+        assert g[:, :, keep].abs().sum() > 0
+
+
+def test_out_refuses_autograd():
+    x = _t(1, 2, 16, 8).requires_grad_()
+    with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
+        window_attention(x, x, x, hw=(4, 4), window_size=2, out=torch.empty(1, 2, 16, 8))
+
+
+# --------------------------------------------------------------------------------------------
 # parity with timm's Swin block (roll / pad / partition / mask / WindowAttention)
 # --------------------------------------------------------------------------------------------
 
@@ -254,7 +409,11 @@ def _t(*shape, dtype=torch.float32):
     (dict(hw=(4, 5)), ValueError, "N=16 tokens but hw"),
     (dict(hw=(4,)), ValueError, "hw must be a pair"),
     (dict(window_size=0), ValueError, "window_size must be an int"),
-    (dict(shift=2), ValueError, r"shift must be an int in \[0, window_size=2\)"),
+    (dict(shift=2), ValueError, r"shift must be an int \(or a pair\) in \[0, window_size=2\)"),
+    (dict(window_size=(2,)), ValueError, "window_size must be an int >= 1 or a pair"),
+    (dict(window_size=(2, 4), shift=(1, 4)), ValueError, "shift must be an int"),
+    (dict(window_size=(2, 4)), ValueError, "clamp='swin' takes a square window"),
+    (dict(clamp="timm"), ValueError, "clamp must be one of"),
     (dict(shift=-1), ValueError, "shift must be an int"),
     (dict(pad_order="reflect"), ValueError, "pad_order must be one of"),
     (dict(mask_value=float("nan")), ValueError, "mask_value must be a float <= 0"),
@@ -263,6 +422,18 @@ def _t(*shape, dtype=torch.float32):
     (dict(rel_pos_bias=_t(2, 4, 5)), ValueError, r"or a dense bias \(2, 4, 4\)"),
     (dict(rel_pos_bias=[1.0]), TypeError, "rel_pos_bias must be a torch.Tensor"),
     (dict(backend="cudnn"), ValueError, "unknown backend"),
+    (dict(active_windows=[0, 1]), TypeError, "active_windows must be a torch.Tensor"),
+    (dict(active_windows=torch.zeros(1, 2)), TypeError, "active_windows must be an int64"),
+    (dict(active_windows=torch.zeros(2, 1, dtype=torch.long)), ValueError,
+     r"active_windows must have shape \(B=1, K\)"),
+    (dict(active_windows=torch.arange(5)[None]), ValueError, r"has only 4 \(2x2\) windows"),
+    (dict(active_windows=torch.tensor([[0, 4]])), ValueError, r"out-of-range ids \(min 0, max 4\)"),
+    (dict(active_windows=torch.tensor([[-1]])), ValueError, "out-of-range ids"),
+    (dict(active_windows=torch.tensor([[1, 3, 1]])), ValueError, "lists a window twice in row 0"),
+    (dict(active_windows=torch.zeros(1, 1, dtype=torch.long, device="meta")), ValueError,
+     "active_windows is on meta"),
+    (dict(out=torch.empty(1, 2, 16, 4)), ValueError, r"out must be a \(1, 2, 16, 8\)"),
+    (dict(out="buffer"), TypeError, "out must be a torch.Tensor"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
     args = dict(q=_t(1, 2, 16, 8), k=_t(1, 2, 16, 8), v=_t(1, 2, 16, 8), hw=(4, 4),
@@ -310,7 +481,17 @@ def test_opcheck():
                for _ in range(3))
     table = torch.randn(9, 2, generator=g).to(device).requires_grad_()
     torch.library.opcheck(torch.ops.vitkern.window_fwd.default,
-                          (q, k, v, table, 4, 4, 2, 1, 0.25, -100.0, False))
+                          (q, k, v, table, None, 4, 4, 2, 2, 1, 1, 0.25, -100.0, False))
+    active = torch.tensor([[3, 0]], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.vitkern.window_fwd.default,
+                          (q, k, v, table, active, 4, 4, 2, 2, 1, 1, 0.25, -100.0, True))
+    table13 = torch.randn(5, 2, generator=g).to(device).requires_grad_()  # a 1x3 window
+    torch.library.opcheck(torch.ops.vitkern.window_fwd.default,
+                          (q, k, v, table13, None, 4, 4, 1, 3, 0, 1, 0.25, -100.0, False))
+    out = torch.randn(1, 2, 16, 16, generator=g).to(device)
+    torch.library.opcheck(torch.ops.vitkern.window_fwd_out.default,
+                          (q.detach(), k.detach(), v.detach(), table.detach(), active, out, 4, 4,
+                           2, 2, 1, 1, 0.25, -100.0, True))
 
 
 def test_torch_compile_fullgraph_no_recompile():

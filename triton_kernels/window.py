@@ -1,11 +1,12 @@
 """Triton kernels for Swin window attention (W-MSA / SW-MSA with relative position bias).
 
-Geometry. Windows are read straight from the (B, heads, N, d) raster map by index math: no roll,
-no pad, no partition copy and no materialised (nW, N, N) mask. Like HiLo's Hi-Fi heads, the
-windows of the *shifted, padded* frame (Hp×Wp, windows of ws×ws) are laid end to end in a
-virtual sequence ``v = window * ws² + slot`` (windows raster over the window grid, slots row-major
-inside a window), so one 64/128-row tile packs several 49-token windows and a block-diagonal mask
-keeps them apart. A virtual index becomes a token on the fly:
+Geometry. Windows (wh × ww with shift (sh, sw): WH, WW constexprs and SH, SW runtime ints; below
+ws² means wh·ww and s the shift of the axis at hand) are read straight from the (B, heads, N, d)
+raster map by index math: no roll, no pad, no partition copy and no materialised (nW, N, N) mask.
+Like HiLo's Hi-Fi heads, the windows of the *shifted, padded* frame (Hp×Wp) are laid end to end
+in a virtual sequence ``v = window * ws² + slot`` (windows raster over the window grid, slots
+row-major inside a window), so one 64/128-row tile packs several 49-token windows and a
+block-diagonal mask keeps them apart. A virtual index becomes a token on the fly:
 
     (window, slot) -> frame position (r', c') -> source (r, c) = ((r' + s) mod MH, (c' + s) mod MW)
 
@@ -31,6 +32,12 @@ table, folds the (ws², ws²) sum into table rows with a fixed gather + sum (``f
 Every step has a fixed summation order, so the result is bitwise reproducible. The extra pass
 recomputes QKᵀ and dO·Vᵀ once more; it reads q, k, v, dO once (the chunking keeps the scratch
 at most ~256 partials per head).
+
+Active windows (SparseViT): with ``HAS_ACTIVE`` the virtual sequence lists only the K kept windows
+of each image, ``v = k * ws² + slot``, and the k-th virtual window is window ``AW[b, k]`` of the
+frame (an int32 (B, K) id list read in the kernel: no gathered copy). Tokens of other windows are
+neither read nor written (the host zero-fills the outputs and gradients they would own), and the
+bias-gradient kernel sums over the B·K kept (image, window) pairs only.
 
 All softmax math is the shared core in ``attention_core``.
 """
@@ -64,34 +71,46 @@ from .attention_core import (
 
 
 @triton.jit
-def _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS: tl.constexpr):
+def _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: tl.constexpr,
+            WW: tl.constexpr):
     """(window, slot) -> (raster token, real?, local row, local col, region id)."""
-    i = slot // WS
-    j = slot % WS
-    rp = (win // GW) * WS + i
-    cp = (win % GW) * WS + j
-    r = (rp + SHIFT) % MH
-    c = (cp + SHIFT) % MW
+    i = slot // WW
+    j = slot % WW
+    rp = (win // GW) * WH + i
+    cp = (win % GW) * WW + j
+    r = (rp + SH) % MH
+    c = (cp + SW) % MW
     real = in_range & (rp < LH) & (cp < LW) & (r < H) & (c < W)
-    # Swin's region ids on the padded frame (Hp - 0 > rp: no split when SHIFT = 0)
-    region = ((rp >= Hp - WS).to(tl.int32) + (rp >= Hp - SHIFT).to(tl.int32)) * 3 \
-        + (cp >= Wp - WS).to(tl.int32) + (cp >= Wp - SHIFT).to(tl.int32)
+    # Swin's region ids on the padded frame (rp >= Hp - 0 never holds: an axis without shift
+    # splits only at a window boundary, so no window mixes regions along it)
+    region = ((rp >= Hp - WH).to(tl.int32) + (rp >= Hp - SH).to(tl.int32)) * 3 \
+        + (cp >= Wp - WW).to(tl.int32) + (cp >= Wp - SW).to(tl.int32)
     return r * W + c, real, i, j, region
 
 
 @triton.jit
-def _virtual(idx, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS: tl.constexpr):
-    win = idx // (WS * WS)
-    tok, real, i, j, region = _tokens(win, idx % (WS * WS), idx < n_virt, GW, H, W, MH, MW, LH,
-                                      LW, Hp, Wp, SHIFT, WS)
-    return tok, real, win, idx < n_virt, i, j, region
+def _virtual(idx, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: tl.constexpr,
+             WW: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+    """Virtual index -> (token, real?, virtual window, in range?, i, j, region). With
+    HAS_ACTIVE the k-th virtual window is window AW[k] of the frame (AW: this image's row of
+    active window ids), else window k."""
+    vwin = idx // (WH * WW)
+    in_range = idx < n_virt
+    if HAS_ACTIVE:
+        win = tl.load(AW + vwin, mask=in_range, other=0)
+    else:
+        win = vwin
+    tok, real, i, j, region = _tokens(win, idx % (WH * WW), in_range, GW, H, W, MH, MW, LH,
+                                      LW, Hp, Wp, SH, SW, WH, WW)
+    return tok, real, vwin, in_range, i, j, region
 
 
 @triton.jit
-def _window_span(start, n_virt, WS: tl.constexpr, BLOCK: tl.constexpr):
-    """Virtual range [lo, hi) of the windows that rows [start, start + BLOCK) belong to."""
-    lo = (start // (WS * WS)) * (WS * WS)
-    hi = tl.minimum(((start + BLOCK - 1) // (WS * WS) + 1) * (WS * WS), n_virt)
+def _window_span(start, n_virt, NS: tl.constexpr, BLOCK: tl.constexpr):
+    """Virtual range [lo, hi) of the windows (NS slots each) that rows [start, start + BLOCK)
+    belong to."""
+    lo = (start // NS) * NS
+    hi = tl.minimum(((start + BLOCK - 1) // NS + 1) * NS, n_virt)
     return lo, hi
 
 
@@ -122,15 +141,17 @@ def _bh(pid_bh, n_heads, sb, sh):
 
 @triton.jit
 def window_fwd_kernel(
-    Q, K, V, O, LSE, BIAS,
+    Q, K, V, O, LSE, BIAS, AW,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    n_heads, slb, slh, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
-    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
     h = pid_bh % n_heads
+    AW += (pid_bh // n_heads) * saw  # this image's active window ids
     Q += _bh(pid_bh, n_heads, sqb, sqh)
     K += _bh(pid_bh, n_heads, skb, skh)
     V += _bh(pid_bh, n_heads, svb, svh)
@@ -139,19 +160,19 @@ def window_fwd_kernel(
     dmask = offs_d < HEAD_DIM
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(rows, n_virt, GW, H, W, MH, MW, LH, LW,
-                                                        Hp, Wp, SHIFT, WS)
+    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
+        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
     q_mask = real_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WS, BLOCK_M)
+    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-            cols, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS)
+            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
         kv_mask = real_n[:, None] & dmask[None, :]
         k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
         v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
@@ -169,16 +190,18 @@ def window_fwd_kernel(
 
 @triton.jit
 def window_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, AW,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    n_heads, slb, slh, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
-    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_n = program_coords(n_virt, BLOCK_N)
     h = pid_bh % n_heads
+    AW += (pid_bh // n_heads) * saw  # this image's active window ids
     Q += _bh(pid_bh, n_heads, sqb, sqh)
     K += _bh(pid_bh, n_heads, skb, skh)
     V += _bh(pid_bh, n_heads, svb, svh)
@@ -191,18 +214,18 @@ def window_bwd_dkdv_kernel(
     dmask = offs_d < HEAD_DIM
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(cols, n_virt, GW, H, W, MH, MW, LH,
-                                                              LW, Hp, Wp, SHIFT, WS)
+    tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
+        cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
     kv_mask = real_n[:, None] & dmask[None, :]
     k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
     v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_n * BLOCK_N, n_virt, WS, BLOCK_N)
+    lo, hi = _window_span(pid_n * BLOCK_N, n_virt, WH * WW, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(rows, n_virt, GW, H, W, MH, MW, LH,
-                                                            LW, Hp, Wp, SHIFT, WS)
+        tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
+            rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
         q_mask = real_m[:, None] & dmask[None, :]  # pad queries have no output: no gradient
         q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
         do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
@@ -223,16 +246,18 @@ def window_bwd_dkdv_kernel(
 
 @triton.jit
 def window_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, BIAS,
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS, AW,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
-    n_heads, slb, slh, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
-    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
     h = pid_bh % n_heads
+    AW += (pid_bh // n_heads) * saw  # this image's active window ids
     Q += _bh(pid_bh, n_heads, sqb, sqh)
     K += _bh(pid_bh, n_heads, skb, skh)
     V += _bh(pid_bh, n_heads, svb, svh)
@@ -242,8 +267,8 @@ def window_bwd_dq_kernel(
     dmask = offs_d < HEAD_DIM
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(rows, n_virt, GW, H, W, MH, MW, LH, LW,
-                                                        Hp, Wp, SHIFT, WS)
+    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
+        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
     q_mask = real_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
     do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
@@ -252,11 +277,11 @@ def window_bwd_dq_kernel(
     delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WS, BLOCK_M)
+    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-            cols, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT, WS)
+            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
         kv_mask = real_n[:, None] & dmask[None, :]
         k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
         v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
@@ -273,18 +298,21 @@ def window_bwd_dq_kernel(
 
 @triton.jit
 def window_bwd_dbias_kernel(
-    Q, K, V, DO, LSE, DELTA, DB, BIAS,
+    Q, K, V, DO, LSE, DELTA, DB, BIAS, AW,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    n_heads, slb, slh, n_win, n_pairs, per_chunk, GW, H, W, MH, MW, LH, LW, Hp, Wp, SHIFT,
+    n_heads, slb, slh, saw, n_win, n_pairs, per_chunk, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
-    WS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, D_CHUNK: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    IEEE: tl.constexpr,
+    D_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial dBias[chunk, h, slot_q, slot_k] = sum over the chunk's (batch, window) pairs of dS.
+    """Partial dBias[chunk, h, slot_q, slot_k] = sum over the chunk's (batch, window) pairs of dS
+    (n_win windows per image: all of them, or the active ones listed in AW).
 
     DB: fp32 (n_chunks, heads, ws², ws²), contiguous. Grid: heads * n_chunks * nbm * nbn.
     """
-    NS: tl.constexpr = WS * WS
+    NS: tl.constexpr = WH * WW
     nbm = tl.cdiv(NS, BLOCK_M)
     nbn = tl.cdiv(NS, BLOCK_N)
     pid = tl.program_id(0)
@@ -305,10 +333,12 @@ def window_bwd_dbias_kernel(
     for g in range(g0, g1):
         b = (g // n_win).to(tl.int64)
         win = g % n_win
+        if HAS_ACTIVE:
+            win = tl.load(AW + b * saw + win)
         tok_m, real_m, i_m, j_m, reg_m = _tokens(win, slot_m, ok_m, GW, H, W, MH, MW, LH, LW,
-                                                 Hp, Wp, SHIFT, WS)
+                                                 Hp, Wp, SH, SW, WH, WW)
         tok_n, real_n, i_n, j_n, reg_n = _tokens(win, slot_n, ok_n, GW, H, W, MH, MW, LH, LW,
-                                                 Hp, Wp, SHIFT, WS)
+                                                 Hp, Wp, SH, SW, WH, WW)
         q_base = Q + b * sqb + h64 * sqh
         do_base = DO + b * sdob + h64 * sdoh
         k_base = K + b * skb + h64 * skh
@@ -362,7 +392,7 @@ CONFIGS = {
     "dkdv": {
         (16, False): [(64, 32, 8, 2)],
         (32, False): [(64, 32, 8, 2)],
-        (64, False): [(32, 16, 4, 1)],
+        (64, False): [(32, 32, 8, 1)],  # (32, 16, 4, 1) spills 4 B on sm_80 with active windows
         (128, False): [(32, 32, 8, 1)],
         (16, True): [(32, 32, 8, 1)],
         (32, True): [(32, 16, 4, 1)],
@@ -375,7 +405,7 @@ CONFIGS = {
         (128, False): [(64, 32, 8, 2)],
         (16, True): [(64, 32, 8, 2)],
         (32, True): [(32, 16, 4, 1)],
-        (64, True): [(16, 16, 4, 1)],
+        (64, True): [(16, 16, 4, 2)],  # (16, 16, 4, 1) spills 4 B on sm_90 (since the AW args)
     },
     "dbias": {
         (16, False): [(64, 64, 8, 2)],
@@ -393,18 +423,20 @@ MAX_HEAD_DIM = 128
 
 
 def _configs_for(kernel: str):
-    def configs_for(*, BLOCK_D, IEEE, WS, HAS_BIAS, D_CHUNK=None):
+    def configs_for(*, BLOCK_D, IEEE, WH, WW, HAS_BIAS, HAS_ACTIVE=False, D_CHUNK=None):
         return tile_configs(CONFIGS[kernel][(BLOCK_D, bool(IEEE))])
     return configs_for
 
 
-def unsupported(head_dim: int, fp32: bool, window_size: int):
-    """Why the triton backend refuses this input (None when a spill-free config exists)."""
+def unsupported(head_dim: int, fp32: bool, window_size):
+    """Why the triton backend refuses this input (None when a spill-free config exists);
+    ``window_size`` the effective window, an int or (wh, ww)."""
     if head_dim % 8 or head_dim > MAX_HEAD_DIM:
         return (f"head_dim {head_dim} not supported by triton window attention (multiples of 8 "
                 f"up to {MAX_HEAD_DIM})")
-    if window_size > MAX_WS:
-        return f"window_size {window_size} > {MAX_WS} not supported by triton window attention"
+    ws = max(window_size) if isinstance(window_size, (tuple, list)) else window_size
+    if ws > MAX_WS:
+        return f"window_size {ws} > {MAX_WS} not supported by triton window attention"
     key = (block_d(head_dim), fp32)
     if all(key in CONFIGS[kernel] for kernel in CONFIGS):
         return None
@@ -424,44 +456,60 @@ window_bwd_dbias = Launcher(window_bwd_dbias_kernel, _configs_for("dbias"), ["n_
 # --------------------------------------------------------------------------------------------
 
 
-def geometry(H: int, W: int, ws: int, shift: int, pad_then_shift: bool) -> dict:
-    """Runtime geometry of an *effective* window size / shift (see the module docstring)."""
-    Hp, Wp = cdiv(H, ws) * ws, cdiv(W, ws) * ws
+def geometry(H: int, W: int, wh: int, ww: int, sh: int, sw: int, pad_then_shift: bool,
+             n_active: int | None = None) -> dict:
+    """Runtime geometry of an *effective* wh × ww window and (sh, sw) shift (see the module
+    docstring). ``n_active``: windows computed per image (None: all of them); n_win / n_virt
+    count those."""
+    Hp, Wp = cdiv(H, wh) * wh, cdiv(W, ww) * ww
     MH, MW = (Hp, Wp) if pad_then_shift else (H, W)
-    return dict(n_virt=Hp * Wp, GW=Wp // ws, H=H, W=W, MH=MH, MW=MW, LH=MH, LW=MW, Hp=Hp, Wp=Wp,
-                SHIFT=shift, n_win=(Hp // ws) * (Wp // ws))
+    n_win = (Hp // wh) * (Wp // ww) if n_active is None else n_active
+    return dict(n_virt=n_win * wh * ww, GW=Wp // ww, H=H, W=W, MH=MH, MW=MW, LH=MH, LW=MW, Hp=Hp,
+                Wp=Wp, SH=sh, SW=sw, n_win=n_win, WH=wh, WW=ww)
 
 
-_GEO = ("GW", "H", "W", "MH", "MW", "LH", "LW", "Hp", "Wp", "SHIFT")
+_GEO = ("GW", "H", "W", "MH", "MW", "LH", "LW", "Hp", "Wp", "SH", "SW")
 
 
-def bias_strides(bias, ws: int):
+def bias_strides(bias, wh: int, ww: int):
     """(sbh, boff, b0, b1, b2, b3) addressing bias[h, (i_q, j_q), (i_k, j_k)] (see docstring)."""
     if bias is None:
         return (0,) * 6
-    if bias.dim() == 2:  # table ((2ws-1)², heads)
+    if bias.dim() == 2:  # table ((2wh-1)(2ww-1), heads)
         st, sh = bias.stride()
-        row = (2 * ws - 1) * st
-        return (sh, (ws - 1) * row + (ws - 1) * st, row, st, -row, -st)
-    sh, sq, sk = bias.stride()  # dense (heads, ws², ws²)
-    return (sh, 0, ws * sq, sq, ws * sk, sk)
+        row = (2 * ww - 1) * st
+        return (sh, (wh - 1) * row + (ww - 1) * st, row, st, -row, -st)
+    sh, sq, sk = bias.stride()  # dense (heads, wh·ww, wh·ww)
+    return (sh, 0, ww * sq, sq, ww * sk, sk)
 
 
 def _grid(bh: int, n: int, block: str):
     return lambda meta: (bh * cdiv(n, meta[block]),)
 
 
-def forward(q, k, v, o, lse, bias, geo: dict, ws: int, scale: float, mask_value: float):
+def _active_args(active, lse):
+    """(pointer, row stride) of the int32 (B, K) active window ids (a dummy when None)."""
+    if active is None:
+        return lse, 0
+    return active, active.stride(0)
+
+
+def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, active=None):
     """q, k, v (B, h, N, d) into o (B, h, N, d) and base-2 LSE (B, h, N) fp32, token stride 1.
-    ``bias`` is an fp32 table / dense bias or None."""
+    ``bias`` is an fp32 table / dense bias or None; ``active`` None or contiguous int32 (B, K)
+    window ids (geometry built with n_active=K): only the tokens of those windows are written."""
     b, h, n, d = q.shape
+    if b * h * geo["n_virt"] == 0:
+        return
     fwd_bias = bias if bias is not None else lse
     window_fwd(_grid(b * h, geo["n_virt"], "BLOCK_M"),
-               q, k, v, o, lse, fwd_bias, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
-               h, *lse.stride()[:2], geo["n_virt"], *(geo[x] for x in _GEO),
-               *bias_strides(bias, ws), d, qk_scale_log2(scale), float(mask_value) * LOG2E,
-               WS=ws, HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32,
-               BLOCK_D=block_d(d))
+               q, k, v, o, lse, fwd_bias, _active_args(active, lse)[0],
+               *strides4(q), *strides4(k), *strides4(v), *strides4(o),
+               h, *lse.stride()[:2], _active_args(active, lse)[1], geo["n_virt"],
+               *(geo[x] for x in _GEO), *bias_strides(bias, geo["WH"], geo["WW"]), d,
+               qk_scale_log2(scale), float(mask_value) * LOG2E, WH=geo["WH"], WW=geo["WW"],
+               HAS_BIAS=bias is not None,
+               HAS_ACTIVE=active is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
 
 
 def _n_chunks(n_pairs: int, heads: int) -> int:
@@ -469,38 +517,42 @@ def _n_chunks(n_pairs: int, heads: int) -> int:
     return max(1, min(n_pairs, 256, cdiv(512, heads)))
 
 
-def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, ws: int, scale: float,
-             mask_value: float, need_dbias: bool):
-    """Gradients into dq, dk, dv (every element written); returns the fp32 dense bias gradient
-    (heads, ws², ws²) when ``need_dbias`` (summed deterministically), else None."""
+def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
+             mask_value: float, need_dbias: bool, active=None):
+    """Gradients into dq, dk, dv (the tokens of the computed windows are written: every token
+    without ``active``); returns the fp32 dense bias gradient (heads, ns, ns), ns = wh·ww, when
+    ``need_dbias`` (summed deterministically over the computed windows), else None."""
     b, h, n, d = q.shape
+    ns = geo["WH"] * geo["WW"]
+    if b * h * geo["n_virt"] == 0:
+        return None if not need_dbias or bias is None else lse.new_zeros((h, ns, ns))
     delta = launch_delta(o, do, lse)
     bias_arg = bias if bias is not None else lse
-    common = (h, *lse.stride()[:2], geo["n_virt"], *(geo[x] for x in _GEO),
-              *bias_strides(bias, ws), d)
+    aw, saw = _active_args(active, lse)
+    common = (h, *lse.stride()[:2], saw, geo["n_virt"], *(geo[x] for x in _GEO),
+              *bias_strides(bias, geo["WH"], geo["WW"]), d)
     logs = (float(scale), qk_scale_log2(scale), float(mask_value) * LOG2E)
-    meta = dict(WS=ws, HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32,
-                BLOCK_D=block_d(d))
+    meta = dict(WH=geo["WH"], WW=geo["WW"], HAS_BIAS=bias is not None,
+                HAS_ACTIVE=active is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
     window_bwd_dkdv(_grid(b * h, geo["n_virt"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
-                    bias_arg, *qkv, *strides4(dk), *strides4(dv), *common, *logs, **meta)
+                    bias_arg, aw, *qkv, *strides4(dk), *strides4(dv), *common, *logs, **meta)
     window_bwd_dq(_grid(b * h, geo["n_virt"], "BLOCK_M"), q, k, v, do, lse, delta, dq, bias_arg,
-                  *qkv, *strides4(dq), *common, *logs, **meta)
+                  aw, *qkv, *strides4(dq), *common, *logs, **meta)
     if bias is None or not need_dbias:
         return None
     n_pairs = b * geo["n_win"]
     n_chunks = _n_chunks(n_pairs, h)
     per_chunk = cdiv(n_pairs, n_chunks)
     n_chunks = cdiv(n_pairs, per_chunk)
-    ns = ws * ws
     scratch = torch.empty((n_chunks, h, ns, ns), device=q.device, dtype=torch.float32)
 
     def grid(meta):
         return (h * n_chunks * cdiv(ns, meta["BLOCK_M"]) * cdiv(ns, meta["BLOCK_N"]),)
 
-    window_bwd_dbias(grid, q, k, v, do, lse, delta, scratch, bias,
-                     *qkv, h, *lse.stride()[:2], geo["n_win"], n_pairs, per_chunk,
-                     *(geo[x] for x in _GEO), *bias_strides(bias, ws), d,
+    window_bwd_dbias(grid, q, k, v, do, lse, delta, scratch, bias, aw,
+                     *qkv, h, *lse.stride()[:2], saw, geo["n_win"], n_pairs, per_chunk,
+                     *(geo[x] for x in _GEO), *bias_strides(bias, geo["WH"], geo["WW"]), d,
                      qk_scale_log2(scale), float(mask_value) * LOG2E, **meta,
                      D_CHUNK=dbias_chunk(meta["BLOCK_D"], meta["IEEE"]))
     return scratch.sum(0)
@@ -515,22 +567,22 @@ def dbias_chunk(bd: int, fp32: bool) -> int:
 _FOLD_CACHE: dict = {}
 
 
-def fold_to_table(dense: torch.Tensor, ws: int) -> torch.Tensor:
-    """(heads, ws², ws²) -> ((2ws-1)², heads): sum of the pairs that share a table row.
+def fold_to_table(dense: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(heads, n, n), n = wh·ww -> ((2wh-1)(2ww-1), heads): sum of the pairs that share a row.
 
     A fixed gather + sum (pairs of each row in a fixed order, padded with a zero entry), so it
     is deterministic on every device, unlike ``index_add_`` on CUDA.
     """
-    key = (ws, dense.device)
+    key = (wh, ww, dense.device)
     gather = _FOLD_CACHE.get(key)
     if gather is None:
-        ns = ws * ws
-        r = torch.arange(ws)
-        hi, wi = r.repeat_interleave(ws), r.repeat(ws)
-        idx = ((hi[:, None] - hi[None, :] + ws - 1) * (2 * ws - 1)
-               + (wi[:, None] - wi[None, :] + ws - 1)).reshape(-1)
+        ns = wh * ww
+        hi = torch.arange(wh).repeat_interleave(ww)
+        wi = torch.arange(ww).repeat(wh)
+        idx = ((hi[:, None] - hi[None, :] + wh - 1) * (2 * ww - 1)
+               + (wi[:, None] - wi[None, :] + ww - 1)).reshape(-1)
         order = torch.argsort(idx, stable=True)
-        counts = torch.bincount(idx, minlength=(2 * ws - 1) ** 2)
+        counts = torch.bincount(idx, minlength=(2 * wh - 1) * (2 * ww - 1))
         starts = torch.cumsum(counts, 0) - counts
         width = int(counts.max())
         slot = torch.arange(width)[None, :]
@@ -547,10 +599,11 @@ def fold_to_table(dense: torch.Tensor, ws: int) -> torch.Tensor:
 # ahead-of-time compile cases (tests/test_aot_compile.py compiles each for sm_80 and sm_90)
 # --------------------------------------------------------------------------------------------
 
-_POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV", "DB", "BIAS")
+_POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV", "DB", "BIAS", "AW")
 _FP32_POINTERS = ("LSE", "DELTA", "DB", "BIAS")
-_CONSTEXPRS = ("WS", "HAS_BIAS", "IEEE", "D_CHUNK", "BLOCK_M", "BLOCK_N", "BLOCK_D")
-_PLAIN_INTS = ("sbh", "boff", "b0", "b1", "b2", "b3")
+_CONSTEXPRS = ("WH", "WW", "HAS_BIAS", "HAS_ACTIVE", "IEEE", "D_CHUNK", "BLOCK_M", "BLOCK_N",
+               "BLOCK_D")
+_PLAIN_INTS = ("sbh", "boff", "b0", "b1", "b2", "b3", "saw")
 
 
 def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
@@ -562,12 +615,13 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
         if name in _CONSTEXPRS:
             continue
         if name in _POINTERS:
-            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{ptr_dtype}"
+            sig[name] = ("*i32" if name == "AW" else "*fp32" if name in _FP32_POINTERS
+                         else f"*{ptr_dtype}")
         elif name in _PLAIN_INTS:
             sig[name] = "i32"
         elif name.startswith("s") and name.endswith("d") and name != "scale":
             const[name] = 1
-        elif name.startswith("s") and name not in ("scale", "SHIFT"):
+        elif name.startswith("s") and name != "scale":
             sig[name] = "i32:16"
         elif name == "HEAD_DIM":
             sig[name] = "i32:16"
@@ -578,9 +632,11 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
     return sig, const
 
 
-def aot_cases():
+def aot_cases(all_active: bool = False):
     """Every kernel × supported head-dim class × fp16/fp32 × config, for Swin's ws = 7 with a
-    bias table (the heavier path). bf16 compiles like fp16."""
+    bias table (the heavier path), plus the active-window (SparseViT) variant for Swin's head
+    dim 32 (``all_active=True``: for every head dim, the full sweep behind the CONFIGS table).
+    bf16 compiles like fp16."""
     from .aot import AotCase
 
     cases = []
@@ -592,15 +648,19 @@ def aot_cases():
             for bd in (16, 32, 64, 128):
                 if unsupported(bd, dtype == "fp32", 7):
                     continue
-                meta = dict(WS=7, HAS_BIAS=True, IEEE=dtype == "fp32", BLOCK_D=bd)
-                if kname == "dbias":
-                    meta["D_CHUNK"] = dbias_chunk(bd, dtype == "fp32")
-                for cfg in launcher.configs_for(**meta):
-                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                    cases.append(AotCase(
-                        name=f"window.{kname}[{dtype},D={bd},BM={bm},BN={bn},"
-                             f"w{cfg.num_warps},s{cfg.num_stages}]",
-                        fn=launcher.fn, signature=sig,
-                        constexprs={**const, **meta, **cfg.kwargs},
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                for active in (False, True):
+                    if active and not (all_active or bd == 32):
+                        continue
+                    meta = dict(WH=7, WW=7, HAS_BIAS=True, HAS_ACTIVE=active, IEEE=dtype == "fp32",
+                                BLOCK_D=bd)
+                    if kname == "dbias":
+                        meta["D_CHUNK"] = dbias_chunk(bd, dtype == "fp32")
+                    for cfg in launcher.configs_for(**meta):
+                        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                        cases.append(AotCase(
+                            name=f"window.{kname}[{dtype},D={bd},BM={bm},BN={bn},"
+                                 f"w{cfg.num_warps},s{cfg.num_stages}{',active' * active}]",
+                            fn=launcher.fn, signature=sig,
+                            constexprs={**const, **meta, **cfg.kwargs},
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return cases

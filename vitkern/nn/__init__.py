@@ -2,5 +2,8 @@
 from .hilo import HiLo
 from .linear import XCA, LinearAttention
 from .ppma import PolylinePathAttention
+from .window import (SparseSwinBlock, WindowAttention, WindowAttentionV2, keep_windows,
+                     window_scores)
 
-__all__ = ["HiLo", "XCA", "LinearAttention", "PolylinePathAttention"]
+__all__ = ["HiLo", "XCA", "LinearAttention", "PolylinePathAttention", "WindowAttention",
+           "WindowAttentionV2", "SparseSwinBlock", "keep_windows", "window_scores"]

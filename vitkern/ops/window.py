@@ -1,15 +1,21 @@
 """Swin window attention op: checks, backend dispatch, ``torch.library`` registration and autograd.
 
 Public op: :func:`window_attention` (q, k, v are (B, heads, N, d), N = H·W in raster order,
-strided views welcome). The Triton backend is one pair of custom ops, ``vitkern::window_fwd`` /
+strided views welcome). The CUDA C++ backend (opt-in, inference only) is
+``vitkern::window_cuda_fwd`` (csrc/window/). The Triton backend is one pair of custom ops, ``vitkern::window_fwd`` /
 ``vitkern::window_bwd``; the bias (table or dense) is passed to the kernels in fp32 and its
 gradient is returned in the bias's dtype. Outputs are stored (B, N, heads, d) and returned as a
 (B, heads, N, d) view, so ``o.transpose(1, 2).reshape(B, N, heads * d)`` is free.
+
+``active_windows`` (SparseViT): the kernels walk only the listed windows (a (B, K) int32 id list
+read in the kernel, no gathered copy); the other tokens' outputs are zeros, or, with ``out=``,
+left as they are in ``out`` (``vitkern::window_fwd_out``, an in-place op without autograd, like
+every PyTorch ``out=`` function).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -29,19 +35,40 @@ __all__ = ["window_attention"]
 # --------------------------------------------------------------------------------------------
 
 
-def _check(op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale, pad_order):
-    """Validate the arguments; returns (H, W, ws, shift, scale, mask_value) with the effective
-    (Swin-clamped) window size and shift."""
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_window(op, window_size, shift):
+    """``window_size`` / ``shift`` as pairs: ints >= 1 / shifts in [0, window side)."""
+    ok = is_int(window_size) or (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+                                 and all(is_int(x) for x in window_size))
+    if not ok or min(ref.pair(window_size)) < 1:
+        raise ValueError(f"{op}: window_size must be an int >= 1 or a pair of them, got "
+                         f"{window_size!r}")
+    ws = ref.pair(window_size)
+    ok = is_int(shift) or (isinstance(shift, (tuple, list)) and len(shift) == 2
+                           and all(is_int(x) for x in shift))
+    if not ok or not all(0 <= s < w for s, w in zip(ref.pair(shift), ws)):
+        raise ValueError(f"{op}: shift must be an int (or a pair) in [0, window_size="
+                         f"{window_size}), got {shift!r}")
+    return ws, ref.pair(shift)
+
+
+def _check(op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale, pad_order,
+           active_windows=None, out=None, clamp="swin"):
+    """Validate the arguments; returns (H, W, (wh, ww), (sh, sw), scale, mask_value, active)
+    with the effective (clamped) window and shift, ``active`` as contiguous int32 or None."""
     check_qkv(op, q, k, v)
     if tuple(k.shape) != tuple(q.shape) or tuple(v.shape) != tuple(q.shape):
         raise ValueError(f"{op}: q, k, v must have one shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     H, W = check_hw(op, hw, q.shape[2])
-    if not is_int(window_size) or window_size < 1:
-        raise ValueError(f"{op}: window_size must be an int >= 1, got {window_size!r}")
-    if not is_int(shift) or not (0 <= shift < window_size):
-        raise ValueError(f"{op}: shift must be an int in [0, window_size={window_size}), got "
-                         f"{shift!r}")
+    win, sft = _check_window(op, window_size, shift)
+    if clamp not in ref.CLAMPS:
+        raise ValueError(f"{op}: clamp must be one of {ref.CLAMPS}, got {clamp!r}")
+    if clamp == "swin" and win[0] != win[1]:
+        raise ValueError(f"{op}: clamp='swin' takes a square window, got {win}; use "
+                         "clamp='per_axis' (timm) or None")
     if pad_order not in ref.PAD_ORDERS:
         raise ValueError(f"{op}: pad_order must be one of {ref.PAD_ORDERS}, got {pad_order!r}")
     if not isinstance(mask_value, (int, float)) or isinstance(mask_value, bool) or math.isnan(
@@ -49,7 +76,7 @@ def _check(op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale,
         raise ValueError(f"{op}: mask_value must be a float <= 0 (Swin uses -100.0), got "
                          f"{mask_value!r}")
     B, h, N, d = q.shape
-    ws, s = ref.effective_window((H, W), window_size, shift)
+    (wh, ww), (sh, sw) = ref.effective_window((H, W), win, sft, clamp)
     if rel_pos_bias is not None:
         if not isinstance(rel_pos_bias, Tensor):
             raise TypeError(f"{op}: rel_pos_bias must be a torch.Tensor or None, got "
@@ -59,17 +86,68 @@ def _check(op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale,
                             f"{rel_pos_bias.dtype}")
         if rel_pos_bias.device != q.device:
             raise ValueError(f"{op}: rel_pos_bias is on {rel_pos_bias.device}, q on {q.device}")
-        table, dense = ((2 * ws - 1) ** 2, h), (h, ws * ws, ws * ws)
+        table, dense = ((2 * wh - 1) * (2 * ww - 1), h), (h, wh * ww, wh * ww)
         if tuple(rel_pos_bias.shape) not in (table, dense):
-            clamp = (f" (window clamped to the {H}x{W} map: {window_size} -> {ws})"
-                     if ws != window_size else "")
+            given = window_size if is_int(window_size) else tuple(window_size)
+            name = f"{wh}" if wh == ww and is_int(window_size) else f"{wh}x{ww}"
+            clamped = (f" (window clamped to the {H}x{W} map: {given} -> {name})"
+                       if (wh, ww) != win else "")
             raise ValueError(f"{op}: rel_pos_bias must be the table {table} or a dense bias "
-                             f"{dense} for window {ws}{clamp}, got "
+                             f"{dense} for window {name}{clamped}, got "
                              f"{tuple(rel_pos_bias.shape)}")
-    return H, W, ws, s, check_scale(op, scale, d), float(mask_value)
+    active = None
+    if active_windows is not None:
+        active = _check_active(op, active_windows, B, (H, W), (wh, ww), q.device)
+    if out is not None:
+        _check_out(op, out, q, k, v, rel_pos_bias)
+    return H, W, (wh, ww), (sh, sw), check_scale(op, scale, d), float(mask_value), active
 
 
-def _backend(op, backend, q, ws):
+def _check_active(op, active_windows, B, hw, ws, device) -> Tensor:
+    if not isinstance(active_windows, Tensor):
+        raise TypeError(f"{op}: active_windows must be a torch.Tensor or None, got "
+                        f"{type(active_windows).__name__}")
+    if active_windows.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: active_windows must be an int64 (or int32) tensor, got "
+                        f"{active_windows.dtype}")
+    gh, gw = ref.window_grid(hw, ws, clamp=None)
+    n_win = gh * gw
+    if active_windows.dim() != 2 or active_windows.shape[0] != B:
+        raise ValueError(f"{op}: active_windows must have shape (B={B}, K), got "
+                         f"{tuple(active_windows.shape)}")
+    K = active_windows.shape[1]
+    if K > n_win:
+        raise ValueError(f"{op}: active_windows keeps K={K} windows, but the {hw[0]}x{hw[1]} map "
+                         f"has only {n_win} ({gh}x{gw}) windows of {ws[0]}x{ws[1]}")
+    if active_windows.device != device:
+        raise ValueError(f"{op}: active_windows is on {active_windows.device}, q on {device}")
+    if B and K and not torch.compiler.is_compiling():
+        lo, hi = active_windows.min().item(), active_windows.max().item()
+        if lo < 0 or hi >= n_win:
+            raise ValueError(f"{op}: active_windows has out-of-range ids (min {lo}, max {hi}); "
+                             f"they must lie in [0, {n_win}) ({gh}x{gw} windows, raster order)")
+        srt = active_windows.sort(dim=1).values
+        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+        if dup.any().item():
+            row = int(dup.nonzero()[0, 0])
+            raise ValueError(f"{op}: active_windows lists a window twice in row {row}; each row "
+                             "must list distinct windows")
+    return active_windows.to(torch.int32).contiguous()
+
+
+def _check_out(op, out, q, *inputs):
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"{op}: out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (out, q, *inputs)):
+        raise RuntimeError(f"{op}: out= does not support automatic differentiation (as every "
+                           "PyTorch out= function); call it under torch.no_grad() or drop out=")
+
+
+def _backend(op, backend, q, win, sft=(0, 0), active=None, needs_grad=False, out=None):
     d = q.shape[-1]
 
     def reason(name: str, explicit: bool) -> Optional[str]:
@@ -81,10 +159,78 @@ def _backend(op, backend, q, ws):
                 return why
             from vitkern.triton_kernels import window as tk
 
-            return tk.unsupported(d, q.dtype == torch.float32, ws)
-        return "no window-attention kernel in vitkern._C yet"
+            return tk.unsupported(d, q.dtype == torch.float32, win)
+        return _cuda_reason(q, win, sft, active, needs_grad, out)
 
     return backends.select(op, backend, reason)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA C++ custom op (vitkern._C, csrc/window/): Swin forward for inference, opt-in
+# --------------------------------------------------------------------------------------------
+
+
+PAD_ORDER_CODES = {"shift_then_pad": 0, "pad_then_shift": 1}
+
+
+def _cuda_reason(q: Tensor, win, sft, active_windows: Optional[Tensor], needs_grad: bool,
+                 out: Optional[Tensor] = None) -> Optional[str]:
+    """Why the CUDA window kernel refuses these inputs (None when it takes them); ``win`` /
+    ``sft`` are the effective (clamped) window and shift pairs."""
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}; the cuda backend needs CUDA tensors"
+    if win[0] != win[1] or sft[0] != sft[1]:
+        return (f"window {tuple(win)} / shift {tuple(sft)} not square: the CUDA window kernel "
+                "takes square 7x7 / 12x12 windows")
+    return _cuda_shape_reason(q.dtype, q.shape[-1], win[0], active_windows, needs_grad, out)
+
+
+def _cuda_shape_reason(dtype, d: int, ws: int, active_windows, needs_grad: bool,
+                       out=None) -> Optional[str]:
+    """The device-independent part of :func:`_cuda_reason` (square window ``ws``)."""
+    if needs_grad:
+        return "the CUDA window kernel is forward-only (inference); use triton for training"
+    if active_windows is not None:
+        return "active_windows is not supported by the CUDA window kernel"
+    if out is not None:
+        return "out= is not supported by the CUDA window kernel"
+    from vitkern import _cext
+
+    return _cuda_kernel_reason(_cext.DTYPE_CODES.get(str(dtype)[len("torch."):], -1), d,
+                               ws) or None
+
+
+@torch.compiler.assume_constant_result
+def _cuda_kernel_reason(code: int, d: int, ws: int) -> str:
+    """vitkern._C's shape check -> reason ('' when supported); constant under torch.compile."""
+    from vitkern import _cext
+
+    mod, why = _cext.load()
+    if mod is None:
+        return why
+    if not hasattr(mod, "window_supported"):
+        return "vitkern._C has no window kernel: a stale build, rebuild it (VITKERN_CUDA=1)"
+    status, why = mod.window_supported(code, d, ws)
+    return why if status else ""
+
+
+@torch.library.custom_op("vitkern::window_cuda_fwd", mutates_args=())
+def _window_cuda_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], H: int, W: int,
+                     window_size: int, shift: int, mask_value: float, scale: float,
+                     pad_order: str) -> Tensor:
+    """o (B, heads, N, d), stored (B, N, heads, d); ``window_size`` / ``shift`` effective ones."""
+    from vitkern import _cext
+
+    o = bhnd_empty(q, q.shape[2])
+    with on_device(q):
+        _cext.launch("window_fwd", q, k, v, o, _bias32(bias), H, W, window_size, shift,
+                     PAD_ORDER_CODES[pad_order], mask_value, scale, device=q.device)
+    return o
+
+
+@_window_cuda_fwd.register_fake
+def _(q, k, v, bias, H, W, window_size, shift, mask_value, scale, pad_order):
+    return bhnd_empty(q, q.shape[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,50 +242,84 @@ def _bias32(bias: Optional[Tensor]) -> Optional[Tensor]:
     return None if bias is None else bias.to(torch.float32)
 
 
-@torch.library.custom_op("vitkern::window_fwd", mutates_args=())
-def _window_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], H: int, W: int,
-                ws: int, shift: int, scale: float, mask_value: float,
-                pad_then_shift: bool) -> tuple[Tensor, Tensor]:
-    """Triton window-attention forward (effective ws / shift): (o, lse2), lse2 base-2 fp32."""
+def _geo(H, W, wh, ww, sh, sw, pad_then_shift, active):
     from vitkern.triton_kernels import window as tk
 
-    o, lse = bhnd_empty(q, q.shape[2]), lse_empty(q)
+    return tk.geometry(H, W, wh, ww, sh, sw, pad_then_shift,
+                       None if active is None else active.shape[1])
+
+
+@torch.library.custom_op("vitkern::window_fwd", mutates_args=())
+def _window_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], active: Optional[Tensor],
+                H: int, W: int, wh: int, ww: int, sh: int, sw: int, scale: float,
+                mask_value: float, pad_then_shift: bool) -> tuple[Tensor, Tensor]:
+    """Triton window-attention forward (effective wh × ww window, shift (sh, sw)): (o, lse2),
+    lse2 base-2 fp32. With ``active`` (int32 (B, K) window ids) the other tokens get o = 0,
+    lse2 = -inf."""
+    from vitkern.triton_kernels import window as tk
+
+    o, lse = bhnd_empty(q, q.shape[2], zero=active is not None), lse_empty(q)
+    if active is not None:
+        lse.fill_(float("-inf"))
     with on_device(q):
-        tk.forward(q, k, v, o, lse, _bias32(bias), tk.geometry(H, W, ws, shift, pad_then_shift),
-                   ws, scale, mask_value)
+        tk.forward(q, k, v, o, lse, _bias32(bias),
+                   _geo(H, W, wh, ww, sh, sw, pad_then_shift, active), scale, mask_value, active)
     return o, lse
 
 
 @_window_fwd.register_fake
-def _(q, k, v, bias, H, W, ws, shift, scale, mask_value, pad_then_shift):
+def _(q, k, v, bias, active, H, W, wh, ww, sh, sw, scale, mask_value, pad_then_shift):
     return bhnd_empty(q, q.shape[2]), lse_empty(q)
+
+
+@torch.library.custom_op("vitkern::window_fwd_out", mutates_args=("out",))
+def _window_fwd_out(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                    active: Optional[Tensor], out: Tensor, H: int, W: int, wh: int, ww: int,
+                    sh: int, sw: int, scale: float, mask_value: float,
+                    pad_then_shift: bool) -> None:
+    """Triton window-attention forward into ``out`` in place: only the tokens of the computed
+    windows are written (no autograd)."""
+    from vitkern.triton_kernels import window as tk
+
+    lse = lse_empty(q)
+    with on_device(q):
+        tk.forward(q, k, v, out, lse, _bias32(bias),
+                   _geo(H, W, wh, ww, sh, sw, pad_then_shift, active), scale, mask_value, active)
+
+
+@_window_fwd_out.register_fake
+def _(q, k, v, bias, active, out, H, W, wh, ww, sh, sw, scale, mask_value, pad_then_shift):
+    return None
 
 
 @torch.library.custom_op("vitkern::window_bwd", mutates_args=())
 def _window_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                bias: Optional[Tensor], H: int, W: int, ws: int, shift: int, scale: float,
-                mask_value: float, pad_then_shift: bool,
+                bias: Optional[Tensor], active: Optional[Tensor], H: int, W: int, wh: int,
+                ww: int, sh: int, sw: int, scale: float, mask_value: float, pad_then_shift: bool,
                 need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton window-attention backward: (dq, dk, dv, dbias); dbias is empty (0 elements)
-    unless ``need_dbias``, else shaped and typed like ``bias``."""
+    unless ``need_dbias``, else shaped and typed like ``bias``. With ``active`` the tokens of
+    the other windows get zero gradients."""
     from vitkern.triton_kernels import window as tk
 
-    dq, dk, dv = bhnd_empty(q, q.shape[2]), bhnd_empty(k, k.shape[2]), bhnd_empty(v, v.shape[2])
+    zero = active is not None
+    dq, dk, dv = (bhnd_empty(t, t.shape[2], zero=zero) for t in (q, k, v))
     with on_device(q):
         dense = tk.backward(do, q, k, v, o, lse, dq, dk, dv, _bias32(bias),
-                            tk.geometry(H, W, ws, shift, pad_then_shift), ws, scale, mask_value,
-                            need_dbias and bias is not None)
+                            _geo(H, W, wh, ww, sh, sw, pad_then_shift, active), scale,
+                            mask_value, need_dbias and bias is not None, active)
     if dense is None:
         dbias = q.new_zeros((0,))
     elif bias.dim() == 2:
-        dbias = tk.fold_to_table(dense, ws).to(bias.dtype)
+        dbias = tk.fold_to_table(dense, wh, ww).to(bias.dtype)
     else:
         dbias = dense.to(bias.dtype)
     return dq, dk, dv, dbias
 
 
 @_window_bwd.register_fake
-def _(do, q, k, v, o, lse, bias, H, W, ws, shift, scale, mask_value, pad_then_shift, need_dbias):
+def _(do, q, k, v, o, lse, bias, active, H, W, wh, ww, sh, sw, scale, mask_value,
+      pad_then_shift, need_dbias):
     if need_dbias and bias is not None:
         dbias = torch.empty_like(bias, memory_format=torch.contiguous_format)
     else:
@@ -148,19 +328,19 @@ def _(do, q, k, v, o, lse, bias, H, W, ws, shift, scale, mask_value, pad_then_sh
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, H, W, ws, shift, scale, mask_value, pad_then_shift = inputs
+    q, k, v, bias, active, *args = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bias)
-    ctx.args = (H, W, ws, shift, scale, mask_value, pad_then_shift)
+    ctx.save_for_backward(q, k, v, o, lse, bias, active)
+    ctx.args = tuple(args)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, bias = ctx.saved_tensors
+    q, k, v, o, lse, bias, active = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.vitkern.window_bwd(do, q, k, v, o, lse, bias, *ctx.args,
-                                                     need_dbias)
-    return dq, dk, dv, (dbias if need_dbias else None), None, None, None, None, None, None, None
+    dq, dk, dv, dbias = torch.ops.vitkern.window_bwd(do, q, k, v, o, lse, bias, active,
+                                                     *ctx.args, need_dbias)
+    return (dq, dk, dv, (dbias if need_dbias else None)) + (None,) * (1 + len(ctx.args))
 
 
 torch.library.register_autograd("vitkern::window_fwd", _backward, setup_context=_setup_context)
@@ -171,39 +351,74 @@ torch.library.register_autograd("vitkern::window_fwd", _backward, setup_context=
 # --------------------------------------------------------------------------------------------
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], window_size: int,
-                     shift: int = 0, rel_pos_bias: Optional[Tensor] = None,
-                     mask_value: float = -100.0, scale: Optional[float] = None,
-                     pad_order: str = "shift_then_pad", backend: str = "auto") -> Tensor:
-    """Swin window attention (W-MSA, or SW-MSA with ``shift > 0``).
+def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
+                     window_size: Union[int, tuple[int, int]],
+                     shift: Union[int, tuple[int, int]] = 0, rel_pos_bias: Optional[Tensor] = None,
+                     active_windows: Optional[Tensor] = None, mask_value: float = -100.0,
+                     scale: Optional[float] = None, pad_order: str = "shift_then_pad",
+                     clamp: Optional[str] = "swin", out: Optional[Tensor] = None,
+                     backend: str = "auto") -> Tensor:
+    """Swin window attention (W-MSA, or SW-MSA with a shift), optionally on a subset of the
+    windows (SparseViT).
 
     Args:
         q, k, v: (B, heads, N, d), N = H·W tokens in raster order; any strides.
         hw: the map size (H, W).
-        window_size: ws. If min(H, W) <= ws the window becomes global (ws = min(H, W)) and the
-            shift 0, Swin's rule.
-        shift: cyclic shift s in [0, ws) (Swin: ws // 2 in every second block); pairs of tokens
-            from different regions of the rolled map get ``mask_value`` added (Swin: -100).
-        rel_pos_bias: None, Swin's relative-position table ((2ws-1)², heads) (indexed the Swin
-            way), or a dense (heads, ws², ws²) bias; ws is the effective window. Differentiable.
+        window_size: ws, or (wh, ww) for non-square windows.
+        shift: cyclic shift s in [0, ws) (Swin: ws // 2 in every second block), or (sh, sw);
+            pairs of tokens from different regions of the rolled map get ``mask_value`` added
+            (Swin: -100).
+        rel_pos_bias: None, Swin's relative-position table ((2wh-1)(2ww-1), heads) (indexed the
+            Swin way), or a dense (heads, wh·ww, wh·ww) bias, for the effective window.
+            Differentiable.
+        active_windows: None (every window), or a (B, K) int64 / int32 tensor of distinct window
+            ids per image (the same K for every image, as SparseViT keeps), 0 <= K <= nW. Ids
+            number the windows of the shifted, padded frame in raster order over its
+            ceil(H/wh) × ceil(W/ww) window grid (the order of Swin's window_partition after the
+            roll; see :func:`vitkern.reference.window.window_token_ids`). Only those windows are
+            computed; the tokens of the others get zeros, or keep ``out``'s values when ``out``
+            is given. Gradients flow only through the kept windows (zero elsewhere).
         mask_value: the additive shift mask (<= 0; -100 as in every reference, -inf for a hard
             mask).
         scale: logit scale, default d**-0.5.
-        pad_order: for maps not divisible by ws, "shift_then_pad" (timm: roll the map, then pad
-            right / bottom) or "pad_then_shift" (mmdet / SparseViT: pad, then roll). Pad tokens
-            are unmasked zero keys / values; pad queries are dropped.
+        pad_order: for maps not divisible by the window, "shift_then_pad" (timm: roll the map,
+            then pad right / bottom) or "pad_then_shift" (mmdet / SparseViT: pad, then roll). Pad
+            tokens are unmasked zero keys / values; pad queries are dropped.
+        clamp: the window actually used on a small map. "swin" (square windows): if
+            min(H, W) <= ws the window becomes global (min(H, W)) and the shift 0, Swin's rule.
+            "per_axis": timm's rule, per axis (a side not smaller than the map's extent becomes
+            the extent, its shift 0). None: the window and shift as given (timm's
+            ``always_partition``; a window larger than the map is padded).
+        out: optional (B, heads, N, d) tensor of q's dtype and device to write into, in place
+            (any strides; it must not overlap q, k, v). Like every PyTorch ``out=`` function it
+            does not support autograd (use it under ``torch.no_grad()``).
         backend: "auto", "triton", "cuda" or "reference" (see :mod:`vitkern.backends`).
 
     Returns:
-        (B, heads, N, d) in the input dtype.
+        (B, heads, N, d) in the input dtype (``out`` itself when given).
     """
     op = "window_attention"
-    H, W, ws, s, scale, mask_value = _check(op, q, k, v, hw, window_size, shift, rel_pos_bias,
-                                            mask_value, scale, pad_order)
-    name = _backend(op, backend, q, ws)
+    H, W, win, sft, scale, mask_value, active = _check(
+        op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale, pad_order,
+        active_windows, out, clamp)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rel_pos_bias))
+    name = _backend(op, backend, q, win, sft, active, needs_grad, out)
     if name == "reference" or q.numel() == 0:
-        return ref.window_attention(q, k, v, hw=(H, W), window_size=ws, shift=s,
-                                    rel_pos_bias=rel_pos_bias, mask_value=mask_value,
-                                    scale=scale, pad_order=pad_order)
-    return torch.ops.vitkern.window_fwd(q, k, v, rel_pos_bias, H, W, ws, s, scale, mask_value,
-                                        pad_order == "pad_then_shift")[0]
+        o = ref.window_attention(q, k, v, hw=(H, W), window_size=win, shift=sft,
+                                 rel_pos_bias=rel_pos_bias, mask_value=mask_value, scale=scale,
+                                 pad_order=pad_order, active_windows=active, clamp=None)
+        if out is None:
+            return o
+        if active is None:
+            return out.copy_(o)
+        keep = ref.active_token_mask((H, W), win, sft, active, pad_order, None)
+        return out.copy_(torch.where(keep[:, None, :, None], o, out))
+    if name == "cuda":
+        return torch.ops.vitkern.window_cuda_fwd(q, k, v, rel_pos_bias, H, W, win[0], sft[0],
+                                                 mask_value, scale, pad_order)
+    geo = (H, W, *win, *sft, scale, mask_value, pad_order == "pad_then_shift")
+    if out is not None:
+        torch.ops.vitkern.window_fwd_out(q, k, v, rel_pos_bias, active, out, *geo)
+        return out
+    return torch.ops.vitkern.window_fwd(q, k, v, rel_pos_bias, active, *geo)[0]

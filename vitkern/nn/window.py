@@ -1,0 +1,551 @@
+"""Drop-in Swin window attention on vitkern's fused op, timm patching, and SparseViT helpers.
+
+* :class:`WindowAttention` — timm's Swin (V1) ``WindowAttention``: same constructor, parameters
+  and ``state_dict`` (``qkv``, ``proj``, ``relative_position_bias_table``; the non-persistent
+  ``relative_position_index`` buffer is recomputed). Called on the whole (B, H, W, C) map with the
+  block's shift, it does roll / pad / partition / mask inside the op (no copies); called like
+  timm's module on partitioned (B·nW, N, C) windows it gives timm's result too.
+* Patching: timm's ``SwinTransformerBlock._attn`` rolls, pads and partitions around ``self.attn``.
+  :func:`vitkern.integrations.timm.patch_model` replaces each ``WindowAttention`` by the module
+  above and, through the ``SwinTransformerBlock`` entry of :data:`TIMM_REPLACEMENTS`, switches each
+  block's class to a subclass (:class:`FusedSwinTransformerBlock`, built on first use so that timm
+  stays optional) whose ``_attn`` hands the full map to the vitkern module. Parameters, buffers and
+  ``state_dict`` keys are untouched.
+* SparseViT (mit-han-lab/sparsevit): :func:`window_scores` (L2 norm over each window of the
+  per-token mean |x|), :func:`keep_windows` (top-k per image) and :class:`SparseSwinBlock`, which
+  runs a whole Swin block (norm, attention, MLP) only on the kept windows' tokens and passes the
+  others through unchanged.
+
+Windows follow timm exactly: the block's window and shift (timm clamps them per axis at
+construction, or keeps them with ``always_partition``) go to the op with ``clamp=None``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkern.ops.window import window_attention
+from vitkern.reference import window as ref
+
+__all__ = ["WindowAttention", "WindowAttentionV2", "SparseSwinBlock", "window_scores",
+           "keep_windows", "TIMM_REPLACEMENTS"]
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
+
+
+def _split_heads(qkv: Tensor, heads: int, head_dim: int):
+    """(B, N, 3·heads·d) -> q, k, v (B, heads, N, d) strided views (no copy)."""
+    return qkv.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class WindowAttention(nn.Module):
+    """Swin window attention (W-MSA / SW-MSA) with relative position bias, timm-compatible.
+
+    ``WindowAttention(dim, num_heads, head_dim=None, window_size=7, qkv_bias=True, attn_drop=0.,
+    proj_drop=0., backend="auto")``; ``attn_drop`` must stay 0 while training (the fused kernels
+    have no dropout on attention probabilities; eval mode ignores it, as timm does).
+
+    ``forward(x, mask=None, *, shift_size=0, active_windows=None)``:
+
+    * x (B, H, W, C), the whole map: Swin's cyclic shift ``shift_size`` (int or pair) and timm's
+      roll-then-pad for maps not divisible by the window are done inside the op, with this
+      module's window as is (timm's block clamps it to small maps at construction; the bias
+      table has its size). ``active_windows`` (B, K) keeps only those windows (see
+      :func:`vitkern.ops.window_attention`); the other tokens get 0. Returns (B, H, W, C).
+    * x (B·nW, ws², C), windows partitioned by the caller, as timm's module takes them; ``mask``
+      is timm's (nW, ws², ws²) shift mask or None. Without a mask every window goes through the
+      op; with one the module computes timm's math eagerly (the op derives the shift mask from
+      the map geometry, which partitioned windows no longer carry). Returns (B·nW, ws², C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None,
+                 window_size=7, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, *, backend: str = "auto"):
+        super().__init__()
+        self.dim = dim
+        self.window_size = _pair(window_size)
+        wh, ww = self.window_size
+        self.window_area = wh * ww
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        attn_dim = self.head_dim * num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        self.relative_position_bias_table = nn.Parameter(
+            torch.empty((2 * wh - 1) * (2 * ww - 1), num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", _rel_index(wh, ww), persistent=False)
+        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(attn_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttention":
+        """A vitkern module sharing ``module``'s submodules, parameters and buffers (no copies).
+        Raises ``UnsupportedModule`` for what the op cannot reproduce."""
+        from vitkern.integrations.timm import UnsupportedModule
+
+        why = _attn_unsupported(module)
+        if why:
+            raise UnsupportedModule(why)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim = module.dim
+        new.window_size = _pair(module.window_size)
+        new.window_area = module.window_area
+        new.num_heads = module.num_heads
+        new.head_dim = module.qkv.out_features // (3 * module.num_heads)
+        new.scale = float(module.scale)
+        new.backend = backend
+        new.relative_position_bias_table = module.relative_position_bias_table
+        new.register_buffer("relative_position_index", module.relative_position_index,
+                            persistent=False)
+        new.qkv = module.qkv
+        new.attn_drop = module.attn_drop
+        new.proj = module.proj
+        new.proj_drop = module.proj_drop
+        new.train(module.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
+                f"backend={self.backend!r}")
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, shift_size=0,
+                active_windows: Optional[Tensor] = None) -> Tensor:
+        if self.training and self.attn_drop.p > 0:
+            raise RuntimeError(f"WindowAttention: attn_drop={self.attn_drop.p} in training mode "
+                               "is not supported by the fused op (no dropout on attention "
+                               "probabilities); set it to 0 or call eval()")
+        if x.dim() == 4:
+            if mask is not None:
+                raise ValueError("WindowAttention: pass shift_size, not a mask, with a (B, H, W, "
+                                 "C) map (the op builds Swin's shift mask itself)")
+            return self._forward_map(x, shift_size, active_windows)
+        if x.dim() != 3 or x.shape[1] != self.window_area:
+            raise ValueError(f"WindowAttention: x must be (B, H, W, C) or (B*nW, "
+                             f"{self.window_area}, C) windows, got {tuple(x.shape)}")
+        if active_windows is not None:
+            raise ValueError("WindowAttention: active_windows needs the (B, H, W, C) map")
+        if mask is not None:
+            return self._forward_windows_eager(x, mask)
+        return self._attend(x, self.window_size, (0, 0))
+
+    def _forward_map(self, x: Tensor, shift_size, active_windows: Optional[Tensor]) -> Tensor:
+        B, H, W, C = x.shape
+        o = self._attend(x.reshape(B, H * W, C), (H, W), _pair(shift_size), active_windows)
+        return o.reshape(B, H, W, C)
+
+    def _folded_biases(self, padded: bool):
+        """(qkv bias, proj bias) to use with the op: timm's, or for a padded map the fold."""
+        bias, proj_bias = self.qkv.bias, self.proj.bias
+        if bias is not None and padded:
+            # timm pads x with zeros *before* qkv, so its pad tokens carry k = b_k, v = b_v,
+            # while the op pads k, v with zeros. Drop b_k, b_v from every token instead: b_k
+            # shifts all logits of a query by scale·q·b_k (softmax-invariant; bias and mask
+            # are per pair, unaffected), and b_v adds b_v to every output row (the weights sum
+            # to 1), which folds into proj's bias. Exact, with no padded copy of x.
+            a = bias.shape[0] // 3
+            bias = torch.cat([bias[:a], bias[a:] * 0])
+            fold = self.proj.weight @ self.qkv.bias[2 * a:]
+            proj_bias = fold if proj_bias is None else proj_bias + fold
+        return bias, proj_bias
+
+    def _attend(self, x: Tensor, hw, shift, active_windows=None) -> Tensor:
+        """(B, N, C) tokens of an H×W map -> attention + projection, (B, N, C). The module's
+        window (the block's, already clamped by timm) is used as is: ``clamp=None``."""
+        B, N, _ = x.shape
+        (wh, ww) = self.window_size
+        bias, proj_bias = self._folded_biases(bool(hw[0] % wh or hw[1] % ww))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = _split_heads(qkv, self.num_heads, self.head_dim)
+        o = window_attention(q, k, v, hw=hw, window_size=self.window_size, shift=shift,
+                             rel_pos_bias=self.relative_position_bias_table,
+                             active_windows=active_windows, scale=self.scale, clamp=None,
+                             backend=self.backend)
+        o = F.linear(o.transpose(1, 2).reshape(B, N, -1), self.proj.weight, proj_bias)
+        return self.proj_drop(o)
+
+    def _forward_windows_eager(self, x: Tensor, mask: Tensor) -> Tensor:
+        """timm's math on partitioned windows with an explicit (nW, N, N) mask."""
+        B_, N, C = x.shape
+        q, k, v = _split_heads(self.qkv(x), self.num_heads, self.head_dim)
+        idx = self.relative_position_index.reshape(-1)
+        bias = self.relative_position_bias_table[idx].reshape(N, N, -1).permute(2, 0, 1)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+        nw = mask.shape[0]
+        attn = (attn.view(-1, nw, self.num_heads, N, N) + mask[None, :, None]).view(
+            -1, self.num_heads, N, N)
+        o = self.attn_drop(attn.softmax(-1)) @ v
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B_, N, -1)))
+
+
+def _rel_index(wh: int, ww: int) -> Tensor:
+    """timm's / Swin's (wh·ww, wh·ww) relative position index."""
+    hh, cc = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    hh, cc = hh.reshape(-1), cc.reshape(-1)
+    return ((hh[:, None] - hh[None, :] + wh - 1) * (2 * ww - 1)
+            + (cc[:, None] - cc[None, :] + ww - 1))
+
+
+def _attn_unsupported(module: nn.Module) -> Optional[str]:
+    """Why a timm Swin V1 WindowAttention cannot be served (None when it can)."""
+    p = module.attn_drop.p
+    if p:
+        return (f"attn_drop={p}: the fused op has no dropout on attention probabilities (set "
+                "attn_drop_rate=0)")
+    return None
+
+
+class WindowAttentionV2(nn.Module):
+    """Swin V2 window attention (cosine attention, continuous position bias), timm-compatible.
+
+    ``WindowAttentionV2(dim, window_size, num_heads, qkv_bias=True, attn_drop=0., proj_drop=0.,
+    pretrained_window_size=(0, 0), backend="auto")``: timm's ``swin_transformer_v2.WindowAttention``
+    parameters (``logit_scale`` (heads, 1, 1), ``cpb_mlp``, ``qkv`` without bias, ``q_bias``,
+    ``v_bias``, ``proj``) and buffers (``k_bias`` zeros, ``relative_coords_table``,
+    ``relative_position_index``, all non-persistent).
+
+    Swin V2's logits are ``cos(q_i, k_j) · exp(min(logit_scale_h, ln 100)) + 16·σ(cpb)[h, i, j]``
+    (+ the shift mask). They are V1's op exactly with ``q̂ = normalize(q) · exp(min(logit_scale,
+    ln 100))``, ``k̂ = normalize(k)``, ``scale = 1`` and the bias table ``16·σ(cpb_mlp(coords))``
+    (σ is elementwise, so it commutes with Swin's index): the module normalises q and k in one
+    pre-pass (a copy of q and k; the rest is fused) and calls :func:`window_attention`.
+    Differentiable in every parameter. ``forward`` as :class:`WindowAttention` (full map with
+    ``shift_size``, or timm's partitioned windows with an optional mask).
+    """
+
+    def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 pretrained_window_size=(0, 0), *, backend: str = "auto"):
+        super().__init__()
+        self.dim = dim
+        self.window_size = _pair(window_size)
+        self.pretrained_window_size = _pair(pretrained_window_size)
+        self.num_heads = num_heads
+        self.backend = backend
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        wh, ww = self.window_size
+        self.register_buffer("relative_coords_table",
+                             _v2_coords_table(self.window_size, self.pretrained_window_size),
+                             persistent=False)
+        self.register_buffer("relative_position_index", _rel_index(wh, ww), persistent=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def window_area(self) -> int:
+        return self.window_size[0] * self.window_size[1]
+
+    @classmethod
+    def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttentionV2":
+        """A vitkern module sharing ``module``'s submodules, parameters and buffers."""
+        from vitkern.integrations.timm import UnsupportedModule
+
+        why = _attn_unsupported(module)  # (qkv_bias_separate: qkv(x) + bias is the same math)
+        if why:
+            raise UnsupportedModule(why)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim = module.dim
+        new.window_size = _pair(module.window_size)
+        new.pretrained_window_size = _pair(module.pretrained_window_size)
+        new.num_heads = module.num_heads
+        new.backend = backend
+        new.logit_scale = module.logit_scale
+        new.cpb_mlp = module.cpb_mlp
+        new.qkv = module.qkv
+        new.q_bias, new.v_bias = module.q_bias, module.v_bias
+        new.register_buffer("k_bias", module.k_bias, persistent=False)
+        new.attn_drop = module.attn_drop
+        new.proj = module.proj
+        new.proj_drop = module.proj_drop
+        new.register_buffer("relative_coords_table", module.relative_coords_table,
+                            persistent=False)
+        new.register_buffer("relative_position_index", module.relative_position_index,
+                            persistent=False)
+        new.train(module.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
+                f"backend={self.backend!r}")
+
+    def bias_table(self) -> Tensor:
+        """Swin V2's ((2wh-1)(2ww-1), heads) bias table 16·σ(cpb_mlp(relative_coords_table))."""
+        return 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(
+            -1, self.num_heads))
+
+    def _qkv_bias(self, padded: bool):
+        """(qkv bias, proj bias): for a padded map b_v is folded into proj (see WindowAttention;
+        k_bias is a zero buffer in Swin V2, so pad keys are 0 in timm too)."""
+        if self.q_bias is None:
+            return None, self.proj.bias
+        if not padded:
+            return torch.cat((self.q_bias, self.k_bias, self.v_bias)), self.proj.bias
+        fold = self.proj.weight @ self.v_bias
+        proj_bias = fold if self.proj.bias is None else self.proj.bias + fold
+        return torch.cat((self.q_bias, self.k_bias, self.v_bias * 0)), proj_bias
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, shift_size=0,
+                active_windows: Optional[Tensor] = None) -> Tensor:
+        if self.training and self.attn_drop.p > 0:
+            raise RuntimeError(f"WindowAttentionV2: attn_drop={self.attn_drop.p} in training "
+                               "mode is not supported by the fused op; set it to 0 or eval()")
+        wh, ww = self.window_size
+        if x.dim() == 4:
+            if mask is not None:
+                raise ValueError("WindowAttentionV2: pass shift_size, not a mask, with a map")
+            B, H, W, C = x.shape
+            o = self._attend(x.reshape(B, H * W, C), (H, W), _pair(shift_size),
+                             bool(H % wh or W % ww), active_windows)
+            return o.reshape(B, H, W, C)
+        if x.dim() != 3 or x.shape[1] != self.window_area:
+            raise ValueError(f"WindowAttentionV2: x must be (B, H, W, C) or (B*nW, "
+                             f"{self.window_area}, C) windows, got {tuple(x.shape)}")
+        if active_windows is not None:
+            raise ValueError("WindowAttentionV2: active_windows needs the (B, H, W, C) map")
+        if mask is not None:
+            return self._forward_windows_eager(x, mask)
+        return self._attend(x, self.window_size, (0, 0), False, None)
+
+    def _forward_windows_eager(self, x: Tensor, mask: Tensor) -> Tensor:
+        """timm's Swin V2 math on partitioned windows with an explicit (nW, N, N) mask."""
+        B_, N, C = x.shape
+        bias, proj_bias = self._qkv_bias(False)
+        q, k, v = _split_heads(F.linear(x, self.qkv.weight, bias), self.num_heads,
+                               self.head_dim)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        idx = self.relative_position_index.reshape(-1)
+        attn = attn + self.bias_table()[idx].reshape(N, N, -1).permute(2, 0, 1)
+        nw = mask.shape[0]
+        attn = (attn.view(-1, nw, self.num_heads, N, N) + mask[None, :, None]).view(
+            -1, self.num_heads, N, N)
+        o = self.attn_drop(attn.softmax(-1)) @ v
+        return self.proj_drop(F.linear(o.transpose(1, 2).reshape(B_, N, C), self.proj.weight,
+                                       proj_bias))
+
+    def _attend(self, x, hw, shift, padded, active_windows):
+        B, N, C = x.shape
+        bias, proj_bias = self._qkv_bias(padded)
+        q, k, v = _split_heads(F.linear(x, self.qkv.weight, bias), self.num_heads,
+                               self.head_dim)
+        gain = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (heads, 1, 1)
+        q = F.normalize(q, dim=-1) * gain.to(q.dtype)
+        k = F.normalize(k, dim=-1)
+        o = window_attention(q, k, v, hw=hw, window_size=self.window_size, shift=shift,
+                             rel_pos_bias=self.bias_table(), active_windows=active_windows,
+                             scale=1.0, clamp=None, backend=self.backend)
+        o = F.linear(o.transpose(1, 2).reshape(B, N, C), self.proj.weight, proj_bias)
+        return self.proj_drop(o)
+
+
+def _v2_coords_table(window_size, pretrained_window_size) -> Tensor:
+    """Swin V2's log-spaced relative coordinates (1, 2wh-1, 2ww-1, 2)."""
+    wh, ww = window_size
+    norm = pretrained_window_size if pretrained_window_size[0] > 0 else window_size
+    ch = torch.arange(-(wh - 1), wh, dtype=torch.float32) / max(norm[0] - 1, 1)
+    cw = torch.arange(-(ww - 1), ww, dtype=torch.float32) / max(norm[1] - 1, 1)
+    t = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1)[None] * 8
+    return torch.sign(t) * torch.log2(t.abs() + 1.0) / math.log2(8)
+
+
+# --------------------------------------------------------------------------------------------
+# the Swin block: full map into the op (timm patching)
+# --------------------------------------------------------------------------------------------
+
+
+_FUSED_CLASSES: dict = {}
+#: fused block class name -> (timm module, timm block class, vitkern attention class)
+_FUSED_SPECS = {
+    "FusedSwinTransformerBlock": ("timm.models.swin_transformer", "SwinTransformerBlock",
+                                  WindowAttention),
+    "FusedSwinTransformerV2Block": ("timm.models.swin_transformer_v2", "SwinTransformerV2Block",
+                                    WindowAttentionV2),
+}
+
+
+def _fused_block_class(name: str):
+    """timm's Swin (V2) block with ``_attn`` on the full map (built on first use: timm stays an
+    optional dependency)."""
+    cls = _FUSED_CLASSES.get(name)
+    if cls is None:
+        import importlib
+
+        mod_name, base_name, attn_cls = _FUSED_SPECS[name]
+        base = getattr(importlib.import_module(mod_name), base_name)
+
+        def _attn(self, x: Tensor) -> Tensor:
+            """The block's attention on the full (B, H, W, C) map with the block's (timm-clamped)
+            window and shift: no roll / pad / partition copies, the op does them by index math
+            (timm's own path when ``attn`` is not a vitkern module)."""
+            if not isinstance(self.attn, attn_cls):
+                return base._attn(self, x)
+            return self.attn(x, shift_size=self.shift_size)
+
+        cls = type(name, (base,), {
+            "__module__": __name__, "__qualname__": name,
+            "__doc__": f"timm's {base_name} whose window attention takes the full map "
+                       "(vitkern); same parameters and state_dict.",
+            "_attn": _attn})
+        _FUSED_CLASSES[name] = cls
+    return cls
+
+
+def __getattr__(name):  # PEP 562: the lazily built classes are importable (pickle, isinstance)
+    if name in _FUSED_SPECS:
+        return _fused_block_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class SwinBlockPatch:
+    """Patch entry for timm's ``SwinTransformerBlock``: switches the block's class in place to
+    ``FusedSwinTransformerBlock`` (same object, parameters and state_dict) so that its ``_attn``
+    passes the full map to a patched :class:`WindowAttention`."""
+
+    fused = "FusedSwinTransformerBlock"
+
+    @classmethod
+    def from_timm(cls, block: nn.Module, *, backend: str = "auto") -> nn.Module:
+        from vitkern.integrations.timm import UnsupportedModule
+
+        attn_cls = _FUSED_SPECS[cls.fused][2]
+        why = None if isinstance(block.attn, attn_cls) else _attn_unsupported(block.attn)
+        if why:
+            raise UnsupportedModule(why)
+        block.__class__ = _fused_block_class(cls.fused)
+        return block
+
+
+class SwinV2BlockPatch(SwinBlockPatch):
+    """:class:`SwinBlockPatch` for timm's ``SwinTransformerV2Block``."""
+
+    fused = "FusedSwinTransformerV2Block"
+
+
+# --------------------------------------------------------------------------------------------
+# SparseViT: window scores, kept windows, a block that runs only on kept windows
+# --------------------------------------------------------------------------------------------
+
+
+def window_scores(x: Tensor, window_size, shift=0, pad_order: str = "shift_then_pad",
+                  clamp: Optional[str] = "swin") -> Tensor:
+    """SparseViT's window importance: a[b, t] = mean_c |x[b, t, c]|, then the L2 norm of a over
+    the tokens of each window of the shifted, padded frame (pad tokens count 0). ``window_size``,
+    ``shift``, ``pad_order`` and ``clamp`` as for :func:`vitkern.ops.window_attention`.
+
+    x: (B, H, W, C) -> (B, nW) float32, windows numbered as ``active_windows`` expects.
+    """
+    B, H, W, C = x.shape
+    a = x.detach().abs().float().mean(-1).reshape(B, H * W)
+    ids = ref.window_token_ids((H, W), window_size, shift, pad_order, x.device, clamp)
+    a = torch.cat([a, a.new_zeros(B, 1)], 1)  # index -1 -> the zero column
+    return torch.linalg.vector_norm(a[:, ids], ord=2, dim=-1)
+
+
+def keep_windows(scores: Tensor, ratio: float) -> Tensor:
+    """Top-k window ids per image, K = int(nW·(1 - ratio)) as SparseViT (the same K for every
+    image), ordered by score, highest first. scores: (B, nW) -> (B, K) int64."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"keep_windows: ratio must lie in [0, 1], got {ratio}")
+    k = int(scores.shape[1] * (1.0 - ratio))
+    return torch.topk(scores, k, dim=1, sorted=True).indices
+
+
+class SparseSwinBlock(nn.Module):
+    """SparseViT's window-pruned Swin block around a timm ``SwinTransformerBlock`` (V1).
+
+    ``forward(x, active_windows)``: x (B, H, W, C); ``active_windows`` (B, K) window ids of the
+    block's (shifted, padded) frame, e.g. ``keep_windows(sparse_block.window_scores(x), ratio)``.
+    The tokens of kept windows go through the whole block (norm1, window attention, residual,
+    norm2, MLP, residual) and every other token is passed through unchanged (SparseViT's
+    identity for pruned windows). Only kept tokens are normalised, projected and fed to the MLP;
+    the attention op walks only the kept windows. Pad tokens follow timm (zero after norm1).
+    With every window kept it equals the timm block. The timm block's parameters are shared.
+    """
+
+    def __init__(self, block: nn.Module, *, backend: str = "auto"):
+        super().__init__()
+        self.block = block
+        attn = block.attn
+        self.attn = attn if isinstance(attn, WindowAttention) else WindowAttention.from_timm(
+            attn, backend=backend)
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        """The block's window (timm clamps it per axis at construction; used as is)."""
+        return _pair(self.block.window_size)
+
+    @property
+    def shift_size(self) -> tuple[int, int]:
+        return _pair(self.block.shift_size)
+
+    def window_scores(self, x: Tensor) -> Tensor:
+        """:func:`window_scores` of x (B, H, W, C) for this block's windows: (B, nW)."""
+        return window_scores(x, self.window_size, self.shift_size, clamp=None)
+
+    def forward(self, x: Tensor, active_windows: Tensor) -> Tensor:
+        blk = self.block
+        B, H, W, C = x.shape
+        N = H * W
+        (wh, ww), shift = self.window_size, self.shift_size
+        K = active_windows.shape[1]
+        ids = ref.window_token_ids((H, W), (wh, ww), shift, "shift_then_pad", x.device, None)
+        tok = ids[active_windows.long()].reshape(B, K * wh * ww)  # kept slots, -1 = pad
+        real = tok >= 0
+        src = tok.clamp(min=0)
+        dst = torch.where(real, tok, N)  # pads go to a sink row N
+        flat = x.reshape(B, N, C)
+        xk = torch.gather(flat, 1, src[..., None].expand(-1, -1, C))  # (B, K·ws², C)
+        # norm1 and qkv on the kept tokens only; scattered into a map the op reads in place
+        # (it reads no token outside the kept windows; zeros keep the reference path finite)
+        attn = self.attn
+        bias, proj_bias = attn._folded_biases(bool(H % wh or W % ww))  # timm's zero pad tokens
+        qkv_k = F.linear(blk.norm1(xk), attn.qkv.weight, bias)
+        qkv = qkv_k.new_zeros(B, N + 1, qkv_k.shape[-1]).scatter(
+            1, dst[..., None].expand(-1, -1, qkv_k.shape[-1]), qkv_k)[:, :N]
+        q, k, v = _split_heads(qkv, attn.num_heads, attn.head_dim)
+        o = window_attention(q, k, v, hw=(H, W), window_size=(wh, ww), shift=shift,
+                             rel_pos_bias=attn.relative_position_bias_table,
+                             active_windows=active_windows, scale=attn.scale, clamp=None,
+                             backend=attn.backend)
+        o = o.transpose(1, 2).reshape(B, N, -1)
+        ok = torch.gather(o, 1, src[..., None].expand(-1, -1, o.shape[-1]))
+        ok = attn.proj_drop(F.linear(ok, attn.proj.weight, proj_bias))
+        yk = xk + blk.drop_path1(ok)
+        yk = yk + blk.drop_path2(blk.mlp(blk.norm2(yk)))
+        out = torch.cat([flat, flat.new_zeros(B, 1, C)], 1).scatter(
+            1, dst[..., None].expand(-1, -1, C), yk)[:, :N]
+        return out.reshape(B, H, W, C)
+
+
+#: timm classes :func:`vitkern.integrations.timm.patch_model` replaces (the block entry switches
+#: the block's class in place; see the module docstring).
+TIMM_REPLACEMENTS = {
+    "timm.models.swin_transformer.WindowAttention": WindowAttention,
+    "timm.models.swin_transformer.SwinTransformerBlock": SwinBlockPatch,
+    "timm.models.swin_transformer_v2.WindowAttention": WindowAttentionV2,
+    "timm.models.swin_transformer_v2.SwinTransformerV2Block": SwinV2BlockPatch,
+}
