@@ -39,7 +39,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--cases", default=None, help="comma list of case names / substrings / tags")
     p.add_argument("--groups", default=None,
                    help="comma list of comparison groups (hilo: hilo,hifi,lofi,lofi_pooled,layer; "
-                        "linear: xca,linear; ppma: full,criss_cross; "
+                        "linear: xca,linear,soft; ppma: full,criss_cross; "
                         "window: attn,block_attn,sparse30,sparse50,sparse70)")
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backward", dest="backward", action="store_true", default=None,

@@ -1,6 +1,7 @@
-"""Linear / softmax-free attention benchmarks: vitkern's XCA and linear attention vs PyTorch.
+"""Linear / softmax-free attention benchmarks: vitkern's XCA, linear and SOFT attention vs PyTorch.
 
-For every case of ``shapes.LINEAR_CASES`` (XCiT and L2ViT stage shapes, plus N = 4096 / 16384)
+For every case of ``shapes.LINEAR_CASES`` (XCiT, L2ViT and SOFT stage shapes, plus N = 4096 /
+16384)
 and every dtype, one comparison group per op:
 
 =========  =====================================  ==============================================
@@ -16,6 +17,10 @@ group      vitkern provider                       baselines (same q, k, v, same 
                                                   ``fla`` (flash-linear-attention's causal
                                                   ``chunk_linear_attn``, where installed; causal,
                                                   so timed only, not checked)
+``soft``   ``ops.soft_attention`` (landmark Gram     ``pytorch`` (SOFT's PyTorch math: distances by
+           matrix, 20 Newton–Schulz steps, fused   matmul expansion, the same Newton–Schulz,
+           K1·(Ainv·(K1ᵀV)))                       ``(K1 Ainv)(K1ᵀV)`` with K1 in HBM), ``sdpa``
+                                                  (softmax attention over the tokens with K = Q)
 =========  =====================================  ==============================================
 
 Correctness first: a vitkern provider's output (and, in fwd+bwd, the gradients of q, k, v and
@@ -29,6 +34,11 @@ Byte model (e = bytes per element; each tensor moved once, the fp32 d×d states 
                         (read q, dO, k, v; write dq, dk, dv)
                XCA    + e·B·h·8·N·d  (read dO, v for dA; q, k, dO; write dq, dk, dv)
     (M = N and e_v = d in every case here: 7·N·d and 8·N·d elements per head.)
+
+SOFT (m landmarks, tiny next to the tokens): forward ``e·B·h·(N·d + 2·N·e_v)`` (read q, v,
+write o); backward adds ``e·B·h·(N·d + 3·N·e_v)`` (read dO, q, v; write dq, dv; counted once
+although the kernels read q and dO twice). Useful FLOPs per head: forward
+``2·N·m·d + 4·N·m·e_v + 2·m²·e_v + 4·iters·m³`` (K1, K1ᵀV, K1·W2, Ainv·W, Newton), fwd+bwd 3×.
 
 Useful FLOPs: linear 2·B·h·d·e_v·(N + M) + 2·B·h·N·d; XCA 4·B·h·N·d²; fwd+bwd = 3 × forward.
 This op family is memory-bound: the GB/s column against the device's peak is the figure of merit.
@@ -47,7 +57,8 @@ from . import harness
 from .shapes import LinearCase, linear_cases
 
 FAMILY = "linear"
-GROUPS = ("xca", "linear")
+GROUPS = ("xca", "linear", "soft")
+SOFT_ITERS = 20
 ERR_FLOOR = {torch.float32: 5e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 ERR_MULT = 4.0
 
@@ -96,6 +107,8 @@ def plan(cases: list[LinearCase], dtypes: list[torch.dtype], groups: tuple[str, 
 # ---------------------------------------------------------------------------------------------
 def op_bytes(c: LinearCase, B: int, elem: int, mode: str) -> float:
     n, d = c.N, c.head_dim
+    if c.op == "soft":
+        return float(elem * B * c.heads * (3 * n * d + (4 * n * d if mode == "fwd+bwd" else 0)))
     fwd = 4 * n * d
     bwd = 7 * n * d if c.op == "linear" else 8 * n * d
     return float(elem * B * c.heads * (fwd + (bwd if mode == "fwd+bwd" else 0)))
@@ -103,6 +116,10 @@ def op_bytes(c: LinearCase, B: int, elem: int, mode: str) -> float:
 
 def op_flops(c: LinearCase, B: int, mode: str) -> float:
     n, d = c.N, c.head_dim
+    if c.op == "soft":
+        m = c.landmarks
+        fwd = 2 * n * m * d + 4 * n * m * d + 2 * m * m * d + 4 * SOFT_ITERS * m ** 3
+        return float(B * c.heads * fwd * (3 if mode == "fwd+bwd" else 1))
     fwd = (2 * d * d * (2 * n) + 2 * n * d) if c.op == "linear" else 4 * n * d * d
     return float(B * c.heads * fwd * (3 if mode == "fwd+bwd" else 1))
 
@@ -137,6 +154,16 @@ def _providers(task: Task, ctx: Context) -> list[dict]:
     else:
         names = ["triton"] if ctx.device.type == "cuda" else ["auto"]
     provs = []
+    if c.op == "soft":
+        for b in names:
+            provs.append(dict(name=f"vitkern[{b}]", kind="vitkern", backend=b, check=True,
+                              fn=(lambda b: lambda q, lm, v: ops.soft_attention(
+                                  q, lm, v, iters=SOFT_ITERS, backend=b))(b)))
+        provs.append(dict(name="pytorch", kind="baseline", check=True,
+                          fn=lambda q, lm, v: ref.soft_attention(q, lm, v, iters=SOFT_ITERS)))
+        provs.append(dict(name="sdpa", kind="baseline", check=False,
+                          fn=lambda q, lm, v: F.scaled_dot_product_attention(q, q, v)))
+        return provs
     for b in names:
         if c.op == "xca":
             fn = (lambda b: lambda q, k, v, t: ops.xca_attention(q, k, v, temperature=t,
@@ -169,12 +196,23 @@ def _reference_fn(c: LinearCase):
 
     if c.op == "xca":
         return lambda q, k, v, t: ref.xca_attention(q, k, v, temperature=t)
+    if c.op == "soft":
+        return lambda q, lm, v: ref.soft_attention(q, lm, v, iters=SOFT_ITERS)
     return lambda q, k, v, t: ref.linear_attention(q, k, v, temperature=t, **PRESETS[c.preset])
 
 
 def _inputs(task: Task, ctx: Context, B: int, copy: int):
     c = task.case
     g = torch.Generator().manual_seed(ctx.seed * 1000 + copy)
+    if c.op == "soft":
+        # SOFT's scales: q = W_q x / d**¼, landmarks after LayerNorm + GELU (≈ unit entries
+        # shrunk here so that K1 is not all underflow on random data)
+        shape, s = (B, c.heads, c.N, c.head_dim), c.head_dim ** -0.25
+        q = (torch.randn(shape, generator=g) * s).to(ctx.device, task.dtype)
+        lm = (torch.randn(B, c.heads, c.landmarks, c.head_dim, generator=g) * s).to(
+            ctx.device, task.dtype)
+        v = torch.randn(shape, generator=g).to(ctx.device, task.dtype)
+        return [q, lm, v], torch.randn(shape, generator=g).to(ctx.device, task.dtype)
     # L2ViT: |q|, |k| ~ 0.25 puts the denominators around the clamp floor of 100 at N ~ 200
     amp = 0.25 if c.preset == "l2vit" else 1.0
     shape = (B, c.heads, c.N, c.head_dim)
@@ -199,7 +237,8 @@ def _check(fn, ref_fn, inputs, dout, dtype, with_grad) -> dict:
     exact = _outputs(ref_fn, [x.double() for x in inputs], dout.double(), with_grad)
     lowp = _outputs(ref_fn, inputs, dout, with_grad)
     got = _outputs(fn, inputs, dout, with_grad)
-    names = ["out", "dq", "dk", "dv", "dtemperature"][:len(exact)]
+    names = (["out", "dq", "dlandmarks", "dv"] if len(inputs) == 3 else
+             ["out", "dq", "dk", "dv", "dtemperature"])[:len(exact)]
     errs, bad = {}, []
     for nm, a, lp, r in zip(names, got, lowp, exact):
         scale = max(1.0, r.abs().max().item())

@@ -174,6 +174,7 @@ def hilo_cases(select: str | None = None, *, quick: bool = False) -> list[HiLoCa
         raise KeyError(f"no HiLo case matches {select!r}; known: {sorted(_ALL)}")
     return out
 
+
 # ---------------------------------------------------------------------------------------------
 # Window attention (Swin): the attention layer of every Swin-T / S / B stage at 224 (ws 7) and
 # 384 (ws 12), head dim 32 everywhere (specs/window-tokendrop.md A1, "Typical sizes"). Swin-S has
@@ -262,8 +263,9 @@ __all__ += ["WindowCase", "WINDOW_CASES", "WINDOW_TEST_CASES", "WINDOW_QUICK_CAS
 
 @dataclass(frozen=True)
 class LinearCase:
-    """One attention call: ``op`` "xca" (XCiT) or "linear" (with ``preset`` of
-    ``vitkern.ops.linear.PRESETS``) on (B, heads, N, head_dim) q, k, v."""
+    """One attention call: ``op`` "xca" (XCiT), "linear" (with ``preset`` of
+    ``vitkern.ops.linear.PRESETS``) on (B, heads, N, head_dim) q, k, v, or "soft" (SOFT's
+    Gaussian Nyström attention with ``landmarks`` landmarks per head)."""
 
     name: str
     op: str
@@ -275,12 +277,14 @@ class LinearCase:
     cpu_batch: int = 2
     note: str = ""
     tags: tuple[str, ...] = field(default=())
+    landmarks: int = 0       # SOFT only: m
 
     def batch_for(self, device) -> int:
         return self.batch if str(getattr(device, "type", device)) == "cuda" else self.cpu_batch
 
     def describe(self) -> str:
         extra = f" {self.preset}" if self.preset else ""
+        extra += f" m={self.landmarks}" if self.op == "soft" else ""
         return f"{self.op}{extra} N={self.N} h={self.heads} d={self.head_dim}"
 
 
@@ -303,9 +307,17 @@ LINEAR_CASES: tuple[LinearCase, ...] = (
                note="L2ViT-T stage 1 @512 (high resolution)", tags=("l2vit", "highres")),
     LinearCase("elu1_n4096_d64", "linear", 4096, 8, 64, "katharopoulos", batch=16, cpu_batch=1,
                note="Transformers-are-RNNs elu+1 at N = 4096", tags=("highres",)),
+    # SOFT-Tiny/Small/Large stages 1-3 @224 (56², 28², 14² tokens; ratios 8/4/2 -> 49 landmarks;
+    # head_dim 32, heads 2/4/10)
+    LinearCase("soft_t_s1", "soft", 3136, 2, 32, landmarks=49, note="SOFT stage 1 @224",
+               tags=("soft",)),
+    LinearCase("soft_t_s2", "soft", 784, 4, 32, landmarks=49, note="SOFT stage 2 @224",
+               tags=("soft",)),
+    LinearCase("soft_t_s3", "soft", 196, 10, 32, landmarks=49, note="SOFT stage 3 @224",
+               tags=("soft",)),
 )
 
-LINEAR_QUICK_CASES: tuple[str, ...] = ("xcit_s_p16_224", "l2vit_t_s3")
+LINEAR_QUICK_CASES: tuple[str, ...] = ("xcit_s_p16_224", "l2vit_t_s3", "soft_t_s3")
 
 _LINEAR_ALL = {c.name: c for c in LINEAR_CASES}
 
@@ -322,7 +334,6 @@ def linear_cases(select: str | None = None, *, quick: bool = False) -> list[Line
 
 
 __all__ += ["LinearCase", "LINEAR_CASES", "LINEAR_QUICK_CASES", "linear_cases"]
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,4 +390,3 @@ def ppma_cases(select: str | None = None, *, quick: bool = False) -> list[PPMACa
     if not out:
         raise KeyError(f"no PPMA case matches {select!r}; known: {sorted(by_name)}")
     return out
-

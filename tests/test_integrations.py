@@ -66,3 +66,9 @@ def test_discovery_reads_every_nn_family():
     for path, cls in table.items():
         assert path.startswith("timm."), path
         assert callable(getattr(cls, "from_timm", None)), cls
+    # what the families register (parity of each patched model is tested in its family's tests)
+    assert {"timm.models.swin_transformer.WindowAttention",
+            "timm.models.swin_transformer.SwinTransformerBlock",
+            "timm.models.swin_transformer_v2.WindowAttention",
+            "timm.models.swin_transformer_v2.SwinTransformerV2Block",
+            "timm.models.xcit.XCA"} <= set(table)

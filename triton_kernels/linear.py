@@ -29,6 +29,16 @@ XCA (q, k, v (B, h, N, d); channels are the rows of a d×d map):
   of dA; dG = τ·dL/(|q_i||k_j|); the norm-chain terms cq, ck; dτ) → ``xca_bwd_apply`` twice:
   ``dq = K dGᵀ + q·cq``, ``dk = Q dG + k·ck`` from q, k, then ``dv = dO A`` from dO.
 
+SOFT (q (B, h, N, d) pre-scaled, landmarks l (B, h, m, d), v (B, h, N, e), Ainv (B, h, m, m);
+``K1 = exp(-½(‖q‖² + ‖l‖² − 2q·l))`` recomputed per token tile from q and the m landmarks held
+in registers, never written):
+
+* forward: ``soft_reduce`` → W = K1ᵀV partials → fold; W2 = Ainv·W (torch bmm, m×m by m×e) →
+  ``soft_apply``: o = K1·W2. Saved: (W, W2) fp32;
+* backward: ``soft_reduce`` on dO → dW2 = K1ᵀdO; dAinv = dW2·Wᵀ, dW = Ainvᵀ·dW2 (torch bmm) →
+  ``soft_bwd``: dq and the partials of (dSᵀq | Σ dS), dS = −½·(dO·W2ᵀ + V·dWᵀ)·K1 → fold,
+  dl = 2l·ΣdS − 2dSᵀq (torch) → ``soft_apply`` with dW: dv = K1·dW.
+
 Dots: fp32 inputs use ``tf32x3`` (IEEE-accurate); the fp32 state times 16-bit tokens is a tf32
 dot (the state can exceed the fp16 range, so it is never cast down).
 """
@@ -504,7 +514,18 @@ def _soft_landmarks(L, sln, sld, m, offs_l, offs_d, D):
 
 
 @triton.jit
-def _soft_k1(Q, rows, N, offs_d, D, sqn, sqd, lt, ll, lvalid, IEEE: tl.constexpr):
+def _sdot(a, b, IEEE: tl.constexpr, FMA: tl.constexpr):
+    """mma, or (FMA) an exact fp32 dot on the FMA units: no tf32x3 hi/lo operand copies, which
+    is what keeps the fp32 landmark-gradient pass from spilling."""
+    if FMA:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return mma(a, b, IEEE)
+
+
+@triton.jit
+def _soft_k1(Q, rows, N, offs_d, D, sqn, sqd, lt, ll, lvalid, IEEE: tl.constexpr,
+             FMA: tl.constexpr = False):
     """(q tile fp32, K1 tile [BLOCK_M, BLOCK_L] fp32). The squared distance is the expansion
     ‖q‖² + ‖l‖² − 2q·l of the reference (q·l a tensor-core dot, fp32 accumulation), not
     clamped; pad rows and pad landmarks get K1 = 0 (exp(0) would be 1)."""
@@ -512,7 +533,7 @@ def _soft_k1(Q, rows, N, offs_d, D, sqn, sqd, lt, ll, lvalid, IEEE: tl.constexpr
     q = tl.load(_ptrs(Q, rows, offs_d, sqn, sqd), mask=valid[:, None] & (offs_d < D)[None, :],
                 other=0.0)
     qf = q.to(tl.float32)
-    sq = tl.sum(qf * qf, 1)[:, None] + ll[None, :] - 2.0 * mma(q, lt, IEEE)
+    sq = tl.sum(qf * qf, 1)[:, None] + ll[None, :] - 2.0 * _sdot(q, lt, IEEE, FMA)
     k1 = tl.where(valid[:, None] & lvalid[None, :], tl.exp(-0.5 * sq), 0.0)
     return qf, k1
 
@@ -584,18 +605,21 @@ def soft_apply_kernel(
 
 @triton.jit
 def soft_bwd_kernel(
-    Q, L, V, DO, W2, DW, DQ, DV, P,
+    Q, L, V, DO, W2, DW, DQ, P,
     sqb, sqh, sqn, sqd, slb, slh, sln, sld, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    sdqb, sdqh, sdqn, sdqd, sdvb, sdvh, sdvn, sdvd,
+    sdqb, sdqh, sdqn, sdqd,
     n_heads, N, m, D, E, tiles_per_split,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DO_Q: tl.constexpr, DO_L: tl.constexpr,
+    FMA: tl.constexpr,
 ):
-    """dq, dv for this split's tokens and the landmark partials (dSᵀq [m, D] | Σ_n dS [m]).
+    """dq (DO_Q) for this split's tokens and the landmark partials (dSᵀq [m, D] | Σ_n dS [m]).
 
     With W2 = Ainv·W, dW = Ainvᵀ·dW2 (host, m×E each): dK1 = dO·W2ᵀ + V·dWᵀ,
-    dS = −½·dK1·K1 (∂ of the squared distance), dq = 2q·Σ_j dS − 2·dS·L, dv = K1·dW; the host
-    finishes dl = 2l·Σ_n dS − 2·dSᵀq.
+    dS = −½·dK1·K1 (∂ of the squared distance), dq = 2q·Σ_j dS − 2·dS·L; the host finishes
+    dl = 2l·Σ_n dS − 2·dSᵀq. dv = K1·dW is ``soft_apply_kernel`` with dW for W2 (a separate
+    pass: holding dW in a second register layout here spills). fp32 (tf32x3 dots hold split
+    operands) runs this twice, DO_Q then DO_L, for the same reason.
     """
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -606,14 +630,12 @@ def soft_bwd_kernel(
     V += b * svb + h * svh
     DO += b * sdob + h * sdoh
     DQ += b * sdqb + h * sdqh
-    DV += b * sdvb + h * sdvh
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     offs_l = tl.arange(0, BLOCK_L)
     dmask = offs_d < D
     emask = offs_e < E
     lt, ll = _soft_landmarks(L, sln, sld, m, offs_l, offs_d, D)
-    ltf = lt.to(tl.float32)
     w2 = _mat(W2 + pid_bh * m * E, offs_l, offs_e, m, E)
     dw = _mat(DW + pid_bh * m * E, offs_l, offs_e, m, E)
     acc_l = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
@@ -622,23 +644,28 @@ def soft_bwd_kernel(
     for t in range(t0, t1):
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         valid = rows < N
-        qf, k1 = _soft_k1(Q, rows, N, offs_d, D, sqn, sqd, lt, ll, offs_l < m, IEEE)
+        qf, k1 = _soft_k1(Q, rows, N, offs_d, D, sqn, sqd, lt, ll, offs_l < m, IEEE, FMA)
         em = valid[:, None] & emask[None, :]
         do = tl.load(_ptrs(DO, rows, offs_e, sdon, sdod), mask=em, other=0.0).to(tl.float32)
         v = tl.load(_ptrs(V, rows, offs_e, svn, svd), mask=em, other=0.0).to(tl.float32)
-        dk1 = mma(do, tl.trans(w2), IEEE) + mma(v, tl.trans(dw), IEEE)
+        dk1 = _sdot(do, tl.trans(w2), IEEE, FMA) + _sdot(v, tl.trans(dw), IEEE, FMA)
         ds = -0.5 * dk1 * k1  # 0 at pad rows / landmarks (k1 = 0 there)
-        dq = 2.0 * qf * tl.sum(ds, 1)[:, None] - 2.0 * mma(ds, tl.trans(ltf), IEEE)
-        tl.store(_ptrs(DQ, rows, offs_d, sdqn, sdqd), dq.to(DQ.dtype.element_ty),
-                 mask=valid[:, None] & dmask[None, :])
-        dv = mma(k1, dw, IEEE)
-        tl.store(_ptrs(DV, rows, offs_e, sdvn, sdvd), dv.to(DV.dtype.element_ty), mask=em)
-        acc_l += mma(tl.trans(ds), qf, IEEE)
-        acc_s += tl.sum(ds, 0)
-    P += (pid_bh * tl.num_programs(1) + split) * (m * D + m)
-    lmask = offs_l < m
-    tl.store(P + offs_l[:, None] * D + offs_d[None, :], acc_l, mask=lmask[:, None] & dmask[None, :])
-    tl.store(P + m * D + offs_l, acc_s, mask=lmask)
+        # dS·L and dSᵀq in the token dtype (FlashAttention's dS·K convention): a 16-bit copy
+        # of L held across the loop instead of an fp32 one keeps the tile spill-free
+        ds_lp = ds.to(lt.dtype)
+        if DO_Q:
+            dq = 2.0 * qf * tl.sum(ds, 1)[:, None] - 2.0 * mma(ds_lp, tl.trans(lt), IEEE)
+            tl.store(_ptrs(DQ, rows, offs_d, sdqn, sdqd), dq.to(DQ.dtype.element_ty),
+                     mask=valid[:, None] & dmask[None, :])
+        if DO_L:
+            acc_l += _sdot(tl.trans(ds_lp), qf.to(lt.dtype), IEEE, FMA)
+            acc_s += tl.sum(ds, 0)
+    if DO_L:
+        P += (pid_bh * tl.num_programs(1) + split) * (m * D + m)
+        lmask = offs_l < m
+        tl.store(P + offs_l[:, None] * D + offs_d[None, :], acc_l,
+                 mask=lmask[:, None] & dmask[None, :])
+        tl.store(P + m * D + offs_l, acc_s, mask=lmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,17 +707,22 @@ CONFIGS = {
 }
 
 # SOFT: (BLOCK_M, num_warps, num_stages) per kernel and (max(32, BLOCK_L, BLOCK_D, BLOCK_E),
-# fp32?), swept the same way with BLOCK_L = BLOCK_D = BLOCK_E = the key (the largest tiles of
-# the class; smaller ones hold fewer registers). SOFT's shapes (m = 49, d = 32) are class 64.
+# fp32?), the first spill-free one on sm_80 and sm_90 of the candidate list above (plus
+# (32, 4, 1) and (16, 16, 1)), swept with BLOCK_L = BLOCK_D = BLOCK_E = the key (the largest
+# tiles of the class; smaller ones hold fewer registers). SOFT's shapes (m = 49, d = 32) are
+# class 64. The backward is one pass in 16-bit ("soft_bwd"); in fp32 the tf32x3 operand copies
+# spill it at every tile size, so fp32 runs a dq pass ("soft_bwd_q") and a landmark-gradient
+# pass ("soft_bwd_l") whose dots are exact fp32 FMA dots (tf32x3 spills there too).
 SOFT_CONFIGS = {
     "soft_reduce": {(32, False): (128, 4, 2), (64, False): (64, 4, 2),
-                    (32, True): (64, 4, 2), (64, True): (32, 4, 2)},
-    "soft_apply": {(32, False): (128, 4, 2), (64, False): (64, 4, 2),
+                    (32, True): (64, 8, 2), (64, True): (32, 4, 1)},
+    "soft_apply": {(32, False): (128, 4, 2), (64, False): (128, 4, 2),
                    (32, True): (64, 4, 2), (64, True): (32, 4, 2)},
-    "soft_bwd": {(32, False): (64, 4, 2), (64, False): (32, 4, 2),
-                 (32, True): (32, 4, 2), (64, True): (16, 4, 1)},
+    "soft_bwd": {(32, False): (128, 4, 2), (64, False): (32, 8, 2)},
+    "soft_bwd_q": {(32, True): (64, 4, 2), (64, True): (32, 8, 2)},
+    "soft_bwd_l": {(32, True): (32, 8, 2), (64, True): (16, 4, 1)},  # FMA dots
 }
-SOFT_KERNELS = ("soft_reduce", "soft_apply", "soft_bwd")
+SOFT_KERNELS = ("soft_reduce", "soft_apply", "soft_bwd", "soft_bwd_q", "soft_bwd_l")
 
 
 def soft_unsupported(m: int, head_dim: int, v_dim: int, fp32: bool, backward: bool = True):
@@ -700,7 +732,8 @@ def soft_unsupported(m: int, head_dim: int, v_dim: int, fp32: bool, backward: bo
     what = f"{dtype} landmarks {m}, head_dim {head_dim}, v head_dim {v_dim}"
     if any((key, fp32) not in SOFT_CONFIGS[k] for k in ("soft_reduce", "soft_apply")):
         return f"no spill-free triton tiles for {what} (at most 64 each)"
-    if backward and (key, fp32) not in SOFT_CONFIGS["soft_bwd"]:
+    bwd = ("soft_bwd_q", "soft_bwd_l") if fp32 else ("soft_bwd",)
+    if backward and any((key, fp32) not in SOFT_CONFIGS[k] for k in bwd):
         return (f"no spill-free triton tiles for the backward of {what} (the forward runs: "
                 "call it without gradients)")
     return None
@@ -951,12 +984,25 @@ def soft_backward(do, q, landmarks, v, ainv, state, dq, dv):
     dw2 = _soft_reduce(q, landmarks, do)                       # K1ᵀ dO
     dainv = torch.bmm(dw2, w.transpose(1, 2))                  # dW2 Wᵀ
     dw = torch.bmm(a.transpose(1, 2), dw2).contiguous()        # Ainvᵀ dW2
-    cfg = _soft_cfg("soft_bwd", meta)
+    w2 = w2.contiguous()
+    # 16-bit: one pass for dq and the landmark partials; fp32: a dq pass and a partials pass
+    passes = ("soft_bwd",) if not meta["IEEE"] else ("soft_bwd_q", "soft_bwd_l")
+    for kname in passes:
+        cfg = _soft_cfg(kname, meta)
+        n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
+        flags = dict(DO_Q=kname != "soft_bwd_l", DO_L=kname != "soft_bwd_q",
+                     FMA=kname == "soft_bwd_l")
+        if flags["DO_L"]:
+            part = torch.empty((b * h, n_split, m * d + m), device=q.device, dtype=torch.float32)
+        soft_bwd_kernel[(b * h, n_split)](
+            q, landmarks, v, do, w2, dw, dq, part if flags["DO_L"] else dq, *_s4(q),
+            *_s4(landmarks), *_s4(v), *_s4(do), *_s4(dq), h, n, m, d, e, per, **meta, **flags,
+            **cfg)
+    cfg = _soft_cfg("soft_apply", meta)
     n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-    part = torch.empty((b * h, n_split, m * d + m), device=q.device, dtype=torch.float32)
-    soft_bwd_kernel[(b * h, n_split)](
-        q, landmarks, v, do, w2.contiguous(), dw, dq, dv, part, *_s4(q), *_s4(landmarks),
-        *_s4(v), *_s4(do), *_s4(dq), *_s4(dv), h, n, m, d, e, per, **meta, **cfg)
+    soft_apply_kernel[(b * h, n_split)](                       # dv = K1·dW
+        q, landmarks, dw, dv, *_s4(q), *_s4(landmarks), *_s4(dv), h, n, m, d, e, per,
+        **meta, **cfg)
     g = _fold(part)
     dsq, dsum = g[:, : m * d].view(b * h, m, d), g[:, m * d:]
     lf = landmarks.reshape(b * h, m, d).float()
@@ -969,7 +1015,8 @@ def soft_backward(do, q, landmarks, v, ainv, state, dq, dv):
 # --------------------------------------------------------------------------------------------
 
 _CONSTEXPRS = ("FEAT", "HAS_MASK", "COLSUM", "SQ", "IEEE", "CLAMP", "HAS_TEMP", "BLOCK_M",
-               "BLOCK_D", "BLOCK_E", "BLOCK", "DV_PASS", "BLOCK_I", "BLOCK_L")
+               "BLOCK_D", "BLOCK_E", "BLOCK", "DV_PASS", "BLOCK_I", "BLOCK_L",
+               "DO_Q", "DO_L", "FMA")
 _FP32_PTRS = ("P", "ST", "TEMP", "G", "GN", "NORMS", "A", "DG", "CQ", "CK", "CKP", "DTP",
               "OUT", "W2", "DW")
 
@@ -1036,6 +1083,22 @@ def aot_cases():
             consts["BLOCK_E"] = bd
         add(f"linear.{kname}[{dtype},D={bd},BM={cfg['BLOCK_M']},w{cfg['num_warps']},"
             f"s{cfg['num_stages']}]", fn, dtype, consts, cfg["num_warps"], cfg["num_stages"])
+    soft_fns = {"soft_reduce": soft_reduce_kernel, "soft_apply": soft_apply_kernel,
+                "soft_bwd": soft_bwd_kernel, "soft_bwd_l": soft_bwd_kernel}
+    # SOFT's kernels at its own shapes (m = 49, d = 32: class 64) in fp16, and the fp32
+    # landmark-gradient pass (FMA dots; the other fp32 classes were swept with the same harness,
+    # see SOFT_CONFIGS)
+    for kname, dtype in (("soft_reduce", "fp16"), ("soft_apply", "fp16"), ("soft_bwd", "fp16"),
+                         ("soft_bwd_l", "fp32")):
+        meta = dict(IEEE=dtype == "fp32", BLOCK_L=64, BLOCK_D=64, BLOCK_E=64)
+        if kname.startswith("soft_bwd"):
+            meta.update(DO_Q=kname == "soft_bwd", DO_L=True, FMA=kname == "soft_bwd_l")
+        if (64, meta["IEEE"]) not in SOFT_CONFIGS[kname]:
+            continue
+        cfg = _soft_cfg(kname, meta)
+        add(f"linear.{kname}[{dtype},L=D=E=64,BM={cfg['BLOCK_M']},w{cfg['num_warps']},"
+            f"s{cfg['num_stages']}]", soft_fns[kname], dtype, dict(meta, BLOCK_M=cfg["BLOCK_M"]),
+            cfg["num_warps"], cfg["num_stages"])
     bi, w = CONFIGS["xca_small"][128]
     for kname, fn in (("xca_softmax", xca_softmax_kernel), ("xca_bwd_small", xca_bwd_small_kernel)):
         add(f"linear.{kname}[D=128,BI={bi},w{w}]", fn, "fp32", dict(BLOCK_D=128, BLOCK_I=bi), w, 1)

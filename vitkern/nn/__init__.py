@@ -1,9 +1,9 @@
 """Drop-in modules with the original papers' parameter names (checkpoints load unchanged)."""
 from .hilo import HiLo
-from .linear import XCA, LinearAttention
+from .linear import XCA, LinearAttention, SoftAttention
 from .ppma import PolylinePathAttention
 from .window import (SparseSwinBlock, WindowAttention, WindowAttentionV2, keep_windows,
                      window_scores)
 
-__all__ = ["HiLo", "XCA", "LinearAttention", "PolylinePathAttention", "WindowAttention",
+__all__ = ["HiLo", "XCA", "LinearAttention", "SoftAttention", "PolylinePathAttention", "WindowAttention",
            "WindowAttentionV2", "SparseSwinBlock", "keep_windows", "window_scores"]
