@@ -23,7 +23,7 @@ import torch
 
 from . import harness
 
-# op families: name -> module (each exposes available(), plan(), run_task(), cases_for(), Context)
+# op families: name -> module (each exposes available(), GROUPS, plan(), run_task(), cases_for())
 FAMILIES = {"hilo": "vitkern.bench.bench_hilo", "linear": "vitkern.bench.bench_linear",
             "ppma": "vitkern.bench.bench_ppma", "window": "vitkern.bench.bench_window"}
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             print(f"error: unknown group(s) {unknown} for {fam}; known: {list(mod.GROUPS)}", file=sys.stderr)
             return 2
         tasks = mod.plan(cases, dtypes, groups)
-        ctx = mod.Context(device=device, dev=dev, modes=modes, quick=args.quick, strict=args.strict,
+        ctx = harness.Context(device=device, dev=dev, modes=modes, quick=args.quick, strict=args.strict,
                           backends=backends, batch=args.batch, seed=args.seed, flex=not args.no_flex,
                           compile_baselines=args.compile)
         bar = None

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import math
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -271,38 +271,11 @@ def sdpa_hilo(q, k, v, *, hw, window_size, num_lo_heads, scale, pad):
 # ---------------------------------------------------------------------------------------------
 # Run context and tasks
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Context:
-    device: torch.device
-    dev: harness.DeviceInfo
-    modes: tuple[str, ...] = ("fwd",)
-    quick: bool = False
-    strict: bool = False
-    backends: tuple[str, ...] | None = None
-    batch: int | None = None
-    seed: int = 0
-    flex: bool = True                   # FlexAttention baseline (CUDA; compiles once per shape)
-    compile_baselines: bool = False     # add torch.compile(LITv2HiLo) to the layer group
-    log: Callable[[str], None] = print
-    failures: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Task:
-    case: HiLoCase
-    dtype: torch.dtype
-    group: str
-
-    @property
-    def label(self) -> str:
-        return f"hilo/{self.case.name}/{self.group}/{harness.dtype_name(self.dtype)}"
-
-
 def available() -> tuple[bool, str]:
     return True, ""  # the LITv2 / SDPA baselines always run; vitkern providers report their own status
 
 
-def plan(cases: list[HiLoCase], dtypes: list[torch.dtype], groups: tuple[str, ...] = GROUPS) -> list[Task]:
+def plan(cases: list[HiLoCase], dtypes: list[torch.dtype], groups: tuple[str, ...] = GROUPS) -> list[harness.Task]:
     tasks = []
     for case in cases:
         for dtype in dtypes:
@@ -313,7 +286,7 @@ def plan(cases: list[HiLoCase], dtypes: list[torch.dtype], groups: tuple[str, ..
                     continue
                 if g == "lofi_pooled" and (case.num_lo_heads == 0 or case.window_size == 1):
                     continue
-                tasks.append(Task(case, dtype, g))
+                tasks.append(harness.Task("hilo", case, dtype, g))
     return tasks
 
 
@@ -360,7 +333,7 @@ class Provider:
     fwd_only: str = ""                  # reason when only the forward can be timed (inference kernel)
 
 
-def _op_providers(task: Task, ctx: Context, ops, ops_reason: str, pad_arg) -> list[Provider]:
+def _op_providers(task: harness.Task, ctx: harness.Context, ops, ops_reason: str, pad_arg) -> list[Provider]:
     c, g = task.case, task.group
     s, hw, scale = c.window_size, c.hw, c.head_dim ** -0.5
     pad_bool = bool(pad_arg)
@@ -426,7 +399,7 @@ def _op_providers(task: Task, ctx: Context, ops, ops_reason: str, pad_arg) -> li
     return provs
 
 
-def _op_inputs(task: Task, ctx: Context, B: int, copy: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _op_inputs(task: harness.Task, ctx: harness.Context, B: int, copy: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """q, k, v (B, h, N, d) (k, v pooled for ``lofi_pooled``) and a dO, on the device, in the dtype."""
     c, g = task.case, task.group
     h = {"hilo": c.heads, "hifi": c.num_hi_heads}.get(g, c.num_lo_heads)
@@ -441,7 +414,7 @@ def _op_inputs(task: Task, ctx: Context, B: int, copy: int) -> tuple[list[torch.
     return [q, k, v], dout
 
 
-def _op_reference(task: Task, ref_mod, pad_arg) -> Callable:
+def _op_reference(task: harness.Task, ref_mod, pad_arg) -> Callable:
     """An fp64-capable reference callable for the task's op."""
     c, g = task.case, task.group
     kw: dict[str, Any] = dict(hw=c.hw, window_size=c.window_size)
@@ -524,7 +497,7 @@ def _timed_callable(fn: Callable, arg_sets: list[list[torch.Tensor]], douts: lis
     return harness.rotating(call_bwd, sets), grad_none
 
 
-def _time_and_record(task: Task, B: int, provs: list["Provider"], checks: dict[str, dict], ctx: Context,
+def _time_and_record(task: harness.Task, B: int, provs: list["Provider"], checks: dict[str, dict], ctx: harness.Context,
                      arg_sets, douts, copies: int, flops_fn: Callable[[str], float],
                      bytes_fn: Callable[[str], float], extra: Callable[["Provider"], dict] | None = None
                      ) -> list[dict]:
@@ -575,7 +548,7 @@ def _time_and_record(task: Task, B: int, provs: list["Provider"], checks: dict[s
     return records
 
 
-def _base_record(task: Task, B: int, prov: Provider, mode: str) -> dict:
+def _base_record(task: harness.Task, B: int, prov: Provider, mode: str) -> dict:
     c = task.case
     return {
         "family": FAMILY, "case": c.name, "group": task.group, "provider": prov.name, "kind": prov.kind,
@@ -596,7 +569,7 @@ def _resolve_backend(device: torch.device) -> str | None:
         return None
 
 
-def run_task(task: Task, ctx: Context) -> list[dict]:
+def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
     """Check and time every provider of one (case, dtype, group); returns result records."""
     c = task.case
     B = ctx.batch or (min(c.cpu_batch, 2) if (ctx.quick and ctx.device.type != "cuda") else c.batch_for(ctx.device))
@@ -721,7 +694,7 @@ def _add_speedups(records: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Whole layer: vitkern.nn.HiLo vs LITv2HiLo (same weights)
 # ---------------------------------------------------------------------------------------------
-def _run_layer(task: Task, ctx: Context, B: int) -> list[dict]:
+def _run_layer(task: harness.Task, ctx: harness.Context, B: int) -> list[dict]:
     c, dtype = task.case, task.dtype
     HiLo, nn_reason = _vitkern_nn()
     pad = c.needs_pad

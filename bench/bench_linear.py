@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import math
 import traceback
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,33 +61,6 @@ ERR_FLOOR = {torch.float32: 5e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 ERR_MULT = 4.0
 
 
-@dataclass
-class Context:
-    device: torch.device
-    dev: harness.DeviceInfo
-    modes: tuple[str, ...] = ("fwd",)
-    quick: bool = False
-    strict: bool = False
-    backends: tuple[str, ...] | None = None
-    batch: int | None = None
-    seed: int = 0
-    flex: bool = True                   # unused here (no FlexAttention baseline for these ops)
-    compile_baselines: bool = False     # unused here
-    log: Callable[[str], None] = print
-    failures: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Task:
-    case: LinearCase
-    dtype: torch.dtype
-    group: str
-
-    @property
-    def label(self) -> str:
-        return f"linear/{self.case.name}/{self.group}/{harness.dtype_name(self.dtype)}"
-
-
 def available() -> tuple[bool, str]:
     return True, ""
 
@@ -99,7 +70,7 @@ def cases_for(select: str | None, quick: bool) -> list[LinearCase]:
 
 
 def plan(cases: list[LinearCase], dtypes: list[torch.dtype], groups: tuple[str, ...] = GROUPS):
-    return [Task(c, dt, c.op) for c in cases for dt in dtypes if c.op in groups]
+    return [harness.Task("linear", c, dt, c.op) for c in cases for dt in dtypes if c.op in groups]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +114,7 @@ def _fla_fn():
                                                  v.transpose(1, 2), normalize=True)[0]), ""
 
 
-def _providers(task: Task, ctx: Context) -> list[dict]:
+def _providers(task: harness.Task, ctx: harness.Context) -> list[dict]:
     from vitkern.ops import linear as ops
     from vitkern.reference import linear as ref
 
@@ -201,7 +172,7 @@ def _reference_fn(c: LinearCase):
     return lambda q, k, v, t: ref.linear_attention(q, k, v, temperature=t, **PRESETS[c.preset])
 
 
-def _inputs(task: Task, ctx: Context, B: int, copy: int):
+def _inputs(task: harness.Task, ctx: harness.Context, B: int, copy: int):
     c = task.case
     g = torch.Generator().manual_seed(ctx.seed * 1000 + copy)
     if c.op == "soft":
@@ -270,7 +241,7 @@ def _timed(fn, arg_sets, douts, mode):
     return harness.rotating(call_bwd, [tuple(ls) + (d,) for ls, d in zip(leaves, douts)]), params
 
 
-def run_task(task: Task, ctx: Context) -> list[dict]:
+def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
     """Check and time every provider of one (case, dtype); returns result records."""
     c = task.case
     B = ctx.batch or (1 if ctx.quick and ctx.device.type != "cuda" else c.batch_for(ctx.device))

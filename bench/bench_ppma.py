@@ -41,33 +41,6 @@ GROUPS = ("full", "criss_cross")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
-@dataclass
-class Context:
-    device: torch.device
-    dev: harness.DeviceInfo
-    modes: tuple[str, ...] = ("fwd",)
-    quick: bool = False
-    strict: bool = False
-    backends: tuple[str, ...] | None = None
-    batch: int | None = None
-    seed: int = 0
-    flex: bool = True                  # accepted for the CLI; PPMA has no FlexAttention baseline
-    compile_baselines: bool = False
-    log: Callable[[str], None] = print
-    failures: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Task:
-    case: PPMACase
-    dtype: torch.dtype
-    group: str
-
-    @property
-    def label(self) -> str:
-        return f"ppma/{self.case.name}/{self.group}/{harness.dtype_name(self.dtype)}"
-
-
 def available() -> tuple[bool, str]:
     return True, ""
 
@@ -76,8 +49,8 @@ def cases_for(select: str | None, quick: bool) -> list[PPMACase]:
     return ppma_cases(select, quick=quick)
 
 
-def plan(cases, dtypes, groups=GROUPS) -> list[Task]:
-    return [Task(c, dt, g) for c in cases for dt in dtypes for g in groups]
+def plan(cases, dtypes, groups=GROUPS) -> list[harness.Task]:
+    return [harness.Task("ppma", c, dt, g) for c in cases for dt in dtypes for g in groups]
 
 
 def attention_flops(c: PPMACase, B: int, mode: str, group: str = "full") -> float:
@@ -114,7 +87,7 @@ class Provider:
     refused: dict = field(default_factory=dict)  # mode -> why the op refuses it by design
 
 
-def _providers(task: Task, ctx: Context) -> list[Provider]:
+def _providers(task: harness.Task, ctx: harness.Context) -> list[Provider]:
     hw = (task.case.H, task.case.W)
     full = task.group == "full"
     provs = []
@@ -142,7 +115,7 @@ def _providers(task: Task, ctx: Context) -> list[Provider]:
     return provs
 
 
-def _check(p: Provider, task: Task, ctx: Context, with_grad: bool) -> dict:
+def _check(p: Provider, task: harness.Task, ctx: harness.Context, with_grad: bool) -> dict:
     """Output (and gradients) on a batch-1 slice vs the fp64 reference."""
     from vitkern.reference import ppma as R
 
@@ -198,7 +171,7 @@ def _callable(fn, arg_sets, douts, mode):
             [t for ls in leaves for t in ls])
 
 
-def run_task(task: Task, ctx: Context) -> list[dict]:
+def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
     c, dtype = task.case, task.dtype
     B = ctx.batch or (c.batch if ctx.device.type == "cuda" else c.cpu_batch)
     elem = torch.empty((), dtype=dtype).element_size()

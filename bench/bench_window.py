@@ -40,7 +40,6 @@ dq, dk, dv) plus the fp32 log-sum-exp and delta, ``8 · B · h · Nq``. The bias
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -55,33 +54,6 @@ from .shapes import WindowCase, window_cases
 FAMILY = "window"
 SPARSITIES = (30, 50, 70)
 GROUPS = ("attn", "block_attn") + tuple(f"sparse{p}" for p in SPARSITIES)
-
-
-@dataclass
-class Context:
-    device: torch.device
-    dev: harness.DeviceInfo
-    modes: tuple[str, ...] = ("fwd",)
-    quick: bool = False
-    strict: bool = False
-    backends: tuple[str, ...] | None = None
-    batch: int | None = None
-    seed: int = 0
-    flex: bool = True
-    compile_baselines: bool = False
-    log: Callable[[str], None] = print
-    failures: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Task:
-    case: WindowCase
-    dtype: torch.dtype
-    group: str
-
-    @property
-    def label(self) -> str:
-        return f"window/{self.case.name}/{self.group}/{harness.dtype_name(self.dtype)}"
 
 
 def available() -> tuple[bool, str]:
@@ -103,7 +75,7 @@ def plan(cases: list[WindowCase], dtypes: list[torch.dtype], groups: tuple[str, 
             for g in groups:
                 if g.startswith("sparse") and _n_keep(c, g) in (0, c.n_windows):
                     continue  # one window per image: nothing to prune
-                tasks.append(Task(c, dtype, g))
+                tasks.append(harness.Task("window", c, dtype, g))
     return tasks
 
 
@@ -226,7 +198,7 @@ def make_flex(c: WindowCase, device: torch.device, scale: float) -> Callable:
 # ---------------------------------------------------------------------------------------------
 # tasks
 # ---------------------------------------------------------------------------------------------
-def _vitkern_names(ctx: Context) -> list[tuple[str, str]]:
+def _vitkern_names(ctx: harness.Context) -> list[tuple[str, str]]:
     out = []
     for b in (list(ctx.backends) if ctx.backends else default_backends(ctx.device)):
         resolved = _resolve_backend(ctx.device) if b == "auto" else None
@@ -234,7 +206,7 @@ def _vitkern_names(ctx: Context) -> list[tuple[str, str]]:
     return out
 
 
-def _inputs(task: Task, ctx: Context, B: int, copy_i: int):
+def _inputs(task: harness.Task, ctx: harness.Context, B: int, copy_i: int):
     c = task.case
     gen = _seeded(ctx.seed, c.name, task.group, copy_i)
     ws = _geometry(c)[0]
@@ -245,7 +217,7 @@ def _inputs(task: Task, ctx: Context, B: int, copy_i: int):
     return [q, k, v, table], dout
 
 
-def _record(task: Task, B: int, p: Provider, mode: str) -> dict:
+def _record(task: harness.Task, B: int, p: Provider, mode: str) -> dict:
     c = task.case
     return {"family": FAMILY, "case": c.name, "group": task.group, "provider": p.name,
             "kind": p.kind, "backend": p.backend, "mode": mode,
@@ -334,7 +306,7 @@ def _check_all(task, ctx, provs, ref_fn, inputs, dout):
     return checks
 
 
-def run_task(task: Task, ctx: Context) -> list[dict]:
+def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
     """Check and time every provider of one (case, dtype, group); returns result records."""
     from vitkern.ops.window import window_attention
     from vitkern.reference import window as ref
@@ -408,7 +380,7 @@ def run_task(task: Task, ctx: Context) -> list[dict]:
     return _time(task, B, provs, checks, ctx, arg_sets, douts, flops_fn, bytes_fn, extra)
 
 
-def _run_block(task: Task, ctx: Context, B: int) -> list[dict]:
+def _run_block(task: harness.Task, ctx: harness.Context, B: int) -> list[dict]:
     """timm's SwinTransformerBlock._attn vs the patched block (same weights)."""
     c = task.case
     try:

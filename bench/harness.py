@@ -55,7 +55,7 @@ __all__ = [
     "Timing", "bench_cpu", "bench_cuda", "bench", "bench_cpu_interleaved", "bench_many", "rotating",
     "n_rotations",
     "metrics", "environment", "git_commit", "results_path", "write_results", "plot_speedups",
-    "format_table", "RESULTS_DIR", "dtype_name",
+    "format_table", "RESULTS_DIR", "dtype_name", "Context", "Task",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -183,6 +183,42 @@ def device_info(device: torch.device | str) -> DeviceInfo:
 
 
 # ---------------------------------------------------------------------------------------------
+# What ``python -m vitkern.bench`` hands every family module
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """The run's settings, passed to a family's ``run_task``; ``failures`` collects the vitkern
+    providers that failed their correctness check (or raised), ``log`` prints above the bar."""
+
+    device: torch.device
+    dev: "DeviceInfo"
+    modes: tuple[str, ...] = ("fwd",)
+    quick: bool = False
+    strict: bool = False
+    backends: tuple[str, ...] | None = None
+    batch: int | None = None
+    seed: int = 0
+    flex: bool = True                   # FlexAttention baselines (CUDA; compile once per shape)
+    compile_baselines: bool = False     # torch.compile'd baselines where a family has them
+    log: Callable[[str], None] = print
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark task of a family: a shape ``case`` (from ``bench/shapes.py``), a dtype and a
+    comparison group."""
+
+    family: str
+    case: Any
+    dtype: torch.dtype
+    group: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}/{self.case.name}/{self.group}/{dtype_name(self.dtype)}"
+
+
 # Timing
 # ---------------------------------------------------------------------------------------------
 @dataclass

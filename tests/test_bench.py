@@ -378,9 +378,9 @@ def test_wrong_provider_fails_loudly(monkeypatch):
 
     fake = types.SimpleNamespace(hilo_attention=bad_hilo, hifi_attention=None, lofi_attention=None)
     monkeypatch.setattr(bench_hilo, "_vitkern_ops", lambda: (fake, ""))
-    ctx = bench_hilo.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"), quick=True,
-                             batch=1, log=lambda s: None)
-    task = bench_hilo.Task(get_case("t_small_even"), torch.float32, "hilo")
+    ctx = harness.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"), quick=True,
+                          batch=1, log=lambda s: None)
+    task = harness.Task("hilo", get_case("t_small_even"), torch.float32, "hilo")
     recs = bench_hilo.run_task(task, ctx)
     vk = [r for r in recs if r["kind"] == "vitkern"]
     assert vk and all(r["status"] == "wrong" for r in vk) and ctx.failures
@@ -400,14 +400,18 @@ def test_cli_quick_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vitkern.bench", "--quick", "--out", str(tmp_path), "--no-progress"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from vitkern.bench.__main__ import FAMILIES
+
     jsons = list(tmp_path.glob("*-quick.json"))
-    pngs = list(tmp_path.glob("*-quick-hilo.png"))
-    assert len(jsons) == 1 and len(pngs) == 1, (list(tmp_path.iterdir()), r.stdout[-2000:])
+    pngs = {p.name.rsplit("-quick-", 1)[1][:-len(".png")]: p for p in tmp_path.glob("*-quick-*.png")}
+    assert len(jsons) == 1 and set(pngs) == set(FAMILIES), (list(tmp_path.iterdir()), r.stdout[-2000:])
     text = jsons[0].read_text()
     assert str(tmp_path) not in text and str(REPO) not in text   # no absolute paths of this machine
     doc = json.loads(text)
     assert doc["meta"]["quick"] is True and doc["meta"]["device"]["kind"] in ("cpu", "cuda")
-    res = doc["results"]
+    assert doc["meta"]["failures"] == []
+    assert {r["family"] for r in doc["results"]} == set(FAMILIES)   # the main job runs every family
+    res = [r for r in doc["results"] if r["family"] == "hilo"]
     cases = {r["case"] for r in res}
     assert cases == set(HILO_QUICK_CASES)
     base = [r for r in res if r["provider"] in ("litv2", "litv2_module") and r["status"] == "ok"]
@@ -419,7 +423,7 @@ def test_cli_quick_end_to_end(tmp_path):
         assert {r["group"] for r in vk} >= {"hilo", "hifi", "lofi", "lofi_pooled"}
     if HAS_NN:
         assert any(r["group"] == "layer" and r["status"] == "ok" for r in vk)
-    assert pngs[0].read_bytes()[:4] == b"\x89PNG"
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs.values())
 
 
 # ------------------------------------------------------------------------------------------------

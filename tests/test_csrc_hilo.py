@@ -568,9 +568,9 @@ def test_bench_cuda_provider_end_to_end_on_cpu(host_ext, monkeypatch, group):
 
     monkeypatch.setattr(H, "_cuda_reason", lambda q, s, n_lo, kv_pooled, needs_grad: H._cuda_shape_reason(
         q.dtype, q.shape[-1], s, q.shape[1] - n_lo, n_lo, kv_pooled, needs_grad))
-    ctx = bench_hilo.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"), quick=True,
-                             batch=1, log=lambda s: None, backends=("cuda",), modes=("fwd", "fwd+bwd"))
-    task = bench_hilo.Task(get_case("t_small_even"), torch.float32, group)
+    ctx = harness.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"), quick=True,
+                          batch=1, log=lambda s: None, backends=("cuda",), modes=("fwd", "fwd+bwd"))
+    task = harness.Task("hilo", get_case("t_small_even"), torch.float32, group)
     recs = {(r["provider"], r["mode"]): r for r in bench_hilo.run_task(task, ctx)}
     assert not ctx.failures, ctx.failures
     fwd, bwd = recs[("vitkern[cuda]", "fwd")], recs[("vitkern[cuda]", "fwd+bwd")]

@@ -608,8 +608,8 @@ def test_bench_linear_smoke_and_correctness_gate(monkeypatch):
     cases = [LinearCase("t_xca", "xca", 13, 2, 16),
              LinearCase("t_l2", "linear", 13, 2, 16, "l2vit"),
              LinearCase("t_soft", "soft", 13, 2, 16, landmarks=5)]
-    ctx = bl.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"),
-                     modes=("fwd", "fwd+bwd"), quick=True, log=lambda s: None)
+    ctx = harness.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"),
+                          modes=("fwd", "fwd+bwd"), quick=True, log=lambda s: None)
     recs = [r for t in bl.plan(cases, [torch.float32]) for r in bl.run_task(t, ctx)]
     assert not ctx.failures
     ours = [r for r in recs if r["kind"] == "vitkern"]
@@ -619,13 +619,13 @@ def test_bench_linear_smoke_and_correctness_gate(monkeypatch):
     # a wrong vitkern result is caught before timing and fails the run
     real = L.xca_attention
     monkeypatch.setattr(L, "xca_attention", lambda *a, **k: real(*a, **k) * 1.01)
-    recs = bl.run_task(bl.Task(cases[0], torch.float32, "xca"), ctx)
+    recs = bl.run_task(harness.Task("linear", cases[0], torch.float32, "xca"), ctx)
     assert ctx.failures and "WRONG" in ctx.failures[0]
     assert [r["status"] for r in recs if r["kind"] == "vitkern"] == ["wrong", "wrong"]
     real_soft = L.soft_attention
     monkeypatch.setattr(L, "soft_attention", lambda *a, **k: real_soft(*a, **k) * 1.01)
     ctx.failures.clear()
-    recs = bl.run_task(bl.Task(cases[2], torch.float32, "soft"), ctx)
+    recs = bl.run_task(harness.Task("linear", cases[2], torch.float32, "soft"), ctx)
     assert ctx.failures and "WRONG" in ctx.failures[0]
 
 

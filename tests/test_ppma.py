@@ -415,9 +415,9 @@ def test_bench_module_smoke():
                                                       "ppma_tsb_s4"}
     case = PPMACase("t_tiny", 3, 5, 2, 16)
     device = torch.device("cpu")
-    ctx = bench_ppma.Context(device=device, dev=harness.device_info(device),
-                             modes=("fwd", "fwd+bwd"), quick=True, backends=("reference", "triton"),
-                             batch=1, log=lambda msg: None)
+    ctx = harness.Context(device=device, dev=harness.device_info(device),
+                          modes=("fwd", "fwd+bwd"), quick=True, backends=("reference", "triton"),
+                          batch=1, log=lambda msg: None)
     tasks = bench_ppma.plan([case], [torch.float32])
     assert [t.group for t in tasks] == ["full", "criss_cross"]
     records = [r for t in tasks for r in bench_ppma.run_task(t, ctx)]
@@ -438,7 +438,7 @@ def test_bench_module_smoke():
     # a map too wide for the triton backward: forward timed, forward+backward skipped with why
     wide = PPMACase("t_wide", 1, 40, 1, 16)
     ctx.backends = ("triton",)
-    records = bench_ppma.run_task(bench_ppma.Task(wide, torch.float32, "full"), ctx)
+    records = bench_ppma.run_task(harness.Task("ppma", wide, torch.float32, "full"), ctx)
     assert ctx.failures == [], ctx.failures
     mine = {r["mode"]: r for r in records if r["kind"] == "vitkern"}
     assert mine["fwd"]["status"] == "ok" and mine["fwd+bwd"]["status"] == "skipped"

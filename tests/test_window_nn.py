@@ -327,8 +327,8 @@ def test_patched_swinv2_tiny_matches_timm():
 def test_bench_window_smoke():
     from vitkern.bench import bench_window as bw, harness
 
-    ctx = bw.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"),
-                     modes=("fwd", "fwd+bwd"), quick=True, strict=True)
+    ctx = harness.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"),
+                          modes=("fwd", "fwd+bwd"), quick=True, strict=True)
     cases = bw.cases_for("t_win_pad", True)
     tasks = bw.plan(cases, [torch.float32], ("attn", "block_attn", "sparse50"))
     assert [t.group for t in tasks] == ["attn", "block_attn", "sparse50"]
