@@ -357,6 +357,47 @@ def _split_signature(case: AotCase) -> tuple:
     return types, aligned
 
 
+def launch_signature(fn, pointers: dict, *, plain=(), zero=(), unit=None,
+                     floats=("scale", "qk_scale_log2", "eps", "mask2")) -> tuple[dict, dict]:
+    """``(signature, constexprs)`` of a typical launch of ``fn`` under vitkern's naming convention,
+    for an :class:`AotCase`: tensors viewed out of a packed projection.
+
+    - ``tl.constexpr`` parameters are left out (the case gives them);
+    - pointers are typed by ``pointers`` (name -> ``"*fp16"``, ``"*fp32"``, ``"*i64"``, ...);
+    - strides are named ``s<tensor><axis>``: channel strides (``unit(name)``, by default a name
+      ending in ``d``) are 1, which the JIT turns into a constant; names in ``zero`` are 0 (a
+      broadcast axis, also a JIT constant); names in ``plain`` are plain ``i32`` (e.g. strides of
+      a small table); every other stride, and ``HEAD_DIM``, is a multiple of 16 (``"i32:16"``);
+    - names in ``floats`` are fp32 scalars; every other argument a plain ``i32``.
+    """
+    raw = fn
+    while hasattr(raw, "fn"):  # Launcher / Autotuner / JITFunction / InterpretedFunction
+        raw = raw.fn
+    unit = unit or (lambda name: name.endswith("d"))
+    sig, const = {}, {}
+    for name, param in inspect.signature(raw).parameters.items():
+        if "constexpr" in str(param.annotation):
+            continue
+        if name in pointers:
+            sig[name] = pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        elif name in plain:
+            sig[name] = "i32"
+        elif name in zero:
+            const[name] = 0
+        elif name == "HEAD_DIM":
+            sig[name] = "i32:16"
+        elif name.startswith("s") and len(name) > 2:
+            if unit(name):
+                const[name] = 1
+            else:
+                sig[name] = "i32:16"
+        else:
+            sig[name] = "i32"
+    return sig, const
+
+
 def _ptx_entry_name(ptx: str) -> str | None:
     m = re.search(r"\.entry\s+(\w+)\s*\(", ptx)
     return m.group(1) if m else None

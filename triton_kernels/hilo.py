@@ -502,31 +502,16 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
 # --------------------------------------------------------------------------------------------
 
 _POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV")
-_CONSTEXPRS = ("WINDOW", "POOL", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_D")
 
 
 def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
-    """Runtime-arg types of a launch on q, k, v viewed out of a packed projection.
+    """Runtime-arg types of a launch on q, k, v viewed out of a packed projection (see
+    :func:`.aot.launch_signature`; LSE and DELTA are fp32 whatever the input dtype)."""
+    pointers = {n: "*fp32" if n in ("LSE", "DELTA") else f"*{ptr_dtype}" for n in _POINTERS}
+    from .aot import launch_signature
 
-    Token / batch / head strides are multiples of 16 there, channel strides are 1 (which the JIT
-    turns into constants), the head dim is a multiple of 16 (d = 32, 64, 80, 96, 128, ...: what
-    lets loads vectorise under its mask), other sizes plain i32, scales fp32.
-    """
-    sig, const = {}, {}
-    for name in fn.arg_names:
-        if name in _CONSTEXPRS:
-            continue
-        if name in _POINTERS:  # LSE and DELTA are fp32 whatever the input dtype
-            sig[name] = "*fp32" if name in ("LSE", "DELTA") else f"*{ptr_dtype}"
-        elif name.startswith("s") and name.endswith("d") and name != "scale":
-            const[name] = 1
-        elif (name.startswith("s") and name != "scale") or name == "HEAD_DIM":
-            sig[name] = "i32:16"
-        elif name in ("scale", "qk_scale_log2"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, const
+    return launch_signature(fn, pointers)
+
 
 
 def aot_cases():

@@ -1014,38 +1014,20 @@ def soft_backward(do, q, landmarks, v, ainv, state, dq, dv):
 # ahead-of-time compile cases (tests/test_aot_compile.py compiles each for sm_80 and sm_90)
 # --------------------------------------------------------------------------------------------
 
-_CONSTEXPRS = ("FEAT", "HAS_MASK", "COLSUM", "SQ", "IEEE", "CLAMP", "HAS_TEMP", "BLOCK_M",
-               "BLOCK_D", "BLOCK_E", "BLOCK", "DV_PASS", "BLOCK_I", "BLOCK_L",
-               "DO_Q", "DO_L", "FMA")
 _FP32_PTRS = ("P", "ST", "TEMP", "G", "GN", "NORMS", "A", "DG", "CQ", "CK", "CKP", "DTP",
               "OUT", "W2", "DW")
 
 
 def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
-    """Runtime-arg types of a launch on q, k, v viewed out of a packed projection: token /
-    batch / head strides multiples of 16, channel strides 1 (JIT constants), sizes i32, floats
-    fp32; state / partial pointers fp32, the padding mask uint8."""
-    sig, const = {}, {}
-    for name in fn.arg_names:
-        if name in _CONSTEXPRS:
-            continue
-        if name == "MASK":
-            sig[name] = "*u8"
-        elif name in _FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "Y", "L"):
-            sig[name] = f"*{ptr_dtype}"
-        elif name.startswith("s") and name.endswith("d") and len(name) > 2:
-            const[name] = 1
-        elif name in ("smb", "smn"):
-            sig[name] = "i32"
-        elif name.startswith("s") and len(name) > 2 and name != "scale":
-            sig[name] = "i32:16"
-        elif name in ("scale", "eps"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, const
+    """Runtime-arg types of a launch on q, k, v viewed out of a packed projection (see
+    :func:`.aot.launch_signature`); state / partial pointers fp32, the padding mask uint8, the
+    mask's strides plain ints."""
+    pointers = {n: f"*{ptr_dtype}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "Y", "L")}
+    pointers.update({n: "*fp32" for n in _FP32_PTRS}, MASK="*u8")
+    from .aot import launch_signature
+
+    return launch_signature(fn, pointers, plain=("smb", "smn"))
+
 
 
 def aot_cases():

@@ -882,32 +882,17 @@ _POINTERS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "DX", "Y", "X1", "
              "OUT1", "OUT2")
 _F32_POINTERS = ("O1", "LSE", "DELTA", "GPQ", "GQQ", "GPK", "GQK", "OUT_T", "ACC_Q", "ACC_K",
                  "ACC_V", "GZ")
-_CONSTEXPRS = ("WP", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_T", "BACKWARD",
-               "BLOCK_L", "ROW", "HAS_X2", "HAS_ADD", "WRITE_T", "GRADS", "ACCUM")
 
 
 def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
-    """Runtime-arg types of a launch on q, k, v viewed out of packed projections (channel
-    strides 1, other strides and the head dim multiples of 16, sizes i32, scales fp32)."""
-    sig, const = {}, {}
-    for name in fn.arg_names:
-        if name in _CONSTEXPRS:
-            continue
-        if name in _F32_POINTERS:
-            sig[name] = "*fp32"
-        elif name == "PQ":
-            sig[name] = "*i64"
-        elif name in _POINTERS:
-            sig[name] = f"*{ptr_dtype}"
-        elif name.startswith("s") and name.endswith("d") and name != "scale":
-            const[name] = 1
-        elif (name.startswith("s") and name != "scale") or name == "HEAD_DIM":
-            sig[name] = "i32:16"
-        elif name in ("scale", "qk_scale_log2"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, const
+    """Runtime-arg types of a launch on q, k, v viewed out of packed projections (see
+    :func:`.aot.launch_signature`); the packed prefix-sum table is i64."""
+    pointers = {n: f"*{ptr_dtype}" for n in _POINTERS}
+    pointers.update({n: "*fp32" for n in _F32_POINTERS}, PQ="*i64")
+    from .aot import launch_signature
+
+    return launch_signature(fn, pointers)
+
 
 
 def aot_cases():

@@ -601,35 +601,19 @@ def fold_to_table(dense: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
 
 _POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV", "DB", "BIAS", "AW")
 _FP32_POINTERS = ("LSE", "DELTA", "DB", "BIAS")
-_CONSTEXPRS = ("WH", "WW", "HAS_BIAS", "HAS_ACTIVE", "IEEE", "D_CHUNK", "BLOCK_M", "BLOCK_N",
-               "BLOCK_D")
 _PLAIN_INTS = ("sbh", "boff", "b0", "b1", "b2", "b3", "saw")
 
 
 def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
-    """Runtime-arg types of a launch on q, k, v viewed out of a packed projection (see HiLo's):
-    16-multiple token / batch / head strides, unit channel strides (constants), head dim a
-    multiple of 16, a contiguous fp32 table (its strides plain ints), geometry plain i32."""
-    sig, const = {}, {}
-    for name in fn.arg_names:
-        if name in _CONSTEXPRS:
-            continue
-        if name in _POINTERS:
-            sig[name] = ("*i32" if name == "AW" else "*fp32" if name in _FP32_POINTERS
-                         else f"*{ptr_dtype}")
-        elif name in _PLAIN_INTS:
-            sig[name] = "i32"
-        elif name.startswith("s") and name.endswith("d") and name != "scale":
-            const[name] = 1
-        elif name.startswith("s") and name != "scale":
-            sig[name] = "i32:16"
-        elif name == "HEAD_DIM":
-            sig[name] = "i32:16"
-        elif name in ("scale", "qk_scale_log2", "mask2"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, const
+    """Runtime-arg types of a launch on q, k, v viewed out of a packed projection (see
+    :func:`.aot.launch_signature`): a contiguous fp32 table (its strides plain ints), the active
+    window list i32, geometry plain i32."""
+    pointers = {n: "*i32" if n == "AW" else "*fp32" if n in _FP32_POINTERS else f"*{ptr_dtype}"
+                for n in _POINTERS}
+    from .aot import launch_signature
+
+    return launch_signature(fn, pointers, plain=_PLAIN_INTS)
+
 
 
 def aot_cases(all_active: bool = False):
