@@ -25,7 +25,8 @@ from . import harness
 
 # op families: name -> module (each exposes available(), GROUPS, plan(), run_task(), cases_for())
 FAMILIES = {"hilo": "vitkern.bench.bench_hilo", "linear": "vitkern.bench.bench_linear",
-            "ppma": "vitkern.bench.bench_ppma", "window": "vitkern.bench.bench_window"}
+            "ppma": "vitkern.bench.bench_ppma", "window": "vitkern.bench.bench_window",
+            "token": "vitkern.bench.bench_token"}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,7 +41,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--groups", default=None,
                    help="comma list of comparison groups (hilo: hilo,hifi,lofi,lofi_pooled,layer; "
                         "linear: xca,linear,soft; ppma: full,criss_cross; "
-                        "window: attn,block_attn,sparse30,sparse50,sparse70)")
+                        "window: attn,block_attn,sparse30,sparse50,sparse70; token: kept,cls,model)")
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backward", dest="backward", action="store_true", default=None,
                    help="also time forward+backward (default on CUDA)")

@@ -390,3 +390,82 @@ def ppma_cases(select: str | None = None, *, quick: bool = False) -> list[PPMACa
     if not out:
         raise KeyError(f"no PPMA case matches {select!r}; known: {sorted(by_name)}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Token dropping (EViT / ToMe / TinyDrop): token_attention at ViT-S/B/L token counts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenCase:
+    """One token-attention layer: N tokens (CLS included), ``heads`` × ``head_dim``, and the
+    fraction of image tokens kept (EViT: K = 1 + ceil(keep · (N - 1)))."""
+
+    name: str
+    N: int
+    heads: int
+    head_dim: int
+    keep: float
+    batch: int = 64          # GPU batch
+    cpu_batch: int = 1
+    note: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def K(self) -> int:
+        return 1 + math.ceil(self.keep * (self.N - 1))
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+    def describe(self) -> str:
+        return f"N{self.N} K{self.K} h{self.heads} d{self.head_dim}"
+
+
+def _token_family(model: str, N: int, heads: int, note: str) -> tuple[TokenCase, ...]:
+    return tuple(TokenCase(f"{model}_n{N}_k{int(keep * 100)}", N, heads, 64, keep, tags=(model,),
+                           note=note) for keep in (0.9, 0.7, 0.5))
+
+
+TOKEN_CASES = (
+    _token_family("vits", 197, 6, "ViT-S/16 @224 (DeiT-S, EViT's model)")
+    + _token_family("vitb", 577, 12, "ViT-B/16 @384")
+    + _token_family("vitl", 1025, 16, "ViT-L/16 @512 (ViT-L/14 @448: 1025 tokens)")
+)
+TOKEN_QUICK_CASES = ("vits_n197_k70", "vitb_n577_k50")
+
+
+@dataclass(frozen=True)
+class TokenModelCase:
+    """A whole timm ViT (random weights: timing only) with EViT dropping at ``keep``."""
+
+    name: str
+    model: str
+    keep: float
+    batch: int = 64
+    cpu_batch: int = 2
+    img_size: int = 224
+
+
+TOKEN_MODEL_CASES = (TokenModelCase("vitb16_224_evit70", "vit_base_patch16_224", 0.7),)
+# CPU smoke runs: ViT-Ti at 64x64 (17 tokens)
+TOKEN_MODEL_QUICK_CPU = TokenModelCase("vitti16_64_evit70", "vit_tiny_patch16_224", 0.7,
+                                       cpu_batch=1, img_size=64)
+
+
+def token_cases(select: str | None = None, *, quick: bool = False) -> list[TokenCase]:
+    """Token-attention benchmark cases, optionally filtered by names / substrings / tags."""
+    by_name = {c.name: c for c in TOKEN_CASES}
+    if not select:
+        return [by_name[n] for n in TOKEN_QUICK_CASES] if quick else list(TOKEN_CASES)
+    keys = [k.strip() for k in select.split(",") if k.strip()]
+    out = [c for c in TOKEN_CASES if any(k == c.name or k in c.name or k in c.tags for k in keys)]
+    if not out:
+        raise KeyError(f"no token case matches {select!r}; known: {sorted(by_name)}")
+    return out
+
+
+__all__ += ["TokenCase", "TOKEN_CASES", "TOKEN_QUICK_CASES", "TokenModelCase", "TOKEN_MODEL_CASES",
+            "token_cases"]

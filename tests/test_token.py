@@ -11,7 +11,8 @@ from vitkern.reference import token as R
 
 # (B, heads, N, d, keep, bias, importance); keep: None (all tokens), an int K (random distinct
 # tokens, CLS first) or "perm" (K = N, shuffled); bias: None, "batch" (B, N), "head" (B, h, N),
-# "neginf" (per head, with -inf keys and one head whose keys are all -inf).
+# "neginf" (per head, with -inf keys and one head whose keys are all -inf); importance: True
+# ("cls"), False (None) or "colsum".
 CASES = [
     (1, 2, 1, 16, None, None, True),          # N = 1
     (1, 3, 197, 64, 138, "batch", True),      # EViT DeiT-S block 4: 197 -> 1 + 137
@@ -21,12 +22,19 @@ CASES = [
     (2, 2, 64, 32, None, "head", False),      # per-head bias (ToMe-like), all tokens
     (1, 2, 130, 16, None, None, False),       # plain attention over more than one tile
     (1, 1, 71, 24, 33, "batch", False),       # odd sizes, d = 24
+    (2, 2, 45, 32, 29, "neginf", "colsum"),   # GTP-ViT column sums (no gradient)
+    (1, 3, 90, 16, None, "head", "colsum"),   # column sums over more than one key tile
 ]
 
 
 def _ids(case):
     B, h, N, d, keep, bias, imp = case
-    return f"B{B}-h{h}-N{N}-d{d}-keep{keep}-bias{bias}-imp{int(imp)}"
+    return f"B{B}-h{h}-N{N}-d{d}-keep{keep}-bias{bias}-imp{_mode(imp)}"
+
+
+def _mode(imp):
+    """CASES importance field -> the return_importance argument."""
+    return {True: "cls", False: None}.get(imp, imp)
 
 
 def _inputs(case, dtype, device, seed=0):
@@ -62,7 +70,7 @@ def _inputs(case, dtype, device, seed=0):
 def naive_token_attention(q, k, v, keep_idx, key_bias, scale):
     """The spec, per batch item: select kept rows, explicit max-shifted softmax (fp64)."""
     B, h, N, d = q.shape
-    out, imp = [], []
+    out, imp, col = [], [], []
     for b in range(B):
         sel = torch.arange(N) if keep_idx is None else keep_idx[b].cpu()
         qb, kb, vb = (t[b].index_select(1, sel) for t in (q, k, v))
@@ -77,16 +85,20 @@ def naive_token_attention(q, k, v, keep_idx, key_bias, scale):
         p = torch.where(den > 0, e / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
         out.append(p @ vb)
         imp.append(p[:, 0, :].mean(0))
-    return torch.stack(out), torch.stack(imp)
+        col.append(p.sum(1).mean(0))  # sum over queries i of P[h, i, j], mean over heads
+    return torch.stack(out), torch.stack(imp), torch.stack(col)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_reference_matches_naive_spec(case):
     (q, k, v), bias, idx = _inputs(case, torch.float64, "cpu")
     o, imp = R.token_attention(q, k, v, keep_idx=idx, key_bias=bias, return_importance="cls")
-    eo, eimp = naive_token_attention(q, k, v, idx, bias, case[3] ** -0.5)
+    eo, eimp, ecol = naive_token_attention(q, k, v, idx, bias, case[3] ** -0.5)
     torch.testing.assert_close(o, eo, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(imp, eimp, rtol=1e-12, atol=1e-12)
+    _, col = R.token_attention(q, k, v, keep_idx=idx, key_bias=bias, return_importance="colsum")
+    torch.testing.assert_close(col, ecol, rtol=1e-12, atol=1e-12)
+    assert not col.requires_grad  # documented: the column sums carry no gradient
     if case[5] == "neginf":  # the all--inf head outputs exact zeros, importance 0 there
         assert (o[0, 1] == 0).all()
     assert not torch.isnan(o).any()
@@ -125,10 +137,11 @@ def test_reference_all_neginf_rows_have_zero_grads():
 def _check_against_reference(case, device, dtype, *, grad_out=True, grad_imp=True):
     """Kernel outputs and grads vs the fp64 reference, bounded by PyTorch's own low-precision
     error; the loss weighs o and the importance so that both gradients paths matter."""
-    want_imp = case[6]
+    mode = _mode(case[6])
+    want_imp = mode is not None
     (q, k, v), bias, idx = _inputs(case, dtype, device)
     leaves = [q, k, v] + ([bias] if bias is not None else [])
-    kw = dict(keep_idx=idx, return_importance="cls" if want_imp else None)
+    kw = dict(keep_idx=idx, return_importance=mode)
 
     def run(fn, ins, **extra):
         b = ins[3] if bias is not None else None
@@ -155,7 +168,11 @@ def _check_against_reference(case, device, dtype, *, grad_out=True, grad_imp=Tru
     g = torch.Generator().manual_seed(1)
     go = torch.randn(ref_o.shape, generator=g, dtype=torch.float64) * float(grad_out)
     gi = (torch.randn(ref_imp.shape, generator=g, dtype=torch.float64) * 10.0 * float(grad_imp)
-          if want_imp else None)
+          if mode == "cls" else None)
+    if mode == "colsum":
+        assert not imp.requires_grad and not ref_imp.requires_grad
+        imp = ref_imp = None
+        lowp = (lowp[0], None) if lowp is not None else None
 
     def loss(o, i):
         total = (o * go.to(o.device, o.dtype)).sum()
@@ -275,7 +292,11 @@ _IDX = torch.tensor([[0, 3, 5], [1, 2, 7]])
     (dict(key_bias=torch.ones(2, 16, dtype=torch.int64)), TypeError,
      "key_bias must be a floating-point"),
     (dict(key_bias="log-size"), TypeError, "key_bias must be a torch.Tensor"),
-    (dict(return_importance="colsum"), ValueError, "return_importance must be None or 'cls'"),
+    (dict(return_importance="rollout"), ValueError,
+     "return_importance must be None, 'cls' or 'colsum'"),
+    (dict(max_seqlen=4), ValueError, "max_seqlen is only used with cu_seqlens"),
+    (dict(cu_seqlens=torch.tensor([0, 16], dtype=torch.int32)), ValueError,
+     r"with cu_seqlens, q must be packed 3-D \(T, heads, head_dim\)"),
     (dict(scale="big"), TypeError, "scale must be a float"),
     (dict(backend="cudnn"), ValueError, "unknown backend"),
     (dict(k=torch.empty(2, 2, 16, 8, device="meta")), ValueError, "must be on one device"),
@@ -326,7 +347,7 @@ def test_opcheck():
     device = "cuda" if HAS_CUDA else "cpu"
     (q, k, v), bias, idx = _inputs((2, 2, 19, 16, 7, "batch", True), torch.float32, device)
     torch.library.opcheck(torch.ops.vitkern.token_fwd.default,
-                          (q, k, v, idx, bias, 0.25, True))
+                          (q, k, v, idx, bias, None, 0.25, "cls", 0))
 
 
 def test_torch_compile_fullgraph_no_recompile():
@@ -350,3 +371,294 @@ def test_torch_compile_fullgraph_no_recompile():
             out.backward()
             torch.testing.assert_close(out, fn(q, k, v, idx, bias), rtol=1e-5, atol=1e-5)
             assert bias.grad is not None and q.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# ragged batches (cu_seqlens, packed (T, heads, d) tokens)
+# --------------------------------------------------------------------------------------------
+
+# (heads, d, sequence lengths, T (tokens in the packed map; None = sum of lengths, no keep_idx),
+#  bias: None, "tok" (T,), "head" (T, h) with -inf keys and one sequence's head fully -inf,
+#  importance)
+VARLEN_CASES = [
+    (2, 16, [5, 0, 1, 14], None, "tok", "cls"),         # empty + single-token sequences
+    (3, 32, [0, 7, 1, 0, 40], 80, "head", "cls"),       # keep_idx into 80 packed tokens, -inf
+    (2, 24, [33, 2, 1], 50, "tok", "colsum"),           # column sums per sequence
+    (1, 16, [1], None, None, "cls"),                    # one sequence of one token
+    (2, 16, [70, 65], None, None, None),                # sequences longer than a tile
+    (2, 80, [9, 0, 17], 40, "tok", "cls"),              # d = 80 (ViT-H), kept rows
+]
+
+
+def _vids(case):
+    h, d, lens, T_, bias, imp = case
+    return f"h{h}-d{d}-lens{'_'.join(map(str, lens))}-T{T_}-bias{bias}-imp{imp}"
+
+
+def _varlen_inputs(case, dtype, device, seed=0):
+    """Leaves (h, T, d) for q, k, v (the op sees non-contiguous (T, h, d) transposes), key_bias,
+    keep_idx (R,) or None, cu_seqlens int32."""
+    h, d, lens, T_, bias, _ = case
+    g = torch.Generator().manual_seed(seed)
+    R_ = sum(lens)
+    n_tok = R_ if T_ is None else T_
+    leaves = [torch.randn(h, n_tok, d, generator=g, dtype=torch.float64).to(device, dtype)
+              .requires_grad_() for _ in range(3)]
+    idx = None if T_ is None else torch.randperm(n_tok, generator=g)[:R_].to(device)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32).to(device)
+    key_bias = None
+    if bias == "tok":
+        key_bias = torch.randn(n_tok, generator=g, dtype=torch.float64)
+    elif bias == "head":
+        key_bias = torch.randn(n_tok, h, generator=g, dtype=torch.float64)
+        key_bias[torch.rand(n_tok, h, generator=g) < 0.3] = float("-inf")
+        rows = idx[cu[1]:cu[2]] if idx is not None else torch.arange(int(cu[1]), int(cu[2]))
+        key_bias[rows.cpu(), 1] = float("-inf")  # sequence 1, head 1: every key masked
+    if key_bias is not None:
+        key_bias = key_bias.to(device, dtype).requires_grad_()
+    return leaves, key_bias, idx, cu
+
+
+def naive_varlen(q, k, v, idx, cu, key_bias, scale):
+    """The spec of the packed layout: per sequence, gather its rows into a (1, h, L, d) batch
+    and apply the dense definition (naive_token_attention)."""
+    outs, cls, col = [], [], []
+    bounds = cu.tolist()
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        rows = torch.arange(a, e) if idx is None else idx[a:e].cpu()
+        if not len(rows):
+            continue
+        qs, ks, vs = (t[rows].transpose(0, 1)[None] for t in (q, k, v))
+        kb = None if key_bias is None else (key_bias[rows][None] if key_bias.dim() == 1
+                                            else key_bias[rows].t()[None])
+        o, c, cs = naive_token_attention(qs, ks, vs, None, kb, scale)
+        outs.append(o[0].transpose(0, 1))
+        cls.append(c[0])
+        col.append(cs[0])
+    return torch.cat(outs), torch.cat(cls), torch.cat(col)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_vids)
+def test_reference_varlen_matches_naive_spec(case):
+    leaves, bias, idx, cu = _varlen_inputs(case, torch.float64, "cpu")
+    q, k, v = (t.transpose(0, 1) for t in leaves)
+    eo, ecls, ecol = naive_varlen(q, k, v, idx, cu, bias, case[1] ** -0.5)
+    o, cls = R.token_attention(q, k, v, keep_idx=idx, cu_seqlens=cu, key_bias=bias,
+                               return_importance="cls")
+    _, col = R.token_attention(q, k, v, keep_idx=idx, cu_seqlens=cu, key_bias=bias,
+                               return_importance="colsum")
+    assert o.shape == (sum(case[2]), case[0], case[1]) and cls.shape == (sum(case[2]),)
+    for a, b in ((o, eo), (cls, ecls), (col, ecol)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if case[4] == "head":  # the fully masked (sequence, head) outputs exact zeros
+        assert (o[int(cu[1]):int(cu[2]), 1] == 0).all()
+
+
+def test_reference_varlen_gradcheck():
+    leaves, bias, idx, cu = _varlen_inputs((2, 2, [2, 0, 1, 2], 7, "tok", "cls"), torch.float64,
+                                           "cpu")
+    fn = lambda q, k, v, b: R.token_attention(  # noqa: E731
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), keep_idx=idx, cu_seqlens=cu,
+        key_bias=b, return_importance="cls")
+    # fast mode (random projections of the Jacobian): the per-sequence math is the dense
+    # reference's, which the full gradcheck above covers; this checks the packing around it
+    assert torch.autograd.gradcheck(fn, (*leaves, bias), fast_mode=True)
+
+
+def _check_varlen(case, device, dtype):
+    """Kernel o, importance and every gradient (q, k, v, key_bias, through o and the CLS
+    importance) vs the fp64 reference, bounded by PyTorch's own low-precision error."""
+    mode = case[5]
+    leaves, bias, idx, cu = _varlen_inputs(case, dtype, device)
+    if bias is not None:
+        leaves = leaves + [bias]
+
+    def run(fn, ins, cu_, idx_, **extra):
+        q, k, v = (t.transpose(0, 1) for t in ins[:3])
+        res = fn(q, k, v, keep_idx=idx_, cu_seqlens=cu_, key_bias=ins[3] if len(ins) > 3 else None,
+                 return_importance=mode, **extra)
+        return res if mode else (res, None)
+
+    out, imp = run(T.token_attention, leaves, cu, idx, backend="triton")
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    cpu_args = (cu.cpu(), None if idx is None else idx.cpu())
+    ref_o, ref_imp = run(R.token_attention, ref_in, *cpu_args)
+    lowp_in = [t.detach().cpu().clone().requires_grad_() for t in leaves]
+    lowp = run(R.token_attention, lowp_in, *cpu_args) if dtype != torch.float32 else None
+    assert out.shape == ref_o.shape and out.dtype == dtype
+    assert_close(out.cpu(), ref_o, None if lowp is None else lowp[0], name="out")
+    if mode:
+        assert imp.shape == ref_imp.shape
+        assert_close(imp.cpu(), ref_imp, None if lowp is None else lowp[1], name=mode)
+    if mode == "colsum":
+        assert not imp.requires_grad
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(ref_o.shape, generator=g, dtype=torch.float64)
+    gi = torch.randn(ref_o.shape[0], generator=g, dtype=torch.float64) * 10.0
+
+    def loss(o, i):
+        total = (o * go.to(o.device, o.dtype)).sum()
+        if mode == "cls":
+            total = total + (i * gi.to(i.device, i.dtype)).sum()
+        return total
+
+    grads = torch.autograd.grad(loss(out, imp), leaves)
+    ref_grads = torch.autograd.grad(loss(ref_o, ref_imp), ref_in)
+    lowp_grads = (torch.autograd.grad(loss(*lowp), lowp_in) if lowp is not None
+                  else [None] * len(leaves))
+    for name, gr, rg, lg in zip(["dq", "dk", "dv", "dkey_bias"], grads, ref_grads, lowp_grads):
+        assert gr.shape == rg.shape, name
+        assert_close(gr.cpu(), rg, lg, name=name)
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_DEVICES, **_DEV)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_vids)
+def test_triton_varlen(case, device, dtype):
+    _skip_if_refused(torch.empty(1, 1, 1, case[1], dtype=dtype, device=device))
+    _check_varlen(case, device, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", KERNEL_DEVICES[:1], **_DEV)
+def test_triton_varlen_ragged_drop_from_dense_projection(device, dtype):
+    """TinyDrop-style: images keep different token counts of one dense (B, N) qkv projection;
+    q, k, v are (B·N, h, d) strided views of it (no copies), indices b·N + j."""
+    B, N, h, d = 3, 21, 2, 16
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, N, 3 * h * d, generator=g).to(device, dtype)
+    q, k, v = qkv.view(B * N, 3, h, d).unbind(1)
+    assert not q.is_contiguous()
+    keeps = [torch.randperm(N, generator=g)[:n] + b * N for b, n in enumerate((4, 21, 1))]
+    idx = torch.cat(keeps).to(device)
+    cu = torch.tensor([0, 4, 25, 26], dtype=torch.int32, device=device)
+    o, imp = T.token_attention(q, k, v, keep_idx=idx, cu_seqlens=cu, max_seqlen=21,
+                               return_importance="cls", backend="triton")
+    for b, rows in enumerate(keeps):  # each image: dense attention over its kept tokens
+        sel = rows - b * N
+        qd, kd, vd = (t.view(B, N, h, d)[b, sel].transpose(0, 1)[None].double().cpu()
+                      for t in (q, k, v))
+        ro, rimp = R.token_attention(qd, kd, vd, return_importance="cls")
+        a, e = int(cu[b]), int(cu[b + 1])
+        assert_close(o[a:e].cpu(), ro[0].transpose(0, 1), name=f"o[{b}]")
+        assert_close(imp[a:e].cpu(), rimp[0], name=f"importance[{b}]")
+
+
+_CU = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(cu_seqlens=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError,
+     "cu_seqlens must start at 0"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError,
+     "never decrease"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError,
+     r"end at T = q.shape\[0\] = 8"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 4]), keep_idx=torch.tensor([0, 2, 5])), ValueError,
+     r"end at keep_idx.shape\[0\] = 3"),
+    (dict(cu_seqlens=_CU.float()), ValueError, "cu_seqlens must be a 1-D int32"),
+    (dict(cu_seqlens=torch.tensor([0], dtype=torch.int32)), ValueError, "S \\+ 1 >= 2"),
+    (dict(cu_seqlens=[0, 3, 8]), TypeError, "cu_seqlens must be a torch.Tensor"),
+    (dict(max_seqlen=4), ValueError,
+     r"max_seqlen=4 is shorter than the longest sequence in cu_seqlens \(5\)"),
+    (dict(max_seqlen=-1), ValueError, "max_seqlen must be a non-negative int"),
+    (dict(keep_idx=torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])), ValueError,
+     r"keep_idx must have shape \(R,\) with cu_seqlens"),
+    (dict(keep_idx=torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])), ValueError, "duplicate indices"),
+    (dict(keep_idx=torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])), ValueError, "out-of-range"),
+    (dict(key_bias=_t(8, 3)), ValueError, r"key_bias must have shape \(T,\)=\(8,\) or "
+                                          r"\(T, heads\)=\(8, 2\) with cu_seqlens"),
+    (dict(key_bias=_t(2, 8)), ValueError, "with cu_seqlens"),
+    (dict(q=_t(1, 2, 8, 4)), ValueError, "with cu_seqlens, q must be packed 3-D"),
+    (dict(v=_t(8, 2, 5)), ValueError, "v must have the shape of q"),
+])
+def test_varlen_bad_inputs_raise_clear_errors(kwargs, exc, match):
+    args = dict(q=_t(8, 2, 4), k=_t(8, 2, 4), v=_t(8, 2, 4), cu_seqlens=_CU)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        T.token_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_varlen_all_sequences_empty():
+    q = _t(5, 2, 8)
+    o, imp = T.token_attention(q, q, q, keep_idx=torch.zeros(0, dtype=torch.long),
+                               cu_seqlens=torch.zeros(3, dtype=torch.int32),
+                               return_importance="cls")
+    assert o.shape == (0, 2, 8) and imp.shape == (0,)
+
+
+def test_torch_compile_varlen_fullgraph_no_recompile():
+    """Varlen inside torch.compile: max_seqlen passed as an int, no graph break, no recompile."""
+    import torch._dynamo
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    torch._dynamo.reset()
+
+    def fn(q, k, v, idx, cu, bias):
+        o, imp = T.token_attention(q, k, v, keep_idx=idx, cu_seqlens=cu, max_seqlen=7,
+                                   key_bias=bias, return_importance="cls", backend="triton")
+        return o.sum() + imp.sum()
+
+    compiled = torch.compile(fn, fullgraph=True,
+                             backend="aot_eager" if not HAS_CUDA else "inductor")
+    with torch._dynamo.config.patch(recompile_limit=1, error_on_recompile=True):
+        for seed in range(2):
+            leaves, bias, idx, cu = _varlen_inputs((2, 16, [5, 0, 7], 20, "tok", "cls"),
+                                                   torch.float32, device, seed=seed)
+            q, k, v = (t.transpose(0, 1) for t in leaves)
+            out = compiled(q, k, v, idx, cu, bias)
+            out.backward()
+            torch.testing.assert_close(out, fn(q, k, v, idx, cu, bias), rtol=1e-5, atol=1e-5)
+            assert bias.grad is not None and leaves[0].grad is not None
+    with pytest.raises(Exception, match="pass max_seqlen"):
+        torch.compile(lambda q, cu: T.token_attention(q, q, q, cu_seqlens=cu),
+                      fullgraph=True, backend="aot_eager")(q.detach(), cu)
+
+
+def test_opcheck_varlen():
+    device = "cuda" if HAS_CUDA else "cpu"
+    leaves, bias, idx, cu = _varlen_inputs((2, 16, [3, 0, 1, 5], 12, "tok", "cls"),
+                                           torch.float32, device)
+    q, k, v = (t.detach().transpose(0, 1).requires_grad_() for t in leaves)
+    torch.library.opcheck(torch.ops.vitkern.token_fwd.default,
+                          (q, k, v, idx, bias, cu, 0.25, "cls", 5))
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark module smoke test (tiny shapes, few reps)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Like `python -m vitkern.bench` on a CPU: one torch thread (a shared machine's busy cores
+    make multi-threaded timings crawl)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_token_smoke(one_thread):
+    from vitkern.bench import bench_token, harness
+    from vitkern.bench.shapes import TokenCase, token_cases
+
+    assert len(token_cases()) == 9 and {c.N for c in token_cases()} == {197, 577, 1025}
+    dev = torch.device("cpu")
+    ctx = harness.Context(device=dev, dev=harness.device_info(dev), quick=True,
+                          modes=("fwd", "fwd+bwd"), backends=("auto",), log=lambda m: None)
+    case = TokenCase("tiny", N=17, heads=2, head_dim=16, keep=0.5)
+    tasks = bench_token.plan([case], [torch.float32], ("kept", "cls"))
+    records = [r for t in tasks for r in bench_token.run_task(t, ctx)]
+    assert not ctx.failures, ctx.failures
+    ok = [r for r in records if r["status"] == "ok"]
+    assert {r["group"] for r in ok} == {"kept", "cls"}
+    for r in ok:
+        assert r["ms"] > 0 and r["flops"] > 0 and r["bytes"] > 0 and r["check"]["ok"]
+        if r["kind"] == "vitkern":
+            assert set(r["speedup"]) >= {"gather+sdpa"} or "unfused+probs (EViT)" in r["speedup"]
+    model_case = bench_token.TOKEN_MODEL_CASES[0]
+    model_recs = bench_token.run_task(harness.Task(bench_token.FAMILY, model_case, torch.float32,
+                                                   "model"), ctx)
+    assert not ctx.failures, ctx.failures
+    vk = [r for r in model_recs if r["kind"] == "vitkern"]
+    assert vk and all(r["status"] == "ok" and r["images_per_s"] > 0 for r in vk)
+    assert "timm" in vk[0]["speedup"]

@@ -9,9 +9,15 @@ is ever made. Without it, row i is token i (K = N).
   ``keep_idx``) and added to the logits in-kernel (ToMe's proportional attention: log(size);
   -inf masks a key). A query whose keys are all -inf gets o = 0, lse = -inf and zero gradients
   (the shared softmax core's empty-row rule).
+* Ragged batches (``cu_seqlens``, flash-attn's packed layout): the op passes the packed (T, h, d)
+  tensors as (S, h, T, d) views with batch stride 0, so every kernel runs one program per
+  (sequence, head, tile) exactly as for a dense batch item, with the sequence's first row and
+  length read from ``cu_seqlens``; tiles past the end of a short sequence do no work.
 * CLS importance (EViT): :func:`cls_probs` recomputes row 0 of P per head,
   p0[b, h, j] = exp2(s[0, j] - lse2[0]), from the forward's log-sum-exp: one extra q0·K pass,
   O(K·d) per (batch, head), no N×N matrix. The op averages it over heads.
+* Column-sum importance (GTP-ViT): :func:`colsum`, c[b, h, j] = sum_i P[b, h, i, j], a second
+  QKᵀ pass (one program per key tile, P recomputed from the saved log-sum-exp); no gradient.
 * Backward (FlashAttention-2, shared core): dK/dV (+ dbias) with one program per key tile,
   dQ with one program per query tile, no atomics. The gradient g of the per-head row-0
   probabilities enters as dP[0, j] += g[j]: the host adds sum_j p0_j g_j to delta[0] and the
@@ -49,14 +55,31 @@ from .attention_core import (
 
 
 @triton.jit
-def _tokens(IDX, idx_base, sik, pos, n_keep, HAS_IDX: tl.constexpr):
-    """Kept positions ``pos`` -> (token index in the full map, position < K?)."""
-    valid = pos < n_keep
-    if HAS_IDX:
-        tok = tl.load(IDX + idx_base + pos.to(tl.int64) * sik, mask=valid, other=0)
+def _seq(CU, b, n_rows, VARLEN: tl.constexpr):
+    """(first row, row count) of sequence ``b``: from ``cu_seqlens`` in varlen mode, else
+    (0, K) (every batch item has the same K rows)."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
     else:
-        tok = pos
-    return tok, valid
+        start = tl.program_id(0) * 0  # an int32 tensor even where n_rows is specialised to 1
+        length = n_rows
+    return start, length
+
+
+@triton.jit
+def _tokens(IDX, idx_base, sik, start, pos, length, HAS_IDX: tl.constexpr):
+    """Positions ``pos`` of a sequence -> (output row, token index in the full map, valid).
+
+    The output row is ``start + pos`` (rows of kept tokens, packed in varlen mode); the token is
+    ``keep_idx[row]`` with ``keep_idx``, else the row itself."""
+    valid = pos < length
+    row = start + pos
+    if HAS_IDX:
+        tok = tl.load(IDX + idx_base + row.to(tl.int64) * sik, mask=valid, other=0)
+    else:
+        tok = row
+    return row, tok, valid
 
 
 @triton.jit
@@ -66,23 +89,36 @@ def _bias2(BIAS, bias_base, sbn, tok, valid):
     return b.to(tl.float32) * 1.4426950408889634
 
 
+@triton.jit
+def _loop_end(first, length):
+    """Loop bound over the other side of the tile: the sequence length, or 0 when this program's
+    tile starts past the end of a (short) ragged sequence, so idle programs do no work."""
+    return tl.where(first < length, length, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # kernels
+#
+# Every kernel runs one program per (sequence, head, tile). Dense inputs: a sequence is a batch
+# item, K = keep_idx.shape[1] rows (n_rows). Varlen (cu_seqlens): the caller passes the packed
+# (T, h, d) tensors as (S, h, T, d) views with batch stride 0, sequence b owns the rows
+# cu[b]..cu[b+1]-1 and n_rows is the longest sequence (it only sizes the grid).
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def token_fwd_kernel(
-    Q, K, V, O, LSE, IDX, BIAS,
+    Q, K, V, O, LSE, IDX, BIAS, CU,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     sib, sik, sbb, sbh, sbn,
-    n_heads, slb, slh, n_keep, HEAD_DIM, qk_scale_log2,
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    n_heads, slb, slh, n_rows, HEAD_DIM, qk_scale_log2,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_m = program_coords(n_keep, BLOCK_M)
+    pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    start, length = _seq(CU, b, n_rows, VARLEN)
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -92,17 +128,17 @@ def token_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, valid_m = _tokens(IDX, idx_base, sik, rows, n_keep, HAS_IDX)
+    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
     q_mask = valid_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, n_keep, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        tok_n, valid_n = _tokens(IDX, idx_base, sik, cols, n_keep, HAS_IDX)
+    for start_n in range(0, _loop_end(pid_m * BLOCK_M, length), BLOCK_N):
+        pos_n = start_n + tl.arange(0, BLOCK_N)
+        _, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
         kv_mask = valid_n[:, None] & dmask[None, :]
         k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
         v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
@@ -113,34 +149,41 @@ def token_fwd_kernel(
         m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE)
 
     out, lse2 = softmax_finish(m_i, l_i, acc)
-    tl.store(tile_ptrs(O, rows, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + b * slb + h * slh + rows, lse2, mask=valid_m)
+    tl.store(tile_ptrs(O, row_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + b * slb + h * slh + row_m, lse2, mask=valid_m)
 
 
 @triton.jit
 def token_cls_probs_kernel(
-    Q, K, LSE, IDX, BIAS, P0,
+    Q, K, LSE, IDX, BIAS, CU, P0,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, sib, sik, sbb, sbh, sbn,
-    n_heads, slb, slh, spb, sph, n_keep, HEAD_DIM, qk_scale_log2,
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    n_heads, slb, slh, spb, sph, n_rows, HEAD_DIM, qk_scale_log2,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """p0[b, h, j] = P[b, h, 0, j]: row 0 of the probabilities, from the saved log-sum-exp."""
-    pid_bh, pid_n = program_coords(n_keep, BLOCK_N)
+    """p0[b, h, j] = P[b, h, 0, j]: row 0 of each sequence's probabilities, from the saved
+    log-sum-exp."""
+    pid_bh, pid_n = program_coords(n_rows, BLOCK_N)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    start, length = _seq(CU, b, n_rows, VARLEN)
     idx_base = b * sib
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    Q += b * sqb + h * sqh
-    if HAS_IDX:  # the first kept token
-        Q += tl.load(IDX + idx_base).to(tl.int64) * sqn
+    # An empty sequence stores nothing, but its start may be one past the last row: read row 0
+    # instead (it exists: the op never launches with zero rows).
+    first = tl.where(length > 0, start, 0)
+    if HAS_IDX:  # the first row's token
+        tok0 = tl.load(IDX + idx_base + first.to(tl.int64) * sik)
+    else:
+        tok0 = first
+    Q += b * sqb + h * sqh + tok0.to(tl.int64) * sqn
     q0 = tl.load(Q + offs_d * sqd, mask=dmask, other=0.0).to(tl.float32)
-    lse0 = tl.load(LSE + b * slb + h * slh)
+    lse0 = tl.load(LSE + b * slb + h * slh + first)
     lse0 = tl.where(lse0 == float("-inf"), 0.0, lse0)  # row 0 empty: every p is masked below
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tok_n, valid_n = _tokens(IDX, idx_base, sik, cols, n_keep, HAS_IDX)
+    pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
     k = tl.load(tile_ptrs(K + b * skb + h * skh, tok_n, offs_d, skn, skd),
                 mask=valid_n[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     s = tl.sum(k * q0[None, :], 1) * qk_scale_log2
@@ -150,22 +193,68 @@ def token_cls_probs_kernel(
         s += bias
         ok = ok & (bias > float("-inf"))
     p = tl.where(ok, tl.exp2(s - lse0), 0.0)
-    tl.store(P0 + b * spb + h * sph + cols, p, mask=valid_n)
+    tl.store(P0 + b * spb + h * sph + row_n, p, mask=valid_n)
+
+
+@triton.jit
+def token_colsum_kernel(
+    Q, K, LSE, IDX, BIAS, CU, C,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, sib, sik, sbb, sbh, sbn,
+    n_heads, slb, slh, scb, sch, n_rows, HEAD_DIM, qk_scale_log2,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """c[b, h, j] = sum_i P[b, h, i, j], the attention key j receives (GTP-ViT): a second QKᵀ
+    pass that recomputes P from the forward's log-sum-exp, one program per key tile."""
+    pid_bh, pid_n = program_coords(n_rows, BLOCK_N)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    start, length = _seq(CU, b, n_rows, VARLEN)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    LSE += b * slb + h * slh
+    idx_base = b * sib
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+
+    pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
+    k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=valid_n[:, None] & dmask[None, :],
+                other=0.0)
+    col_ok = valid_n
+    if HAS_BIAS:
+        bias = _bias2(BIAS, b * sbb + h * sbh, sbn, tok_n, valid_n)
+        col_ok = col_ok & (bias > float("-inf"))
+    c = tl.zeros([BLOCK_N], tl.float32)
+    for start_m in range(0, _loop_end(pid_n * BLOCK_N, length), BLOCK_M):
+        pos_m = start_m + tl.arange(0, BLOCK_M)
+        row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
+        q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=valid_m[:, None] & dmask[None, :],
+                    other=0.0)
+        lse2 = tl.load(LSE + row_m, mask=valid_m, other=0.0)
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty rows: every p is masked
+        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
+        if HAS_BIAS:
+            s += bias[None, :]
+        p = tl.where(valid_m[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        c += tl.sum(p, 0)
+    tl.store(C + b * scb + h * sch + row_n, c, mask=valid_n)
 
 
 @triton.jit
 def token_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, IDX, BIAS, G0, DK, DV, DB,
+    Q, K, V, DO, LSE, DELTA, IDX, BIAS, CU, G0, DK, DV, DB,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     sib, sik, sbb, sbh, sbn, sgb, sgh, sdbb, sdbh,
-    n_heads, slb, slh, n_keep, HEAD_DIM, scale, qk_scale_log2,
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_heads, slb, slh, n_rows, HEAD_DIM, scale, qk_scale_log2,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr, VARLEN: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_n = program_coords(n_keep, BLOCK_N)
+    pid_bh, pid_n = program_coords(n_rows, BLOCK_N)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    start, length = _seq(CU, b, n_rows, VARLEN)
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -176,8 +265,8 @@ def token_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tok_n, valid_n = _tokens(IDX, idx_base, sik, cols, n_keep, HAS_IDX)
+    pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
     kv_mask = valid_n[:, None] & dmask[None, :]
     k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
     v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
@@ -186,26 +275,26 @@ def token_bwd_dkdv_kernel(
         bias = _bias2(BIAS, b * sbb + h * sbh, sbn, tok_n, valid_n)
         col_ok = col_ok & (bias > float("-inf"))
     if HAS_G0:
-        g0 = tl.load(G0 + b * sgb + h * sgh + cols, mask=valid_n, other=0.0)
+        g0 = tl.load(G0 + b * sgb + h * sgh + row_n, mask=valid_n, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
-    for start_m in range(0, n_keep, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        tok_m, valid_m = _tokens(IDX, idx_base, sik, rows, n_keep, HAS_IDX)
+    for start_m in range(0, _loop_end(pid_n * BLOCK_N, length), BLOCK_M):
+        pos_m = start_m + tl.arange(0, BLOCK_M)
+        row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
         q_mask = valid_m[:, None] & dmask[None, :]
         q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-        do = tl.load(tile_ptrs(DO, rows, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + rows, mask=valid_m, other=0.0)
-        delta = tl.load(DELTA + rows, mask=valid_m, other=0.0)
+        do = tl.load(tile_ptrs(DO, row_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE + row_m, mask=valid_m, other=0.0)
+        delta = tl.load(DELTA + row_m, mask=valid_m, other=0.0)
         s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
         if HAS_BIAS:
             s += bias[None, :]
         p, ds = softmax_bwd_scores(s, v, do, lse2, delta, valid_m[:, None] & col_ok[None, :],
                                    IEEE)
-        if HAS_G0:  # importance gradient: dP[0, j] += g0[j]
-            ds += tl.where((rows == 0)[:, None], p * g0[None, :], 0.0)
+        if HAS_G0:  # importance gradient: dP[0, j] += g0[j] (row 0 of the sequence)
+            ds += tl.where((pos_m == 0)[:, None], p * g0[None, :], 0.0)
         dv += mma(tl.trans(p).to(do.dtype), do, IEEE)
         dk += mma(tl.trans(ds).to(q.dtype), q, IEEE)
         if HAS_BIAS:
@@ -221,17 +310,18 @@ def token_bwd_dkdv_kernel(
 
 @triton.jit
 def token_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, IDX, BIAS, G0, DQ,
+    Q, K, V, DO, LSE, DELTA, IDX, BIAS, CU, G0, DQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
     sib, sik, sbb, sbh, sbn, sgb, sgh,
-    n_heads, slb, slh, n_keep, HEAD_DIM, scale, qk_scale_log2,
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_heads, slb, slh, n_rows, HEAD_DIM, scale, qk_scale_log2,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr, VARLEN: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_m = program_coords(n_keep, BLOCK_M)
+    pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
+    start, length = _seq(CU, b, n_rows, VARLEN)
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -241,18 +331,18 @@ def token_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, valid_m = _tokens(IDX, idx_base, sik, rows, n_keep, HAS_IDX)
+    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
     q_mask = valid_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-    do = tl.load(tile_ptrs(DO, rows, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=valid_m, other=0.0)
-    delta = tl.load(DELTA + b * slb + h * slh + rows, mask=valid_m, other=0.0)
+    do = tl.load(tile_ptrs(DO, row_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + b * slb + h * slh + row_m, mask=valid_m, other=0.0)
+    delta = tl.load(DELTA + b * slb + h * slh + row_m, mask=valid_m, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, n_keep, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        tok_n, valid_n = _tokens(IDX, idx_base, sik, cols, n_keep, HAS_IDX)
+    for start_n in range(0, _loop_end(pid_m * BLOCK_M, length), BLOCK_N):
+        pos_n = start_n + tl.arange(0, BLOCK_N)
+        row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
         kv_mask = valid_n[:, None] & dmask[None, :]
         k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
         v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
@@ -264,9 +354,9 @@ def token_bwd_dq_kernel(
             col_ok = col_ok & (bias > float("-inf"))
         p, ds = softmax_bwd_scores(s, v, do, lse2, delta, valid_m[:, None] & col_ok[None, :],
                                    IEEE)
-        if HAS_G0:  # importance gradient: dP[0, j] += g0[j]
-            g0 = tl.load(G0 + b * sgb + h * sgh + cols, mask=valid_n, other=0.0)
-            ds += tl.where((rows == 0)[:, None], p * g0[None, :], 0.0)
+        if HAS_G0:  # importance gradient: dP[0, j] += g0[j] (row 0 of the sequence)
+            g0 = tl.load(G0 + b * sgb + h * sgh + row_n, mask=valid_n, other=0.0)
+            ds += tl.where((pos_m == 0)[:, None], p * g0[None, :], 0.0)
         dq += mma(ds.to(k.dtype), k, IEEE)
 
     tl.store(tile_ptrs(DQ + b * sdqb + h * sdqh, tok_m, offs_d, sdqn, sdqd),
@@ -280,7 +370,9 @@ def token_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?): the largest tile of
 # a sweep of candidates, (128, 64, 8, 2) down to (16, 16, 8, 1), that compiles for sm_80 and
 # sm_90 without register spills and within shared memory in *every* specialisation (keep_idx,
-# key_bias, importance gradient each on / off, (B, N) or (B, heads, N) bias: `aot_cases("all")`);
+# key_bias, importance gradient, varlen each on / off, (B, N) or (B, heads, N) bias:
+# `aot_cases("all")`; adding the varlen flag moved four entries: fwd fp32 D=64, dK/dV fp16
+# D=32 / D=64 and fp32 D=64);
 # tests/test_aot_compile.py re-checks the heaviest one of each entry
 # (`python -m vitkern.triton_kernels.aot -k token`). fp32 (tf32x3 dots) needs ~3x the registers
 # of fp16/bf16, hence the small fp32 tiles. Head dims above 128 have no entry: the triton
@@ -295,17 +387,17 @@ CONFIGS = {
         (128, False): [(128, 64, 8, 2)],
         (16, True): [(128, 64, 8, 2)],
         (32, True): [(64, 64, 8, 2)],
-        (64, True): [(64, 32, 8, 1)],
+        (64, True): [(32, 64, 8, 1)],
         (128, True): [(16, 16, 8, 1)],
     },
     "dkdv": {
         (16, False): [(128, 64, 8, 2)],
-        (32, False): [(64, 64, 8, 2)],
-        (64, False): [(64, 32, 4, 2)],
+        (32, False): [(64, 32, 8, 1)],
+        (64, False): [(64, 32, 8, 2)],
         (128, False): [(64, 32, 4, 1)],
-        (16, True): [(32, 32, 4, 2)],
+        (16, True): [(32, 32, 8, 2)],
         (32, True): [(32, 16, 4, 2)],
-        (64, True): [(32, 32, 8, 1)],
+        (64, True): [(32, 16, 8, 1)],
     },
     "dq": {
         (16, False): [(128, 64, 8, 2)],
@@ -313,10 +405,15 @@ CONFIGS = {
         (64, False): [(128, 64, 8, 2)],
         (128, False): [(64, 64, 8, 2)],
         (16, True): [(128, 64, 8, 2)],
-        (32, True): [(64, 32, 8, 2)],
+        (32, True): [(64, 16, 8, 2)],
         (64, True): [(32, 32, 8, 1)],
     },
 }
+# colsum (second QKᵀ pass, "colsum" importance): resident key tile, loop over query tiles; it
+# holds less than the forward (no V, no accumulator) and takes the forward's tiles except where
+# the all-specialisation sweep found a spill (fp16 D=128, fp32 D=16 on sm_80).
+CONFIGS["colsum"] = {**CONFIGS["fwd"], (128, False): [(64, 64, 8, 2)],
+                     (16, True): [(128, 32, 8, 2)]}
 # cls_probs: (BLOCK_N, num_warps) per BLOCK_D (fp32 multiply-reduce, no tl.dot: dtype-agnostic).
 CLS_CONFIGS = {16: (128, 4), 32: (128, 4), 64: (64, 4), 128: (32, 4)}
 
@@ -348,15 +445,21 @@ def _cls_configs_for(*, BLOCK_D, **_):
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1)]
 
 
-_KEY = ["n_keep", "HEAD_DIM"]
+_KEY = ["n_rows", "HEAD_DIM"]
 token_fwd = Launcher(token_fwd_kernel, _configs_for("fwd"), _KEY)
 token_bwd_dkdv = Launcher(token_bwd_dkdv_kernel, _configs_for("dkdv"), _KEY)
 token_bwd_dq = Launcher(token_bwd_dq_kernel, _configs_for("dq"), _KEY)
 token_cls_probs = Launcher(token_cls_probs_kernel, _cls_configs_for, _KEY)
+token_colsum = Launcher(token_colsum_kernel, _configs_for("colsum"), _KEY)
 
 
 # --------------------------------------------------------------------------------------------
 # host entry points (called by vitkern.ops.token on inputs it has validated)
+#
+# Tensors are 4-D (B, h, N, d) / 3-D (B, h, K) / keep_idx (B, K) / key_bias (B, N) or
+# (B, h, N). Varlen: the op passes packed tensors as views with one "batch" per sequence and
+# batch stride 0 (e.g. q (T, h, d) as (S, h, T, d)), ``cu`` int32 (S + 1) and ``n_rows`` = the
+# longest sequence; dense: ``cu`` None and ``n_rows`` = K.
 # --------------------------------------------------------------------------------------------
 
 
@@ -380,57 +483,87 @@ def _bias_args(key_bias, q):
     return key_bias, tuple(key_bias.stride())
 
 
-def forward(q, k, v, keep_idx, key_bias, o, lse, scale: float):
+def _flags(q, keep_idx, key_bias, cu):
+    return dict(HAS_IDX=keep_idx is not None, HAS_BIAS=key_bias is not None,
+                VARLEN=cu is not None, BLOCK_D=block_d(q.shape[-1]))
+
+
+def forward(q, k, v, keep_idx, key_bias, cu, o, lse, scale: float, n_rows: int):
     """o (B, h, K, d) and base-2 log-sum-exp lse (B, h, K, fp32, unit K stride)."""
     b, h, _, d = q.shape
-    n_keep = o.shape[2]
     idx, idx_s = _idx_args(keep_idx, q)
     bias, bias_s = _bias_args(key_bias, q)
-    token_fwd(_grid(b * h, n_keep, "BLOCK_M"),
-              q, k, v, o, lse, idx, bias, *strides4(q), *strides4(k), *strides4(v),
-              *strides4(o), *idx_s, *bias_s, h, *lse.stride()[:2], n_keep, d,
-              qk_scale_log2(scale), HAS_IDX=keep_idx is not None,
-              HAS_BIAS=key_bias is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+    token_fwd(_grid(b * h, n_rows, "BLOCK_M"),
+              q, k, v, o, lse, idx, bias, q if cu is None else cu, *strides4(q), *strides4(k),
+              *strides4(v), *strides4(o), *idx_s, *bias_s, h, *lse.stride()[:2], n_rows, d,
+              qk_scale_log2(scale), IEEE=q.dtype == torch.float32,
+              **_flags(q, keep_idx, key_bias, cu))
 
 
-def cls_probs(q, k, keep_idx, key_bias, lse, p0, scale: float):
+def cls_probs(q, k, keep_idx, key_bias, cu, lse, p0, scale: float, n_rows: int):
     """p0 (B, h, K) fp32 = row 0 (the first kept query) of the attention probabilities."""
     b, h, _, d = q.shape
-    n_keep = p0.shape[2]
     idx, idx_s = _idx_args(keep_idx, q)
     bias, bias_s = _bias_args(key_bias, q)
-    token_cls_probs(_grid(b * h, n_keep, "BLOCK_N"),
-                    q, k, lse, idx, bias, p0, *strides4(q), *strides4(k), *idx_s, *bias_s,
-                    h, *lse.stride()[:2], *p0.stride()[:2], n_keep, d, qk_scale_log2(scale),
-                    HAS_IDX=keep_idx is not None, HAS_BIAS=key_bias is not None,
-                    BLOCK_D=block_d(d))
+    token_cls_probs(_grid(b * h, n_rows, "BLOCK_N"),
+                    q, k, lse, idx, bias, q if cu is None else cu, p0, *strides4(q),
+                    *strides4(k), *idx_s, *bias_s, h, *lse.stride()[:2], *p0.stride()[:2],
+                    n_rows, d, qk_scale_log2(scale), **_flags(q, keep_idx, key_bias, cu))
 
 
-def backward(do, q, k, v, o, lse, keep_idx, key_bias, p0, g0, dq, dk, dv, db, scale: float):
+def colsum(q, k, keep_idx, key_bias, cu, lse, c, scale: float, n_rows: int):
+    """c (B, h, K) fp32 = column sums of the attention probabilities (a second QKᵀ pass)."""
+    b, h, _, d = q.shape
+    idx, idx_s = _idx_args(keep_idx, q)
+    bias, bias_s = _bias_args(key_bias, q)
+    token_colsum(_grid(b * h, n_rows, "BLOCK_N"),
+                 q, k, lse, idx, bias, q if cu is None else cu, c, *strides4(q), *strides4(k),
+                 *idx_s, *bias_s, h, *lse.stride()[:2], *c.stride()[:2], n_rows, d,
+                 qk_scale_log2(scale), IEEE=q.dtype == torch.float32,
+                 **_flags(q, keep_idx, key_bias, cu))
+
+
+def _add_importance_delta(delta, p0, g0, cu):
+    """dP[0, j] += g0[j] adds sum_j P[0, j] g0[j] to delta of row 0 of every sequence."""
+    if cu is None:
+        delta[:, :, 0] += (p0 * g0).sum(-1)
+        return
+    # varlen: delta, p0, g0 are (S, h, R) views of one (h, R) tensor; row r belongs to sequence
+    # seg[r] whose first row is cu[seg[r]] (no host sync: searchsorted on the device)
+    rows = torch.arange(p0.shape[-1], device=cu.device, dtype=cu.dtype)
+    first = cu[torch.searchsorted(cu[1:], rows, right=True)].long()
+    delta[0].index_add_(1, first, p0[0] * g0[0])
+
+
+def backward(do, q, k, v, o, lse, keep_idx, key_bias, cu, p0, g0, dq, dk, dv, db,
+             scale: float, n_rows: int):
     """Gradients into dq, dk, dv (B, h, N, d) and db (B, h, N) fp32 (per-head key-bias grad).
 
     Only kept tokens are written: with ``keep_idx`` the caller zero-fills dq, dk, dv, db.
     ``g0`` (B, h, K) fp32 is the gradient of ``p0`` (the CLS-row probabilities), or None.
     """
     b, h, _, d = q.shape
-    n_keep = o.shape[2]
-    delta = launch_delta(o, do, lse)
-    if g0 is not None:  # dP[0, j] += g0[j]  =>  delta[0] += sum_j P[0, j] g0[j]
-        delta[:, :, 0] += (p0 * g0).sum(-1)
+    if cu is None:
+        delta = launch_delta(o, do, lse)
+    else:  # one (1, h, R) pass over the packed rows, seen by every sequence
+        delta = launch_delta(o[:1], do[:1], lse[:1]).expand(lse.shape)
+    if g0 is not None:
+        _add_importance_delta(delta, p0, g0, cu)
     idx, idx_s = _idx_args(keep_idx, q)
     bias, bias_s = _bias_args(key_bias, q)
+    cu_t = q if cu is None else cu
     g0_t, g0_s = (q, (0, 0)) if g0 is None else (g0, g0.stride()[:2])
     db_t, db_s = (q, (0, 0)) if db is None else (db, db.stride()[:2])
-    common = (h, *lse.stride()[:2], n_keep, d, float(scale), qk_scale_log2(scale))
-    meta = dict(HAS_IDX=keep_idx is not None, HAS_BIAS=key_bias is not None,
-                HAS_G0=g0 is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+    common = (h, *lse.stride()[:2], n_rows, d, float(scale), qk_scale_log2(scale))
+    meta = dict(HAS_G0=g0 is not None, IEEE=q.dtype == torch.float32,
+                **_flags(q, keep_idx, key_bias, cu))
     qkvdo = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    token_bwd_dkdv(_grid(b * h, n_keep, "BLOCK_N"),
-                   q, k, v, do, lse, delta, idx, bias, g0_t, dk, dv, db_t, *qkvdo,
+    token_bwd_dkdv(_grid(b * h, n_rows, "BLOCK_N"),
+                   q, k, v, do, lse, delta, idx, bias, cu_t, g0_t, dk, dv, db_t, *qkvdo,
                    *strides4(dk), *strides4(dv), *idx_s, *bias_s, *g0_s, *db_s, *common, **meta)
-    token_bwd_dq(_grid(b * h, n_keep, "BLOCK_M"),
-                 q, k, v, do, lse, delta, idx, bias, g0_t, dq, *qkvdo, *strides4(dq), *idx_s,
-                 *bias_s, *g0_s, *common, **meta)
+    token_bwd_dq(_grid(b * h, n_rows, "BLOCK_M"),
+                 q, k, v, do, lse, delta, idx, bias, cu_t, g0_t, dq, *qkvdo, *strides4(dq),
+                 *idx_s, *bias_s, *g0_s, *common, **meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,8 +571,7 @@ def backward(do, q, k, v, o, lse, keep_idx, key_bias, p0, g0, dq, dk, dv, db, sc
 # --------------------------------------------------------------------------------------------
 
 _FLOAT_PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-_FP32_PTRS = ("LSE", "DELTA", "P0", "G0", "DB", "BIAS")
-_CONSTEXPRS = ("HAS_IDX", "HAS_BIAS", "HAS_G0", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+_FP32_PTRS = ("LSE", "DELTA", "P0", "G0", "DB", "BIAS", "C")
 # unit strides a real launch specialises to the constant 1: channel strides of q/k/v/o/grads,
 # keep_idx's K stride, the key-bias token stride
 _UNIT = ("sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd", "sik", "sbn")
@@ -447,44 +579,24 @@ _UNIT = ("sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd", "sik", "sbn
 
 def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
     """Runtime-arg types of a launch on q, k, v viewed out of a packed projection, an int64
-    keep_idx (B, K) with K a multiple of 16 and a fp32 key bias (B, N).
+    keep_idx (B, K) with K a multiple of 16, int32 cu_seqlens and a fp32 key bias (B, N) (see
+    :func:`.aot.launch_signature`): a (B, N) bias launches with head stride 0, a JIT constant."""
+    from .aot import launch_signature
 
-    Unit strides are constants; other strides and the head dim are multiples of 16 (``i32:16``);
-    sizes (K, heads) plain i32; scales fp32. A (B, N) bias launches with head stride 0, which the
-    JIT also turns into a constant.
-    """
-    sig, const = {}, {}
-    for name in fn.arg_names:
-        if name in _CONSTEXPRS:
-            continue
-        if name in _FLOAT_PTRS:
-            sig[name] = f"*{ptr_dtype}"
-        elif name in _FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name == "IDX":
-            sig[name] = "*i64"
-        elif name in _UNIT:
-            const[name] = 1
-        elif name == "sbh":
-            const[name] = 0
-        elif name in ("scale", "qk_scale_log2"):
-            sig[name] = "fp32"
-        elif name.startswith("s") or name == "HEAD_DIM":
-            sig[name] = "i32:16"
-        else:
-            sig[name] = "i32"
-    return sig, const
+    pointers = {n: f"*{ptr_dtype}" for n in _FLOAT_PTRS}
+    pointers.update({n: "*fp32" for n in _FP32_PTRS}, IDX="*i64", CU="*i32")
+    return launch_signature(fn, pointers, unit=_UNIT.__contains__, zero=("sbh",))
 
 
 def aot_cases(variants: str = "heaviest"):
-    """forward, dK/dV, dQ and CLS-probability kernels × head-dim class (16, 32, 64, 128) ×
-    fp16 / fp32 × config: 30 cases, each in its heaviest specialisation (keep_idx, key_bias,
-    importance gradient). bf16 compiles like fp16.
+    """forward, dK/dV, dQ, CLS-probability and column-sum kernels × head-dim class (16, 32, 64,
+    128) × fp16 / fp32 × config: 38 cases, each in its heaviest specialisation (keep_idx,
+    key_bias, importance gradient, varlen). bf16 compiles like fp16.
 
     Register allocation is not monotonic in the features (a config can spill *without* the
     bias), so every CONFIGS entry was also checked in every specialisation:
-    ``aot_cases("all")`` lists them (each HAS_* flag on / off, plus a per-head (B, h, N) bias,
-    264 cases; too many for CI, run them when a table entry changes)::
+    ``aot_cases("all")`` lists them (each HAS_* / VARLEN flag on / off, plus a per-head
+    (B, h, N) bias; too many for CI, run them when a table entry changes)::
 
         from vitkern.triton_kernels import aot, token
         bad = [c.name for c in token.aot_cases("all") for a in aot.ARCHS
@@ -494,9 +606,10 @@ def aot_cases(variants: str = "heaviest"):
 
     cases = []
     kernels = (("fwd", token_fwd), ("dkdv", token_bwd_dkdv), ("dq", token_bwd_dq),
-               ("cls", token_cls_probs))
+               ("cls", token_cls_probs), ("colsum", token_colsum))
     for kname, launcher in kernels:
-        flags = [f for f in ("HAS_IDX", "HAS_BIAS", "HAS_G0") if f in launcher.fn.arg_names]
+        flags = [f for f in ("HAS_IDX", "HAS_BIAS", "HAS_G0", "VARLEN")
+                 if f in launcher.fn.arg_names]
         if variants == "all":
             combos = [dict(zip(flags, bits)) for bits in itertools.product((True, False),
                                                                            repeat=len(flags))]
@@ -517,7 +630,8 @@ def aot_cases(variants: str = "heaviest"):
                         meta = dict(combo, BLOCK_D=bd)
                         if "IEEE" in launcher.fn.arg_names:
                             meta["IEEE"] = dtype == "fp32"
-                        off = "".join(f"-{f[4:].lower()}" for f, on in combo.items() if not on)
+                        off = "".join(f"-{f.replace('HAS_', '').lower()}"
+                                      for f, on in combo.items() if not on)
                         tag = off + ("+headbias" if per_head else "")
                         for cfg in launcher.configs_for(**{"IEEE": dtype == "fp32", **meta}):
                             kw = cfg.kwargs

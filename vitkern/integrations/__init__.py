@@ -1,1 +1,2 @@
-"""Third-party model patching: ``vitkern.integrations.timm.patch_model(model)``."""
+"""Third-party model patching: ``vitkern.integrations.timm.patch_model(model, token_drop=...,
+token_merge=...)``."""

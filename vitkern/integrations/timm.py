@@ -6,12 +6,19 @@ class vitkern supports for the matching ``vitkern.nn`` module, built by that cla
 copy), so an optimizer built before patching keeps training the same tensors and the model's
 ``state_dict`` keys are unchanged. Modules vitkern cannot serve are left in place and the report
 says why.
+
+Token reduction (timm ``VisionTransformer`` only): ``patch_model(model, token_drop=0.7)`` applies
+EViT-style dropping (keep rate, at blocks depth//4, depth//2, 3·depth//4 unless ``layers`` says
+otherwise) and ``patch_model(model, token_merge=8)`` ToMe-style merging (r tokens per block);
+see :func:`patch_model`. The affected blocks become :class:`vitkern.nn.token.TokenBlock` (the
+same submodules and parameters) with :class:`vitkern.nn.token.TokenAttention`.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from typing import Union
 
 from torch import nn
 
@@ -24,16 +31,19 @@ class UnsupportedModule(ValueError):
 
 @dataclass
 class PatchReport:
-    """What :func:`patch_model` did: ``replaced`` rows ``(name, timm class, vitkern class)`` and
-    ``left`` rows ``(name, timm class, reason)``."""
+    """What :func:`patch_model` did: ``replaced`` rows ``(name, timm class, vitkern class)``,
+    ``left`` rows ``(name, timm class, reason)`` and ``tokens`` rows ``(block name, what it does
+    to the tokens)`` for token_drop / token_merge."""
 
     replaced: list[tuple[str, str, str]] = field(default_factory=list)
     left: list[tuple[str, str, str]] = field(default_factory=list)
+    tokens: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"vitkern.patch_model: {len(self.replaced)} replaced, {len(self.left)} left"]
         lines += [f"  replaced {name}: {old} -> {new}" for name, old, new in self.replaced]
         lines += [f"  left     {name}: {old} ({why})" for name, old, why in self.left]
+        lines += [f"  tokens   {name}: {what}" for name, what in self.tokens]
         return "\n".join(lines)
 
 
@@ -67,14 +77,33 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def patch_model(model: nn.Module, *, backend: str = "auto") -> PatchReport:
+def patch_model(model: nn.Module, *, backend: str = "auto",
+                token_drop: Union[None, float, dict] = None,
+                token_merge: Union[None, int, dict] = None) -> PatchReport:
     """Replace, in place, every attention module of ``model`` that vitkern supports.
 
     Returns a :class:`PatchReport` listing what was replaced and what was left and why (an
     attention class vitkern has no module for, or a configuration its module refuses).
+
+    Token reduction, for a timm ``VisionTransformer`` (one of the two at a time):
+
+    * ``token_drop``: EViT. A keep rate (float), or a dict with ``keep_rate`` (float rate or int
+      count of image tokens), ``layers`` (block indices; default depth//4, depth//2,
+      3·depth//4: EViT's 3, 6, 9 for 12 blocks), ``fuse`` (EViT's fused token of the dropped
+      ones, default True), ``order`` ("score", EViT's, or "index"). Needs a class token. With
+      keep rate 1.0 nothing is dropped and the logits equal the unpatched model's.
+    * ``token_merge``: ToMe. ``r`` (int, tokens merged away per block), or a dict with ``r``,
+      ``layers`` (default every block) and ``prop_attn`` (proportional attention, log(size)
+      key bias, default True).
+
+    The chosen blocks become :class:`vitkern.nn.token.TokenBlock` (the timm block's own
+    submodules and parameters) with :class:`vitkern.nn.token.TokenAttention`; ``report.tokens``
+    lists them.
     """
-    table = _replacements()
     report = PatchReport()
+    if token_drop is not None or token_merge is not None:
+        _patch_tokens(model, token_drop, token_merge, backend, report)
+    table = _replacements()
     for name, module in list(model.named_modules()):
         path = _class_path(module)
         cls = table.get(path)
@@ -90,3 +119,89 @@ def patch_model(model: nn.Module, *, backend: str = "auto") -> PatchReport:
         _set_submodule(model, name, new)
         report.replaced.append((name, path, _class_path(new)))
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# token reduction (EViT dropping, ToMe merging) for timm VisionTransformer
+# --------------------------------------------------------------------------------------------
+
+_TIMM_BLOCK = "timm.models.vision_transformer.Block"
+_TIMM_ATTENTION = ("timm.layers.attention.Attention",
+                   "timm.models.vision_transformer.Attention")
+
+
+def _as_options(value, key: str, allowed: set[str], what: str) -> dict:
+    opts = dict(value) if isinstance(value, dict) else {key: value}
+    unknown = set(opts) - allowed
+    if unknown:
+        raise ValueError(f"patch_model: unknown {what} option(s) {sorted(unknown)}; allowed: "
+                         f"{sorted(allowed)}")
+    return opts
+
+
+def _layers(opts: dict, depth: int, default) -> list[int]:
+    layers = sorted(set(opts.get("layers", default)))
+    bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < depth)]
+    if bad:
+        raise ValueError(f"patch_model: layers {bad} out of range for a model of {depth} blocks")
+    return layers
+
+
+def _patch_tokens(model: nn.Module, token_drop, token_merge, backend: str,
+                  report: PatchReport) -> None:
+    from vitkern.nn.token import TokenAttention, TokenBlock
+
+    if token_drop is not None and token_merge is not None:
+        raise ValueError("patch_model: pass token_drop (EViT) or token_merge (ToMe), not both")
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not hasattr(model, "num_prefix_tokens"):
+        raise ValueError(f"patch_model: token_drop / token_merge need a timm VisionTransformer "
+                         f"(blocks in an nn.Sequential), got {_class_path(model)}")
+    depth = len(blocks)
+    n_prefix = model.num_prefix_tokens
+    if token_drop is not None:
+        opts = _as_options(token_drop, "keep_rate", {"keep_rate", "layers", "fuse", "order"},
+                           "token_drop")
+        keep = opts.get("keep_rate", 1.0)
+        layers = _layers(opts, depth, (depth // 4, depth // 2, 3 * depth // 4))
+        if n_prefix != 1 or getattr(model, "cls_token", None) is None:
+            raise ValueError(f"patch_model: token_drop (EViT) needs exactly one class token "
+                             f"first; this model has {n_prefix} prefix token(s)")
+        kw = dict(mode="drop", keep=keep, fuse=opts.get("fuse", True),
+                  order=opts.get("order", "score"))
+        from vitkern import tokens
+
+        tokens.keep_count(1, keep)  # raises for a bad keep rate / count now, not at forward
+        tokens._check_order(kw["order"])
+        what = (f"EViT drop: keep {keep} of the image tokens, fuse={kw['fuse']}, "
+                f"order={kw['order']}")
+    else:
+        opts = _as_options(token_merge, "r", {"r", "layers", "prop_attn"}, "token_merge")
+        r = opts.get("r", 0)
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"patch_model: token_merge r must be an int >= 0, got {r!r}")
+        layers = _layers(opts, depth, range(depth))
+        if n_prefix > 1:
+            raise ValueError(f"patch_model: token_merge (ToMe) supports at most one class "
+                             f"token; this model has {n_prefix} prefix tokens")
+        kw = dict(mode="merge", r=r, prop_attn=opts.get("prop_attn", True),
+                  class_token=n_prefix == 1, state={})
+        what = f"ToMe merge: r={r}, prop_attn={kw['prop_attn']}"
+    first = True
+    for i in layers:
+        block, name = blocks[i], f"blocks.{i}"
+        path = _class_path(block)
+        attn_path = _class_path(getattr(block, "attn", block))
+        if path != _TIMM_BLOCK or attn_path not in _TIMM_ATTENTION:
+            report.left.append((name, path, f"token reduction needs {_TIMM_BLOCK} with timm's "
+                                            f"ViT Attention (got {attn_path})"))
+            continue
+        try:
+            attn = TokenAttention.from_timm(block.attn, backend=backend)
+        except UnsupportedModule as exc:
+            report.left.append((name, path, str(exc)))
+            continue
+        blocks[i] = TokenBlock(block, attn, first=first, **kw)
+        first = False
+        report.replaced.append((f"{name}.attn", attn_path, _class_path(attn)))
+        report.tokens.append((name, what))

@@ -1,7 +1,7 @@
 """Token attention (EViT / ToMe / token dropping), the definition: pure PyTorch, differentiable,
 any float dtype (fp64 included).
 
-q, k, v are (B, heads, N, d) token maps.
+Dense layout: q, k, v are (B, heads, N, d) token maps.
 
 * ``keep_idx`` (B, K) integer: attention runs among the kept tokens only, in the order given
   (query i and key j of batch b are token ``keep_idx[b, i]`` / ``keep_idx[b, j]``); the output is
@@ -18,8 +18,23 @@ q, k, v are (B, heads, N, d) token maps.
   P[b, h, 0, j], the attention the first kept query (the CLS token when it is kept first) pays
   to kept key j, for every j in 0..K-1 (column 0 is CLS itself; EViT uses ``importance[:, 1:]``).
   It is differentiable (EViT's token fusion trains through it). Shape (B, K), input dtype.
+* ``return_importance="colsum"`` (GTP-ViT): importance[b, j] = mean over heads of
+  sum_i P[b, h, i, j], the attention key j receives from all kept queries. It carries **no
+  gradient** (it is returned detached: GTP-ViT only ranks tokens with it). Shape (B, K).
 
-This is also vitkern's CPU path (it materialises the K×K probabilities).
+Ragged (varlen) layout, ``cu_seqlens`` given (flash-attn's packed convention):
+
+* q, k, v are (T, heads, d): the tokens of all sequences packed along dim 0.
+* ``cu_seqlens`` (S + 1,) int32/int64: 0 = cu[0] <= cu[1] <= ... <= cu[S] = R; sequence s owns
+  the rows cu[s]..cu[s+1]-1 (empty and single-token sequences allowed).
+* Without ``keep_idx`` row r is token r (R = T). With ``keep_idx`` (R,) integer, row r is token
+  ``keep_idx[r]`` of the packed tensors (distinct, in [0, T)): e.g. images keeping different
+  numbers of tokens of a dense (B·N, heads, d) map, indices b·N + j.
+* ``key_bias`` (T,) or (T, heads), indexed by token. Attention runs within each sequence; the
+  first row of a sequence is its CLS query for ``"cls"``.
+* Output (R, heads, d); importance (R,).
+
+This is also vitkern's CPU path (it materialises each sequence's K×K probabilities).
 """
 from __future__ import annotations
 
@@ -29,6 +44,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["token_attention", "gather_tokens"]
+
+IMPORTANCE = (None, "cls", "colsum")
 
 
 def gather_tokens(t: Tensor, keep_idx: Tensor) -> Tensor:
@@ -47,15 +64,7 @@ def _bias_logits(key_bias: Tensor, keep_idx: Optional[Tensor]) -> Tensor:
     return key_bias[:, :, None, :]
 
 
-def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tensor] = None,
-                    key_bias: Optional[Tensor] = None, return_importance: Optional[str] = None,
-                    scale: Optional[float] = None):
-    """Softmax attention among kept tokens with an optional per-key bias. See the module doc.
-
-    Returns o (B, heads, K, d), or (o, importance (B, K)) with ``return_importance="cls"``.
-    """
-    d = q.shape[-1]
-    scale = d ** -0.5 if scale is None else scale
+def _dense(q, k, v, keep_idx, key_bias, return_importance, scale):
     if keep_idx is not None:
         keep_idx = keep_idx.long()
         q, k, v = (gather_tokens(t, keep_idx) for t in (q, k, v))
@@ -70,7 +79,50 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
     o = p @ v
     if return_importance is None:
         return o
-    if return_importance != "cls":
-        raise ValueError(f"token_attention: return_importance must be None or 'cls', got "
-                         f"{return_importance!r}")
-    return o, p[:, :, 0, :].mean(1)
+    if return_importance == "cls":
+        return o, p[:, :, 0, :].mean(1)
+    return o, p.detach().sum(-2).mean(1)
+
+
+def _varlen(q, k, v, keep_idx, cu_seqlens, key_bias, return_importance, scale):
+    T, h, d = q.shape
+    bounds = cu_seqlens.tolist()
+    n_rows = bounds[-1]
+    outs, imps = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        rows = (torch.arange(start, end, device=q.device) if keep_idx is None
+                else keep_idx[start:end].long())
+        qs, ks, vs = (t[rows].transpose(0, 1)[None] for t in (q, k, v))  # (1, h, L, d)
+        kb = None
+        if key_bias is not None:
+            kb = key_bias[rows][None] if key_bias.dim() == 1 else key_bias[rows].t()[None]
+        res = _dense(qs, ks, vs, None, kb, return_importance, scale)
+        o, imp = res if return_importance is not None else (res, None)
+        outs.append(o[0].transpose(0, 1))
+        imps.append(imp)
+    o = torch.cat(outs) if outs else q.new_zeros((0, h, d)) + 0 * q.sum()
+    assert o.shape[0] == n_rows
+    if return_importance is None:
+        return o
+    imp = torch.cat([i[0] for i in imps]) if imps else q.new_zeros((0,))
+    return o, imp
+
+
+def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tensor] = None,
+                    cu_seqlens: Optional[Tensor] = None, key_bias: Optional[Tensor] = None,
+                    return_importance: Optional[str] = None, scale: Optional[float] = None):
+    """Softmax attention among kept tokens with an optional per-key bias. See the module doc.
+
+    Returns o (B, heads, K, d) — (R, heads, d) with ``cu_seqlens`` — or (o, importance) with
+    ``return_importance`` "cls" / "colsum" (importance (B, K), or (R,) with ``cu_seqlens``).
+    """
+    if return_importance not in IMPORTANCE:
+        raise ValueError(f"token_attention: return_importance must be None, 'cls' or 'colsum', "
+                         f"got {return_importance!r}")
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, keep_idx, cu_seqlens, key_bias, return_importance, scale)
+    return _dense(q, k, v, keep_idx, key_bias, return_importance, scale)

@@ -1,0 +1,159 @@
+"""Token dropping / merging modules for timm ViTs on :func:`vitkern.ops.token_attention`.
+
+* :class:`TokenAttention` — timm's ViT ``Attention`` (same parameters: ``qkv``, ``q_norm``,
+  ``k_norm``, ``norm``, ``gate``, ``proj``) whose attention is ``token_attention``; besides the
+  plain ``forward(x)`` it can take a per-key bias (ToMe's log size) and return the CLS importance
+  (EViT) or the head-averaged keys (ToMe's matching metric) from the same pass, without
+  materialising the attention matrix.
+* :class:`TokenBlock` — timm's ViT ``Block`` (same submodules) that reorganises its tokens after
+  the attention residual: EViT-style dropping (``mode="drop"``) or ToMe-style merging
+  (``mode="merge"``).
+
+``vitkern.integrations.timm.patch_model(model, token_drop=..., token_merge=...)`` builds them
+from a timm ``VisionTransformer``; ``from_timm`` reuses the timm modules' parameter objects.
+
+``TIMM_REPLACEMENTS`` is deliberately empty: swapping *every* ViT attention for
+``token_attention`` when no token is dropped buys nothing over PyTorch's fused SDPA
+(FlashAttention on a GPU) for dense attention, so plain ``patch_model(model)`` leaves ViT
+attention alone; only the token options install these modules.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from torch import Tensor, nn
+
+from vitkern import tokens
+from vitkern.ops.token import token_attention
+
+__all__ = ["TokenAttention", "TokenBlock", "TIMM_REPLACEMENTS"]
+
+TIMM_REPLACEMENTS: dict[str, type] = {}
+
+
+def _unsupported(msg: str):
+    from vitkern.integrations.timm import UnsupportedModule
+
+    return UnsupportedModule(msg)
+
+
+class TokenAttention(nn.Module):
+    """timm ``Attention`` computed by :func:`vitkern.ops.token_attention`.
+
+    Build it with :meth:`from_timm` (shares the timm module's submodules and parameters).
+    ``forward(x)`` (B, N, C) -> (B, N, C) is a drop-in; :meth:`forward_tokens` adds the token
+    options.
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int,
+                 scale: float, q_norm: nn.Module, k_norm: nn.Module, norm: nn.Module,
+                 gate: Optional[nn.Module], proj_drop: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.qkv, self.proj = qkv, proj
+        self.q_norm, self.k_norm, self.norm, self.gate = q_norm, k_norm, norm, gate
+        self.proj_drop = proj_drop
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attn_dim = num_heads * head_dim
+        self.scale = scale
+        self.backend = backend
+
+    @classmethod
+    def from_timm(cls, module: nn.Module, backend: str = "auto") -> "TokenAttention":
+        """From a ``timm.layers.attention.Attention`` (timm's ViT attention), reusing its
+        submodules. Attention dropout is refused (token_attention has none)."""
+        p = getattr(getattr(module, "attn_drop", None), "p", 0.0)
+        if p:
+            raise _unsupported(f"attention dropout p={p} is not supported by token_attention")
+        for name in ("qkv", "proj", "num_heads", "head_dim", "scale"):
+            if not hasattr(module, name):
+                raise _unsupported(f"not a timm ViT Attention (no {name!r})")
+        new = cls(module.qkv, module.proj, module.num_heads, module.head_dim, module.scale,
+                  getattr(module, "q_norm", nn.Identity()),
+                  getattr(module, "k_norm", nn.Identity()),
+                  getattr(module, "norm", nn.Identity()), getattr(module, "gate", None),
+                  getattr(module, "proj_drop", nn.Identity()), backend=backend)
+        return new.train(module.training)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("TokenAttention: attn_mask / is_causal are not supported "
+                             "(use key_bias in forward_tokens)")
+        return self.forward_tokens(x)[0]
+
+    def forward_tokens(self, x: Tensor, *, key_bias: Optional[Tensor] = None,
+                       importance: Optional[str] = None, metric: bool = False):
+        """x (B, N, C) -> (out (B, N, C), importance (B, N) or None, metric (B, N, d) or None).
+
+        ``key_bias`` (B, N) is added to every head's logits (ToMe: ``size.log()``);
+        ``importance`` "cls" / "colsum" as in :func:`~vitkern.ops.token_attention`; ``metric``
+        returns the keys averaged over heads (ToMe's similarity features).
+        """
+        B, N, _ = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, read in place
+        q, k = self.q_norm(q), self.k_norm(k)
+        res = token_attention(q, k, v, key_bias=key_bias, return_importance=importance,
+                              scale=self.scale, backend=self.backend)
+        o, imp = res if importance is not None else (res, None)
+        out = self.norm(o.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        out = self.proj_drop(self.proj(out))
+        return out, imp, (k.mean(1) if metric else None)
+
+
+class TokenBlock(nn.Module):
+    """timm ViT ``Block`` that drops (EViT) or merges (ToMe) tokens after its attention.
+
+    mode "drop": the attention also returns the CLS importance; after the attention residual
+    the CLS token and ``keep`` of the image tokens are kept (:func:`vitkern.tokens.evit_select`,
+    ``fuse`` adds EViT's fused token), then the MLP runs on the kept tokens.
+    mode "merge": ToMe; ``r`` tokens merged away by bipartite soft matching on the head-averaged
+    keys, sizes tracked across blocks in ``state`` (shared by the model's merge blocks; the
+    first one resets it), and with ``prop_attn`` the attention adds log(size) per key.
+    """
+
+    def __init__(self, block: nn.Module, attn: TokenAttention, *, mode: str,
+                 keep: Union[int, float] = 1.0, fuse: bool = True, order: str = "score",
+                 r: int = 0, prop_attn: bool = True, class_token: bool = True,
+                 state: Optional[dict] = None, first: bool = False):
+        super().__init__()
+        if mode not in ("drop", "merge"):
+            raise ValueError(f"TokenBlock: mode must be 'drop' or 'merge', got {mode!r}")
+        for name in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            setattr(self, name, getattr(block, name))
+        self.attn = attn
+        self.mode, self.keep, self.fuse, self.order = mode, keep, fuse, order
+        self.r, self.prop_attn, self.class_token = r, prop_attn, class_token
+        self.state = {} if state is None else state
+        self.first = first
+
+    def extra_repr(self) -> str:
+        if self.mode == "drop":
+            return f"mode=drop, keep={self.keep}, fuse={self.fuse}, order={self.order!r}"
+        return f"mode=merge, r={self.r}, prop_attn={self.prop_attn}"
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("TokenBlock: attn_mask / is_causal are not supported")
+        if self.mode == "drop":
+            a, imp, _ = self.attn.forward_tokens(self.norm1(x), importance="cls")
+            x = x + self.drop_path1(self.ls1(a))
+            x, _ = tokens.evit_select(x, imp, self.keep, fuse=self.fuse, order=self.order)
+        else:
+            if self.first:
+                self.state["size"] = None
+            size = self.state.get("size")
+            bias = size.log()[..., 0] if (self.prop_attn and size is not None) else None
+            a, _, metric = self.attn.forward_tokens(self.norm1(x), key_bias=bias, metric=True)
+            x = x + self.drop_path1(self.ls1(a))
+            merge = tokens.bipartite_soft_matching(metric, self.r, class_token=self.class_token)
+            if merge is not tokens._identity_merge:
+                x, size = tokens.merge_wavg(merge, x, size)
+                self.state["size"] = size
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
