@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from vitkern import backends
 
 
 #: dtypes the Triton kernels take (the reference takes any float dtype, fp64 included).
@@ -75,3 +78,33 @@ def lse_empty(q: Tensor, n: int | None = None) -> Tensor:
 def on_device(t: Tensor):
     """Launch on the tensor's GPU (not the current one); a no-op for interpreted CPU tensors."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def head_dim_reason(d: int, limit: int = 256) -> Optional[str]:
+    """Why the triton backend refuses head dim ``d`` (None if it is a multiple of 8 up to
+    ``limit``)."""
+    if d % 8 or d > limit:
+        return f"head_dim {d} not supported by triton (multiples of 8 up to {limit})"
+    return None
+
+
+def select_backend(op: str, backend: str, x: Tensor, *, triton: Callable[[], Optional[str]],
+                   cuda: Optional[Callable[[], Optional[str]]] = None) -> str:
+    """:func:`vitkern.backends.select` with the checks every op shares: ``x``'s device for every
+    backend and its dtype for triton, then the family's own reason, ``triton()`` / ``cuda()``
+    (None when its kernels take the inputs). Without ``cuda`` the op has no CUDA C++ kernel."""
+
+    def reason(name: str, explicit: bool) -> Optional[str]:
+        why = backends.device_reason(name, x.device, explicit)
+        if why is not None or name == "reference":
+            return why
+        if name == "triton":
+            return triton_dtype_reason(x.dtype) or triton()
+        return cuda() if cuda is not None else f"no {op} kernel in vitkern._C yet"
+
+    return backends.select(op, backend, reason)

@@ -21,11 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vitkern import backends
 from vitkern.reference import hilo as ref
 
-from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, on_device,
-                      triton_dtype_reason)
+from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, head_dim_reason, is_int,
+                      lse_empty, on_device, select_backend)
 
 __all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
 
@@ -64,31 +63,25 @@ def _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad=False):
     d = q.shape[-1]
     n_hi = q.shape[1] - n_lo
 
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, q.device, explicit)
-        if why is not None or name == "reference":
+    def triton_reason() -> Optional[str]:
+        if why := head_dim_reason(d):
             return why
-        if name == "triton":
-            if why := triton_dtype_reason(q.dtype):
+        if n_lo and s > MAX_POOL_IN_KERNEL and not kv_pooled:
+            return (f"window_size {s} > {MAX_POOL_IN_KERNEL} for in-kernel pooling; "
+                    "pool k, v first and pass kv_pooled=True")
+        from vitkern.triton_kernels import hilo as tk
+
+        fp32 = q.dtype == torch.float32
+        groups = ((n_hi, dict(window=s, pool=1)),
+                  (n_lo, dict(window=0, pool=1 if kv_pooled else s)))
+        for n_heads, mode in groups:
+            why = n_heads and tk.unsupported(d, fp32, **mode)
+            if why:
                 return why
-            if d % 8 or d > 256:
-                return f"head_dim {d} not supported by triton (multiples of 8 up to 256)"
-            if n_lo and s > MAX_POOL_IN_KERNEL and not kv_pooled:
-                return (f"window_size {s} > {MAX_POOL_IN_KERNEL} for in-kernel pooling; "
-                        "pool k, v first and pass kv_pooled=True")
-            from vitkern.triton_kernels import hilo as tk
+        return None
 
-            fp32 = q.dtype == torch.float32
-            groups = ((n_hi, dict(window=s, pool=1)),
-                      (n_lo, dict(window=0, pool=1 if kv_pooled else s)))
-            for n_heads, mode in groups:
-                why = n_heads and tk.unsupported(d, fp32, **mode)
-                if why:
-                    return why
-            return None
-        return _cuda_reason(q, s, n_lo, kv_pooled, needs_grad)
-
-    return backends.select(op, backend, reason)
+    return select_backend(op, backend, q, triton=triton_reason,
+                          cuda=lambda: _cuda_reason(q, s, n_lo, kv_pooled, needs_grad))
 
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

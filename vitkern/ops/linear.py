@@ -40,11 +40,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from vitkern import backends
 from vitkern.reference import linear as ref
 from vitkern.reference.linear import FEATURE_MAPS, PRESETS
 
-from ._common import bhnd_empty, check_qkv, on_device, triton_dtype_reason
+from ._common import bhnd_empty, check_qkv, needs_grad, on_device, select_backend
 
 __all__ = ["linear_attention", "xca_attention", "soft_attention", "newton_schulz_inverse",
            "PRESETS", "FEATURE_MAPS"]
@@ -117,25 +116,14 @@ def _check_linear(op, q, k, v, feature_map, scale, denom, eps, key_padding_mask)
     return float(scale), eps
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _backend(op, backend, q, v_dim, xca, backward=True):
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, q.device, explicit)
-        if why is not None or name == "reference":
-            return why
-        if name == "triton":
-            if why := triton_dtype_reason(q.dtype):
-                return why
-            from vitkern.triton_kernels import linear as tk
+    def triton_reason() -> Optional[str]:
+        from vitkern.triton_kernels import linear as tk
 
-            return tk.unsupported(q.shape[-1], q.dtype == torch.float32, v_dim, xca=xca,
-                                  backward=backward)
-        return "no linear-attention kernel in vitkern._C yet"
+        return tk.unsupported(q.shape[-1], q.dtype == torch.float32, v_dim, xca=xca,
+                              backward=backward)
 
-    return backends.select(op, backend, reason)
+    return select_backend(op, backend, q, triton=triton_reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +295,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu
     scale, eps = _check_linear(op, q, k, v, feature_map, scale, denom, eps, key_padding_mask)
     temp = _check_temperature(op, temperature, q, required=False)
     name = _backend(op, backend, q, v.shape[-1], xca=False,
-                    backward=_needs_grad(q, k, v, temp))
+                    backward=needs_grad(q, k, v, temp))
     if name == "reference" or q.numel() == 0 or k.shape[2] == 0:
         return ref.linear_attention(q, k, v, feature_map=feature_map, scale=scale,
                                     temperature=temp, denom=denom, eps=eps,
@@ -343,7 +331,7 @@ def xca_attention(q: Tensor, k: Tensor, v: Tensor, *, temperature: Union[Tensor,
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     eps = _check_float(op, "eps", eps, positive=True)
     temp = _check_temperature(op, temperature, q, required=True)
-    name = _backend(op, backend, q, None, xca=True, backward=_needs_grad(q, k, v, temp))
+    name = _backend(op, backend, q, None, xca=True, backward=needs_grad(q, k, v, temp))
     if name == "reference" or q.numel() == 0:
         return ref.xca_attention(q, k, v, temperature=temp, eps=eps)
     return torch.ops.vitkern.xca_fwd(q, k, v, temp, eps)[0]
@@ -454,19 +442,12 @@ def _check_soft(op, q, landmarks, v, ainv):
 
 
 def _soft_backend(op, backend, q, m, e, backward):
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, q.device, explicit)
-        if why is not None or name == "reference":
-            return why
-        if name == "triton":
-            if why := triton_dtype_reason(q.dtype):
-                return why
-            from vitkern.triton_kernels import linear as tk
+    def triton_reason() -> Optional[str]:
+        from vitkern.triton_kernels import linear as tk
 
-            return tk.soft_unsupported(m, q.shape[-1], e, q.dtype == torch.float32, backward)
-        return "no SOFT kernel in vitkern._C yet"
+        return tk.soft_unsupported(m, q.shape[-1], e, q.dtype == torch.float32, backward)
 
-    return backends.select(op, backend, reason)
+    return select_backend(op, backend, q, triton=triton_reason)
 
 
 def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tensor] = None, *,
@@ -505,7 +486,7 @@ def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tenso
         lm = landmarks if landmarks.dtype == torch.float64 else landmarks.float()
         ainv = ref.newton_schulz_inverse(ref.gaussian_kernel(lm, lm), iters, reg)
     name = _soft_backend(op, backend, q, m, v.shape[-1],
-                         backward=_needs_grad(q, landmarks, v, ainv))
+                         backward=needs_grad(q, landmarks, v, ainv))
     if name == "reference" or q.numel() == 0 or v.numel() == 0:
         return ref.soft_attention(q, landmarks, v, ainv)
     return torch.ops.vitkern.soft_attn_fwd(q, landmarks, v, ainv)[0]

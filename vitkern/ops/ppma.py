@@ -22,11 +22,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vitkern import backends
 from vitkern.reference import ppma as ref
 
-from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, on_device,
-                      triton_dtype_reason)
+from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, head_dim_reason, needs_grad,
+                      on_device, select_backend, triton_dtype_reason)
 
 __all__ = ["ppma_attention", "ppma_criss_cross_attention", "ppma_decays", "ppma_rope",
            "ppma_rel_pos"]
@@ -60,29 +59,17 @@ def _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale):
     return H, W, check_scale(op, scale, q.shape[-1])
 
 
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
-def _backend(op, backend, q, W, needs_grad):
-    d = q.shape[-1]
-
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, q.device, explicit)
-        if why is not None or name == "reference":
+def _backend(op, backend, q, W, backward):
+    def triton_reason() -> Optional[str]:
+        d = q.shape[-1]
+        if why := head_dim_reason(d):
             return why
-        if name == "triton":
-            if why := triton_dtype_reason(q.dtype):
-                return why
-            if d % 8 or d > 256:
-                return f"head_dim {d} not supported by triton (multiples of 8 up to 256)"
-            from vitkern.triton_kernels import ppma as tk
+        from vitkern.triton_kernels import ppma as tk
 
-            # the forward alone takes any width; the backward needs whole rows per tile
-            return tk.unsupported(d, q.dtype == torch.float32, W, backward=needs_grad)
-        return "no PPMA kernel in vitkern._C yet"
+        # the forward alone takes any width; the backward needs whole rows per tile
+        return tk.unsupported(d, q.dtype == torch.float32, W, backward=backward)
 
-    return backends.select(op, backend, reason)
+    return select_backend(op, backend, q, triton=triton_reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +178,7 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
     """
     op = "ppma_attention"
     H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
-    name = _backend(op, backend, q, W, _needs_grad(q, k, v, log_decay_h, log_decay_v))
+    name = _backend(op, backend, q, W, needs_grad(q, k, v, log_decay_h, log_decay_v))
     if name == "reference" or q.numel() == 0:
         return ref.ppma_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
     return torch.ops.vitkern.ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
@@ -274,21 +261,12 @@ def ppma_criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Ten
     H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
     d = q.shape[-1]
 
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, q.device, explicit)
-        if why is not None or name == "reference":
-            return why
-        if name == "triton":
-            from vitkern.triton_kernels import ppma as tk
+    def triton_reason() -> Optional[str]:
+        from vitkern.triton_kernels import ppma as tk
 
-            if why := triton_dtype_reason(q.dtype):
-                return why
-            if d % 8:
-                return f"head_dim {d} not supported by triton (multiples of 8)"
-            return tk.cc_unsupported(H, W, d, q.dtype == torch.float32)
-        return "no PPMA kernel in vitkern._C yet"
+        return head_dim_reason(d) or tk.cc_unsupported(H, W, d, q.dtype == torch.float32)
 
-    name = backends.select(op, backend, reason)
+    name = select_backend(op, backend, q, triton=triton_reason)
     if name == "reference" or q.numel() == 0:
         return ref.ppma_criss_cross_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W),
                                               scale=scale)
@@ -379,18 +357,13 @@ def ppma_decays(x: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
         if tuple(t.shape) != (num_heads,):
             raise ValueError(f"{op}: {name} must be ({num_heads},), got {tuple(t.shape)}")
 
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, x.device, explicit)
-        if why is not None or name == "reference":
-            return why
-        if name == "triton":
-            for t in (x, dt_weight, dt_bias, A_log):
-                if why := triton_dtype_reason(t.dtype):
-                    return why
-            return None if d <= 1024 else f"head_dim {d} > 1024 not supported by triton"
-        return "no PPMA kernel in vitkern._C yet"
+    def triton_reason() -> Optional[str]:
+        for t in (dt_weight, dt_bias, A_log):
+            if why := triton_dtype_reason(t.dtype):
+                return why
+        return None if d <= 1024 else f"head_dim {d} > 1024 not supported by triton"
 
-    name = backends.select(op, backend, reason)
+    name = select_backend(op, backend, x, triton=triton_reason)
     if name == "reference" or x.numel() == 0:
         return ref.ppma_decays(x, dt_weight, dt_bias, A_log, num_heads)
     return torch.ops.vitkern.ppma_decays_fwd(x.reshape(x.shape[0], -1, x.shape[-1]), dt_weight,
@@ -462,16 +435,8 @@ def ppma_rope(x: Tensor, sin: Tensor, cos: Tensor, *, backend: str = "auto") -> 
     if d % 2:
         raise ValueError(f"{op}: head_dim must be even, got {d}")
 
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, x.device, explicit)
-        if why is not None or name == "reference":
-            return why
-        if name == "triton":
-            return triton_dtype_reason(x.dtype) or (
-                None if d <= 1024 else f"head_dim {d} > 1024 not supported by triton")
-        return "no PPMA kernel in vitkern._C yet"
-
-    name = backends.select(op, backend, reason)
+    name = select_backend(op, backend, x, triton=lambda: (
+        None if d <= 1024 else f"head_dim {d} > 1024 not supported by triton"))
     if name == "reference" or x.numel() == 0 or sin.requires_grad or cos.requires_grad:
         return ref.ppma_rope(x, sin, cos)
     tables = [t.detach().reshape(N, d).to(torch.float32).contiguous() for t in (sin, cos)]

@@ -17,11 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vitkern import backends
 from vitkern.reference import token as ref
 
-from ._common import (bhnd_empty, check_qkv, check_scale, is_int, lse_empty, on_device,
-                      triton_dtype_reason)
+from ._common import (bhnd_empty, check_qkv, check_scale, head_dim_reason, is_int, lse_empty,
+                      on_device, select_backend, triton_dtype_reason)
 
 __all__ = ["token_attention"]
 
@@ -173,25 +172,17 @@ def _check_index_values(op, keep_idx: Tensor, N: int):
 def _backend(op, backend, q, key_bias, needs_grad=False):
     d = q.shape[-1]
 
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, q.device, explicit)
-        if why is not None or name == "reference":
+    def triton_reason() -> Optional[str]:
+        if why := head_dim_reason(d, MAX_TRITON_HEAD_DIM):
             return why
-        if name == "triton":
-            if why := triton_dtype_reason(q.dtype):
-                return why
-            if d % 8 or d > MAX_TRITON_HEAD_DIM:
-                return (f"head_dim {d} not supported by triton (multiples of 8 up to "
-                        f"{MAX_TRITON_HEAD_DIM})")
-            if key_bias is not None and (why := triton_dtype_reason(key_bias.dtype,
-                                                                    "key_bias dtype")):
-                return why
-            from vitkern.triton_kernels import token as tk
+        if key_bias is not None and (why := triton_dtype_reason(key_bias.dtype,
+                                                                "key_bias dtype")):
+            return why
+        from vitkern.triton_kernels import token as tk
 
-            return tk.unsupported(d, q.dtype == torch.float32, backward=needs_grad)
-        return "no token-attention kernel in vitkern._C yet"
+        return tk.unsupported(d, q.dtype == torch.float32, backward=needs_grad)
 
-    return backends.select(op, backend, reason)
+    return select_backend(op, backend, q, triton=triton_reason)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Swin window attention op: checks, backend dispatch, ``torch.library`` registration and autograd.
 
 Public op: :func:`window_attention` (q, k, v are (B, heads, N, d), N = H·W in raster order,
-strided views welcome). The CUDA C++ backend (opt-in, inference only) is
-``vitkern::window_cuda_fwd`` (csrc/window/). The Triton backend is one pair of custom ops, ``vitkern::window_fwd`` /
+strided views welcome). The Triton backend is one pair of custom ops, ``vitkern::window_fwd`` /
 ``vitkern::window_bwd``; the bias (table or dense) is passed to the kernels in fp32 and its
-gradient is returned in the bias's dtype. Outputs are stored (B, N, heads, d) and returned as a
+gradient is returned in the bias's dtype. The CUDA C++ backend (opt-in, inference only) is
+``vitkern::window_cuda_fwd`` (csrc/window/). Outputs are stored (B, N, heads, d) and returned as a
 (B, heads, N, d) view, so ``o.transpose(1, 2).reshape(B, N, heads * d)`` is free.
 
 ``active_windows`` (SparseViT): the kernels walk only the listed windows (a (B, K) int32 id list
@@ -20,11 +20,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from vitkern import backends
 from vitkern.reference import window as ref
 
-from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, on_device,
-                      triton_dtype_reason)
+from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, needs_grad,
+                      on_device, select_backend)
 
 __all__ = ["window_attention"]
 
@@ -148,21 +147,13 @@ def _check_out(op, out, q, *inputs):
 
 
 def _backend(op, backend, q, win, sft=(0, 0), active=None, needs_grad=False, out=None):
-    d = q.shape[-1]
+    def triton_reason() -> Optional[str]:
+        from vitkern.triton_kernels import window as tk
 
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        why = backends.device_reason(name, q.device, explicit)
-        if why is not None or name == "reference":
-            return why
-        if name == "triton":
-            if why := triton_dtype_reason(q.dtype):
-                return why
-            from vitkern.triton_kernels import window as tk
+        return tk.unsupported(q.shape[-1], q.dtype == torch.float32, win)
 
-            return tk.unsupported(d, q.dtype == torch.float32, win)
-        return _cuda_reason(q, win, sft, active, needs_grad, out)
-
-    return backends.select(op, backend, reason)
+    return select_backend(op, backend, q, triton=triton_reason,
+                          cuda=lambda: _cuda_reason(q, win, sft, active, needs_grad, out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,9 +392,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
     H, W, win, sft, scale, mask_value, active = _check(
         op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale, pad_order,
         active_windows, out, clamp)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, rel_pos_bias))
-    name = _backend(op, backend, q, win, sft, active, needs_grad, out)
+    name = _backend(op, backend, q, win, sft, active, needs_grad(q, k, v, rel_pos_bias), out)
     if name == "reference" or q.numel() == 0:
         o = ref.window_attention(q, k, v, hw=(H, W), window_size=win, shift=sft,
                                  rel_pos_bias=rel_pos_bias, mask_value=mask_value, scale=scale,
