@@ -296,7 +296,7 @@ _IDX = torch.tensor([[0, 3, 5], [1, 2, 7]])
      "return_importance must be None, 'cls' or 'colsum'"),
     (dict(max_seqlen=4), ValueError, "max_seqlen is only used with cu_seqlens"),
     (dict(cu_seqlens=torch.tensor([0, 16], dtype=torch.int32)), ValueError,
-     r"with cu_seqlens, q must be packed 3-D \(T, heads, head_dim\)"),
+     r"q must be packed 3-D \(T, heads, head_dim\) with cu_seqlens"),
     (dict(scale="big"), TypeError, "scale must be a float"),
     (dict(backend="cudnn"), ValueError, "unknown backend"),
     (dict(k=torch.empty(2, 2, 16, 8, device="meta")), ValueError, "must be on one device"),
@@ -567,7 +567,8 @@ _CU = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
     (dict(key_bias=_t(8, 3)), ValueError, r"key_bias must have shape \(T,\)=\(8,\) or "
                                           r"\(T, heads\)=\(8, 2\) with cu_seqlens"),
     (dict(key_bias=_t(2, 8)), ValueError, "with cu_seqlens"),
-    (dict(q=_t(1, 2, 8, 4)), ValueError, "with cu_seqlens, q must be packed 3-D"),
+    (dict(q=_t(1, 2, 8, 4)), ValueError,
+     r"q must be packed 3-D \(T, heads, head_dim\) with cu_seqlens"),
     (dict(v=_t(8, 2, 5)), ValueError, "v must have the shape of q"),
 ])
 def test_varlen_bad_inputs_raise_clear_errors(kwargs, exc, match):

@@ -52,6 +52,13 @@ def program_coords(n_rows, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def bh_offset(pid_bh, n_heads, sb, sh):
+    """Element offset of (batch, head) ``pid_bh`` (int64, from :func:`program_coords`) in a
+    tensor with batch / head strides ``sb`` / ``sh``."""
+    return (pid_bh // n_heads) * sb + (pid_bh % n_heads) * sh
+
+
+@triton.jit
 def tile_ptrs(base, tok, offs_d, stride_n, stride_d):
     """[len(tok), len(offs_d)] pointers of a (token, channel) tile; int64 token offsets."""
     return base + tok.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .attention_core import (
     Launcher,
+    bh_offset,
     block_d,
     cdiv,
     launch_delta,
@@ -85,11 +86,6 @@ def _pooled_tile(base, cols, M, pool_w, KH, KW, offs_d, dmask, stride_n, stride_
             acc += tl.load(tile_ptrs(base, r * KW + c, offs_d, stride_n, stride_d),
                            mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     return (acc * (1.0 / (POOL * POOL))).to(base.dtype.element_ty)
-
-
-@triton.jit
-def _bh_bases(pid_bh, n_heads, sb, sh):
-    return (pid_bh // n_heads) * sb + (pid_bh % n_heads) * sh
 
 
 @triton.jit
@@ -160,10 +156,10 @@ def hilo_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
-    Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
-    K += _bh_bases(pid_bh, n_heads, skb, skh)
-    V += _bh_bases(pid_bh, n_heads, svb, svh)
-    O += _bh_bases(pid_bh, n_heads, sob, soh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    O += bh_offset(pid_bh, n_heads, sob, soh)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
@@ -186,7 +182,7 @@ def hilo_fwd_kernel(
 
     out, lse2 = softmax_finish(m_i, l_i, acc)
     tl.store(tile_ptrs(O, tok_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + _bh_bases(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
+    tl.store(LSE + bh_offset(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
 
 
 @triton.jit
@@ -199,14 +195,14 @@ def hilo_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_n = program_coords(n_keys, BLOCK_N)
-    Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
-    K += _bh_bases(pid_bh, n_heads, skb, skh)
-    V += _bh_bases(pid_bh, n_heads, svb, svh)
-    DO += _bh_bases(pid_bh, n_heads, sdob, sdoh)
-    DK += _bh_bases(pid_bh, n_heads, sdkb, sdkh)
-    DV += _bh_bases(pid_bh, n_heads, sdvb, sdvh)
-    LSE += _bh_bases(pid_bh, n_heads, slb, slh)
-    DELTA += _bh_bases(pid_bh, n_heads, slb, slh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    DK += bh_offset(pid_bh, n_heads, sdkb, sdkh)
+    DV += bh_offset(pid_bh, n_heads, sdvb, sdvh)
+    LSE += bh_offset(pid_bh, n_heads, slb, slh)
+    DELTA += bh_offset(pid_bh, n_heads, slb, slh)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
@@ -262,11 +258,11 @@ def hilo_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
-    Q += _bh_bases(pid_bh, n_heads, sqb, sqh)
-    K += _bh_bases(pid_bh, n_heads, skb, skh)
-    V += _bh_bases(pid_bh, n_heads, svb, svh)
-    DO += _bh_bases(pid_bh, n_heads, sdob, sdoh)
-    DQ += _bh_bases(pid_bh, n_heads, sdqb, sdqh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
@@ -275,7 +271,7 @@ def hilo_bwd_dq_kernel(
     q_mask = real_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
     do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse_base = _bh_bases(pid_bh, n_heads, slb, slh)
+    lse_base = bh_offset(pid_bh, n_heads, slb, slh)
     lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
     delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
 

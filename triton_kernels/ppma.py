@@ -51,6 +51,7 @@ import triton.language as tl
 from .attention_core import (
     LOG2E,
     Launcher,
+    bh_offset,
     block_d,
     cdiv,
     launch_delta,
@@ -121,11 +122,6 @@ def _bias_pair(PQ, r1, c1, r2, c2, p_q, q_q, p_k, q_k, W, pair):
     return b1, b2, sc, sr
 
 
-@triton.jit
-def _bh(pid_bh, n_heads, sb, sh):
-    return (pid_bh // n_heads) * sb + (pid_bh % n_heads) * sh
-
-
 # --------------------------------------------------------------------------------------------
 # kernels
 #
@@ -145,11 +141,11 @@ def ppma_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
-    V += _bh(pid_bh, n_heads, svb, svh)
-    O += _bh(pid_bh, n_heads, sob, soh)
-    O1 += _bh(pid_bh, n_heads, so1b, so1h)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    O += bh_offset(pid_bh, n_heads, sob, soh)
+    O1 += bh_offset(pid_bh, n_heads, so1b, so1h)
     PQ += pid_bh * N
     LSE += pid_bh * 2 * N
     offs_d = tl.arange(0, BLOCK_D)
@@ -212,11 +208,11 @@ def ppma_bwd_dq_kernel(
 ):
     """dq, and the prefix-table gradients of the cells of this program's query rows."""
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
-    V += _bh(pid_bh, n_heads, svb, svh)
-    DO += _bh(pid_bh, n_heads, sdob, sdoh)
-    DQ += _bh(pid_bh, n_heads, sdqb, sdqh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
     PQ += pid_bh * N
     GPQ += pid_bh * N
     GQQ += pid_bh * N
@@ -279,12 +275,12 @@ def ppma_bwd_dkdv_kernel(
 ):
     """dk, dv, and the prefix-table gradients of the cells of this program's key rows."""
     pid_bh, pid_n = program_coords(n_virt, BLOCK_N)
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
-    V += _bh(pid_bh, n_heads, svb, svh)
-    DO += _bh(pid_bh, n_heads, sdob, sdoh)
-    DK += _bh(pid_bh, n_heads, sdkb, sdkh)
-    DV += _bh(pid_bh, n_heads, sdvb, sdvh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    DK += bh_offset(pid_bh, n_heads, sdkb, sdkh)
+    DV += bh_offset(pid_bh, n_heads, sdvb, sdvh)
     PQ += pid_bh * N
     GPK += pid_bh * N
     GQK += pid_bh * N
@@ -404,26 +400,26 @@ def ppma_cc_fwd_kernel(
     pid = tl.program_id(0)
     pid_bh = (pid // n_lines).to(tl.int64)
     line = pid % n_lines
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
     PQ += pid_bh * N
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     tok, valid, q, k, sig, a = _line_attention(Q, K, PQ, sqn, sqd, skn, skd, offs_d, dmask, line,
                                                H, W, L, qk_scale_log2, ROW, IEEE, BLOCK_L)
-    x1 = _line_load(X1 + _bh(pid_bh, n_heads, sx1b, sx1h), tok, offs_d, valid, dmask, sx1n, sx1d)
+    x1 = _line_load(X1 + bh_offset(pid_bh, n_heads, sx1b, sx1h), tok, offs_d, valid, dmask, sx1n, sx1d)
     out1 = _mma(a.to(Q.dtype.element_ty), x1.to(Q.dtype.element_ty), IEEE)
     if HAS_ADD:
-        add = _line_load(ADD + _bh(pid_bh, n_heads, sab, sah), tok, offs_d, valid, dmask, san, sad)
+        add = _line_load(ADD + bh_offset(pid_bh, n_heads, sab, sah), tok, offs_d, valid, dmask, san, sad)
         out1 = 0.5 * out1 + 0.5 * add.to(tl.float32)
     m2 = valid[:, None] & dmask[None, :]
-    OUT1 += _bh(pid_bh, n_heads, so1b, so1h)
+    OUT1 += bh_offset(pid_bh, n_heads, so1b, so1h)
     tl.store(tile_ptrs(OUT1, tok, offs_d, so1n, so1d), out1.to(OUT1.dtype.element_ty), mask=m2)
     if HAS_X2:
-        x2 = _line_load(X2 + _bh(pid_bh, n_heads, sx2b, sx2h), tok, offs_d, valid, dmask, sx2n,
+        x2 = _line_load(X2 + bh_offset(pid_bh, n_heads, sx2b, sx2h), tok, offs_d, valid, dmask, sx2n,
                         sx2d)
         out2 = _mma(a.to(Q.dtype.element_ty), x2.to(Q.dtype.element_ty), IEEE)
-        OUT2 += _bh(pid_bh, n_heads, so2b, so2h)
+        OUT2 += bh_offset(pid_bh, n_heads, so2b, so2h)
         tl.store(tile_ptrs(OUT2, tok, offs_d, so2n, so2d), out2.to(OUT2.dtype.element_ty),
                  mask=m2)
 
@@ -448,10 +444,10 @@ def ppma_cc_bwd_kernel(
     pid = tl.program_id(0)
     pid_bh = (pid // n_lines).to(tl.int64)
     line = pid % n_lines
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
-    V += _bh(pid_bh, n_heads, svb, svh)
-    DO += _bh(pid_bh, n_heads, sdob, sdoh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
     PQ += pid_bh * N
     f32_base = pid_bh * N * HEAD_DIM  # contiguous fp32 (B, h, N, d) intermediates
     offs_d = tl.arange(0, BLOCK_D)
@@ -481,7 +477,7 @@ def ppma_cc_bwd_kernel(
             dq += tl.load(tile_ptrs(ACC_Q + f32_base, tok, offs_d, HEAD_DIM, 1), mask=m2)
             dk += tl.load(tile_ptrs(ACC_K + f32_base, tok, offs_d, HEAD_DIM, 1), mask=m2)
             dv += tl.load(tile_ptrs(ACC_V + f32_base, tok, offs_d, HEAD_DIM, 1), mask=m2)
-            g_base = _bh(pid_bh, n_heads, sgb, sgh)
+            g_base = bh_offset(pid_bh, n_heads, sgb, sgh)
             tl.store(tile_ptrs(DQ + g_base, tok, offs_d, sgn, sgd), dq.to(DQ.dtype.element_ty),
                      mask=m2)
             tl.store(tile_ptrs(DK + g_base, tok, offs_d, sgn, sgd), dk.to(DK.dtype.element_ty),
@@ -706,8 +702,8 @@ def ppma_rope_kernel(
     """y = x·cos + rot(x)·sin, rot(x)_2m = -x_2m+1, rot(x)_2m+1 = x_2m (forward); the transpose
     dx = dy·cos + rotᵀ(dy·sin) (BACKWARD). SIN, COS: contiguous fp32 (N, HEAD_DIM) tables."""
     pid_bh, pid_t = program_coords(N, BLOCK_T)
-    X += _bh(pid_bh, n_heads, sxb, sxh)
-    Y += _bh(pid_bh, n_heads, syb, syh)
+    X += bh_offset(pid_bh, n_heads, sxb, sxh)
+    Y += bh_offset(pid_bh, n_heads, syb, syh)
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     pair = offs_d ^ 1  # the other channel of the interleaved pair

@@ -50,6 +50,7 @@ import triton.language as tl
 from .attention_core import (
     LOG2E,
     Launcher,
+    bh_offset,
     block_d,
     cdiv,
     launch_delta,
@@ -126,11 +127,6 @@ def _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1
     return extra
 
 
-@triton.jit
-def _bh(pid_bh, n_heads, sb, sh):
-    return (pid_bh // n_heads) * sb + (pid_bh % n_heads) * sh
-
-
 # --------------------------------------------------------------------------------------------
 # kernels
 #
@@ -152,10 +148,10 @@ def window_fwd_kernel(
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
     h = pid_bh % n_heads
     AW += (pid_bh // n_heads) * saw  # this image's active window ids
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
-    V += _bh(pid_bh, n_heads, svb, svh)
-    O += _bh(pid_bh, n_heads, sob, soh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    O += bh_offset(pid_bh, n_heads, sob, soh)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
@@ -185,7 +181,7 @@ def window_fwd_kernel(
 
     out, lse2 = softmax_finish(m_i, l_i, acc)
     tl.store(tile_ptrs(O, tok_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + _bh(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
+    tl.store(LSE + bh_offset(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
 
 
 @triton.jit
@@ -202,14 +198,14 @@ def window_bwd_dkdv_kernel(
     pid_bh, pid_n = program_coords(n_virt, BLOCK_N)
     h = pid_bh % n_heads
     AW += (pid_bh // n_heads) * saw  # this image's active window ids
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
-    V += _bh(pid_bh, n_heads, svb, svh)
-    DO += _bh(pid_bh, n_heads, sdob, sdoh)
-    DK += _bh(pid_bh, n_heads, sdkb, sdkh)
-    DV += _bh(pid_bh, n_heads, sdvb, sdvh)
-    LSE += _bh(pid_bh, n_heads, slb, slh)
-    DELTA += _bh(pid_bh, n_heads, slb, slh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    DK += bh_offset(pid_bh, n_heads, sdkb, sdkh)
+    DV += bh_offset(pid_bh, n_heads, sdvb, sdvh)
+    LSE += bh_offset(pid_bh, n_heads, slb, slh)
+    DELTA += bh_offset(pid_bh, n_heads, slb, slh)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
@@ -258,11 +254,11 @@ def window_bwd_dq_kernel(
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
     h = pid_bh % n_heads
     AW += (pid_bh // n_heads) * saw  # this image's active window ids
-    Q += _bh(pid_bh, n_heads, sqb, sqh)
-    K += _bh(pid_bh, n_heads, skb, skh)
-    V += _bh(pid_bh, n_heads, svb, svh)
-    DO += _bh(pid_bh, n_heads, sdob, sdoh)
-    DQ += _bh(pid_bh, n_heads, sdqb, sdqh)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
@@ -272,7 +268,7 @@ def window_bwd_dq_kernel(
     q_mask = real_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
     do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse_base = _bh(pid_bh, n_heads, slb, slh)
+    lse_base = bh_offset(pid_bh, n_heads, slb, slh)
     lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
     delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
 

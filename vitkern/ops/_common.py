@@ -25,14 +25,15 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_qkv(op: str, q, k, v) -> None:
-    """q, k, v: 4-D floating-point tensors of one dtype on one device (shapes are per op)."""
+def check_qkv(op: str, q, k, v, layout: str = "4-D (B, heads, N, head_dim)") -> None:
+    """q, k, v: floating-point tensors of one dtype on one device with as many dims as ``layout``
+    says (4 by default; token attention's packed varlen tensors are 3-D); shapes are per op."""
+    ndim = 4 if layout.startswith("4-D") else 3
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (B, heads, N, head_dim), got shape "
-                             f"{tuple(t.shape)}")
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):

@@ -58,23 +58,6 @@ def _check_bias(op, key_bias, device, shapes, want: str):
                          f"token), got {tuple(key_bias.shape)}")
 
 
-def _check_packed_qkv(op, q, k, v):
-    """Varlen q, k, v: 3-D (T, heads, d) floating tensors of one dtype / device / shape."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{op}: with cu_seqlens, {name} must be packed 3-D (T, heads, "
-                             f"head_dim), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, "
-                         f"{v.device}")
-
-
 def _check(op, q, k, v, keep_idx, cu_seqlens, max_seqlen, key_bias, return_importance, scale):
     """Validate the arguments; returns (keep_idx as int64 or None, cu_seqlens as int32 or None,
     max_seqlen (0 when dense), scale)."""
@@ -111,7 +94,7 @@ def _check(op, q, k, v, keep_idx, cu_seqlens, max_seqlen, key_bias, return_impor
 
 
 def _check_varlen(op, q, k, v, keep_idx, cu, max_seqlen, key_bias, scale):
-    _check_packed_qkv(op, q, k, v)
+    check_qkv(op, q, k, v, "packed 3-D (T, heads, head_dim) with cu_seqlens")
     T, h, d = q.shape
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
