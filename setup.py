@@ -213,6 +213,8 @@ class CMakeBuild(build_ext):
 setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    # which CUDA C++ kernels backend="auto" may pick (vitkern/cuda_auto.py); read at dispatch
+    package_data={"vitkern": ["cuda_auto.json"]},
     ext_modules=[CMakeExtension("vitkern._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

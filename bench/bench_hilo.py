@@ -497,16 +497,18 @@ def _timed_callable(fn: Callable, arg_sets: list[list[torch.Tensor]], douts: lis
     return harness.rotating(call_bwd, sets), grad_none
 
 
-def _time_and_record(task: harness.Task, B: int, provs: list["Provider"], checks: dict[str, dict], ctx: harness.Context,
-                     arg_sets, douts, copies: int, flops_fn: Callable[[str], float],
-                     bytes_fn: Callable[[str], float], extra: Callable[["Provider"], dict] | None = None
-                     ) -> list[dict]:
-    """Time every runnable provider of a task (interleaved on CPU) per mode; one record each."""
+def time_providers(task: harness.Task, B: int, provs: list["Provider"], checks: dict[str, dict],
+                   ctx: harness.Context, arg_sets, douts, copies: int, flops_fn: Callable[[str], float],
+                   bytes_fn: Callable[[str], float], extra: Callable[["Provider"], dict] | None = None,
+                   record: Callable[..., dict] | None = None) -> list[dict]:
+    """Time every runnable provider of a task (interleaved on CPU) per mode; one record each,
+    started by ``record(task, B, provider, mode)`` (this family's by default)."""
+    record = record or _base_record
     records = []
     for mode in ctx.modes:
         fns, g2n, recs = {}, {}, {}
         for p in provs:
-            rec = _base_record(task, B, p, mode)
+            rec = record(task, B, p, mode)
             if extra is not None:
                 rec.update(extra(p))
             chk = checks.get(p.name)
@@ -592,30 +594,51 @@ def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
     ref_fn = None
     if ref_mod is not None or pooled:
         ref_fn = _op_reference(task, ref_mod, pad_arg)
-    with_grad = "fwd+bwd" in ctx.modes
+    # correctness first: a vitkern provider that cannot be checked is not timed
+    if ref_fn is None:
+        checks: dict[str, dict] = {}
+        for p in provs:
+            if p.kind == "vitkern" and p.fn is not None:
+                p.fn, p.skip = None, f"no reference to check against ({ref_reason})"
+    else:
+        checks = check_providers(task, ctx, provs, ref_fn, arg_sets[0], douts[0])
 
-    # correctness first
+    def extra(p: Provider) -> dict:
+        if p.backend == "auto" and ops is not None:
+            return {"resolved_backend": _resolve_backend(ctx.device)}
+        return {}
+
+    return time_providers(
+        task, B, provs, checks, ctx, arg_sets, douts, copies,
+        flops_fn=lambda mode: attention_flops(c, B, hi_heads=hi_heads, lo_heads=lo_heads, mode=mode),
+        bytes_fn=lambda mode: attention_bytes(c, B, heads, elem, mode=mode, pooled=pooled), extra=extra)
+
+
+def check_providers(task: harness.Task, ctx: harness.Context, provs: list[Provider], ref_fn: Callable,
+                    inputs: list[torch.Tensor], dout: torch.Tensor) -> dict[str, dict]:
+    """Check every runnable provider against ``ref_fn`` (:func:`_check`) before anything is timed.
+
+    A wrong or raising vitkern provider is recorded in ``ctx.failures`` and not timed; a baseline
+    that raises is skipped with the reason. The CUDA C++ backend covers part of each op family by
+    design: where it refuses a case (a ``BackendError``) it is skipped with the reason, and where it
+    refuses only the gradients (an inference kernel) its forward alone is checked and timed (the
+    same for a vitkern op on the CUDA backend used as a baseline, like bench_window's ``dense``).
+    """
     checks: dict[str, dict] = {}
+    with_grad = "fwd+bwd" in ctx.modes
     for p in provs:
         if p.fn is None:
             continue
-        if p.kind == "vitkern" and ref_fn is None:
-            p.skip = f"no reference to check against ({ref_reason})"
-            continue
-        if ref_fn is None:
-            continue
         try:
             try:
-                info = _check(p.name, p.fn, ref_fn, arg_sets[0], douts[0], task.dtype, with_grad)
+                info = _check(p.name, p.fn, ref_fn, inputs, dout, task.dtype, with_grad)
             except Exception as exc:  # noqa: BLE001
-                if not (p.kind == "vitkern" and p.backend == "cuda" and with_grad and _is_refusal(exc)):
+                if not (p.backend == "cuda" and with_grad and _is_refusal(exc)):
                     raise
-                # an inference-only CUDA kernel (Lo-Fi): check and time its forward alone
                 p.fwd_only = f"refused by design: {_refusal_reason(exc, 'cuda')}"
-                info = _check(p.name, p.fn, ref_fn, arg_sets[0], douts[0], task.dtype, False)
+                info = _check(p.name, p.fn, ref_fn, inputs, dout, task.dtype, False)
         except Exception as exc:  # noqa: BLE001
-            if p.kind == "vitkern" and p.backend == "cuda" and _is_refusal(exc):
-                # The CUDA C++ backend covers part of the op family by design.
+            if p.backend == "cuda" and _is_refusal(exc):
                 p.skip = f"refused by design: {_refusal_reason(exc, 'cuda')}"
                 p.fn = None
                 continue
@@ -644,16 +667,7 @@ def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
                 raise CorrectnessError(msg)
             ctx.failures.append(msg)
             p.fn = None
-
-    def extra(p: Provider) -> dict:
-        if p.backend == "auto" and ops is not None:
-            return {"resolved_backend": _resolve_backend(ctx.device)}
-        return {}
-
-    return _time_and_record(
-        task, B, provs, checks, ctx, arg_sets, douts, copies,
-        flops_fn=lambda mode: attention_flops(c, B, hi_heads=hi_heads, lo_heads=lo_heads, mode=mode),
-        bytes_fn=lambda mode: attention_bytes(c, B, heads, elem, mode=mode, pooled=pooled), extra=extra)
+    return checks
 
 
 def _is_refusal(exc: Exception) -> bool:
@@ -771,7 +785,7 @@ def _run_layer(task: harness.Task, ctx: harness.Context, B: int) -> list[dict]:
             p.fn = None
 
     resolved = _resolve_backend(ctx.device)
-    return _time_and_record(task, B, provs, checks, ctx, xs, douts, copies,
+    return time_providers(task, B, provs, checks, ctx, xs, douts, copies,
                             flops_fn=lambda mode: layer_flops(c, B, mode),
                             bytes_fn=lambda mode: layer_bytes(c, B, n_params, elem, mode),
                             extra=lambda p: {"resolved_backend": resolved} if p.kind == "vitkern" else {})

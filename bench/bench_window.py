@@ -22,6 +22,14 @@ group           vitkern provider                            baselines (same run)
                 image (P = 30, 50, 70, SparseViT's ratios)   FLOP-wise speedup limit
 ==============  ==========================================  ============================================
 
+vitkern providers are named ``vitkern[<backend>]``, one per backend as in ``bench_hilo`` (on CUDA
+every available compiled backend). ``vitkern[cuda]`` is the CUDA C++ Swin forward (csrc/window/:
+square 7×7 / 12×12 windows, head_dim 32, fp16 / bf16, every window): its ``fwd+bwd`` records and
+the cases it refuses by design (fp32, ``active_windows``, other shapes) are ``skipped`` with the
+reason, and its ``speedup_vs_vitkern`` against ``vitkern[triton]`` (same task and mode) is the
+number that decides whether ``auto`` may prefer it. Its GB/s is measured against the byte model
+below, like every provider's.
+
 Correctness first: every provider's output (and with ``fwd+bwd`` the gradients of every input) is
 compared with ``vitkern.reference.window`` in fp64 under the flash-attention rule before it is
 timed (``bench_hilo._check``); a wrong vitkern provider is not timed and fails the run.
@@ -46,9 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .bench_hilo import (CorrectnessError, Provider, _add_speedups, _check, _flex_available,
-                         _flex_fn, _randn, _resolve_backend, _seeded, _timed_callable,
-                         default_backends)
+from .bench_hilo import (Provider, _flex_available, _flex_fn, _randn, _resolve_backend, _seeded,
+                         check_providers, default_backends, time_providers)
 from .shapes import WindowCase, window_cases
 
 FAMILY = "window"
@@ -234,78 +241,6 @@ def _kept_queries(c: WindowCase, active) -> int:
     return int(active_token_mask((c.H, c.W), ws, s, active.cpu()).sum())
 
 
-def _time(task, B, provs, checks, ctx, arg_sets, douts, flops_fn, bytes_fn, extra=None):
-    records = []
-    for mode in ctx.modes:
-        fns, g2n, recs = {}, {}, {}
-        for p in provs:
-            rec = _record(task, B, p, mode)
-            rec.update(extra or {})
-            chk = checks.get(p.name)
-            if chk is not None:
-                rec["check"] = chk
-                rec["max_abs_err"] = max(chk.get("max_abs_err", {}).values(), default=None)
-            recs[p.name] = rec
-            if p.fn is None:
-                bad = chk is not None and not chk.get("ok", True)
-                rec.update(status="wrong" if bad else "skipped",
-                           reason=chk.get("message") if bad else p.skip)
-                continue
-            params = ([t for t in p.module.parameters() if t.requires_grad]
-                      if p.module is not None and mode != "fwd" else [])
-            fns[p.name], g2n[p.name] = _timed_callable(p.fn, arg_sets, douts, mode, ctx.device,
-                                                        params)
-        timings = harness.bench_many(fns, ctx.device, quick=ctx.quick, grad_to_none=g2n)
-        for name, t in timings.items():
-            rec = recs[name]
-            if isinstance(t, Exception):
-                msg = f"{type(t).__name__}: {t}"
-                if rec["kind"] == "vitkern":
-                    ctx.failures.append(f"{task.label} {name} [{mode}]: {msg}")
-                    if ctx.strict:
-                        raise t
-                rec.update(status="error" if rec["kind"] == "vitkern" else "skipped", reason=msg)
-                continue
-            flops, nbytes = flops_fn(mode), bytes_fn(mode)
-            rec.update(harness.metrics(t.ms, flops, nbytes, ctx.dev, task.dtype))
-            rec.update(status="ok", ms_p20=t.ms_p20, ms_p80=t.ms_p80, reps=t.reps, timer=t.timer,
-                       flops=flops, bytes=nbytes)
-        records.extend(recs.values())
-    _add_speedups(records)
-    return records
-
-
-def _check_all(task, ctx, provs, ref_fn, inputs, dout):
-    checks = {}
-    with_grad = "fwd+bwd" in ctx.modes
-    for p in provs:
-        if p.fn is None:
-            continue
-        try:
-            info = _check(p.name, p.fn, ref_fn, inputs, dout, task.dtype, with_grad)
-        except Exception as exc:  # noqa: BLE001
-            msg = f"{task.label} {p.name}: raised {type(exc).__name__}: {exc}"
-            if p.kind == "vitkern":
-                if ctx.strict:
-                    raise
-                ctx.failures.append(msg)
-                checks[p.name] = {"ok": False, "error": True, "message": msg}
-            p.skip, p.fn = msg, None
-            continue
-        checks[p.name] = info
-        if not info["ok"]:
-            msg = f"{task.label} {p.name}: WRONG vs reference: {info['message']}"
-            if p.kind == "vitkern":
-                ctx.log("!!! " + msg)
-                if ctx.strict:
-                    raise CorrectnessError(msg)
-                ctx.failures.append(msg)
-                p.fn = None
-            else:
-                ctx.log("note: baseline " + msg)
-    return checks
-
-
 def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
     """Check and time every provider of one (case, dtype, group); returns result records."""
     from vitkern.ops.window import window_attention
@@ -363,11 +298,12 @@ def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
                                     **kw)
 
     sparse = [p for p in provs if p.kind == "vitkern"] if active is not None else provs
-    checks = _check_all(task, ctx, sparse, ref_fn, arg_sets[0], douts[0])
+    checks = check_providers(task, ctx, sparse, ref_fn, arg_sets[0], douts[0])
     if active is not None:  # the dense providers compute every window: checked densely
         dense = [p for p in provs if p.kind == "baseline"]
-        checks.update(_check_all(task, ctx, dense, lambda q, k, v, t: ref_fn(q, k, v, t, None),
-                                 arg_sets[0], douts[0]))
+        checks.update(check_providers(task, ctx, dense,
+                                      lambda q, k, v, t: ref_fn(q, k, v, t, None), arg_sets[0],
+                                      douts[0]))
 
     def flops_fn(mode, n=nq):
         f = n * c.heads * 4 * ws * ws * c.head_dim
@@ -377,7 +313,8 @@ def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
         fwd = elem * c.heads * c.head_dim * 4 * n
         return fwd if mode == "fwd" else fwd + elem * c.heads * c.head_dim * 8 * n + 8 * c.heads * n
 
-    return _time(task, B, provs, checks, ctx, arg_sets, douts, flops_fn, bytes_fn, extra)
+    return time_providers(task, B, provs, checks, ctx, arg_sets, douts, copies, flops_fn, bytes_fn,
+                          extra=lambda p: extra, record=_record)
 
 
 def _run_block(task: harness.Task, ctx: harness.Context, B: int) -> list[dict]:
@@ -410,7 +347,7 @@ def _run_block(task: harness.Task, ctx: harness.Context, B: int) -> list[dict]:
     sets = [([_randn((B, c.H, c.W, c.dim), gen, task.dtype, ctx.device)],
              _randn((B, c.H, c.W, c.dim), gen, task.dtype, ctx.device)) for _ in range(copies)]
     arg_sets, douts = [x[0] for x in sets], [x[1] for x in sets]
-    checks = _check_all(task, ctx, provs, lambda x: ref64._attn(x), arg_sets[0], douts[0])
+    checks = check_providers(task, ctx, provs, lambda x: ref64._attn(x), arg_sets[0], douts[0])
     ws = _geometry(c)[0]
     n = B * c.H * c.W
     n_params = sum(p.numel() for p in timm_blk.attn.parameters())
@@ -423,5 +360,6 @@ def _run_block(task: harness.Task, ctx: harness.Context, B: int) -> list[dict]:
         f = elem * (2 * n * c.dim + n_params)
         return f if mode == "fwd" else 3 * f
 
-    return _time(task, B, provs, checks, ctx, arg_sets, douts, flops_fn, bytes_fn)
+    return time_providers(task, B, provs, checks, ctx, arg_sets, douts, copies, flops_fn, bytes_fn,
+                          record=_record)
 

@@ -459,3 +459,102 @@ def test_microbench_hilo_layer_cpu(benchmark, impl):
             torch.testing.assert_close(out, lit(x, c.H, c.W), rtol=1e-4, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m vitkern.bench.approve: which CUDA C++ kernels backend="auto" may pick
+# ------------------------------------------------------------------------------------------------
+
+def _junit(path, outcomes):
+    cases = "".join(
+        f'<testcase classname="tests.test_csrc_hilo" name="{n}">'
+        + {"passed": "", "failed": "<failure message='x'/>", "skipped": "<skipped message='x'/>"}[o]
+        + "</testcase>" for n, o in outcomes.items())
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{cases}'
+                    "</testsuite></testsuites>")
+    return path
+
+
+def _gpu_results(path, records, kind="cuda"):
+    rec = []
+    for group, mode, dtype, cuda_ms, triton_ms, extra in records:
+        base = {"family": "window" if group == "attn" else "hilo", "case": f"c{len(rec)}",
+                "group": group, "mode": mode, "dtype": dtype, "kind": "vitkern"}
+        pair = [dict(base, provider="vitkern[triton]", status="ok", ms=triton_ms),
+                {**base, "provider": "vitkern[cuda]", "status": "ok", "ms": cuda_ms, **extra}]
+        bench_hilo._add_speedups(pair)  # per task, as the benchmark does
+        rec += pair
+    meta = {"device": {"kind": kind, "name": "NVIDIA H100 80GB HBM3", "capability": "9.0"}}
+    path.write_text(json.dumps({"schema": "vitkern.bench/1", "meta": meta, "results": rec}))
+    return path
+
+
+def test_approve_rule(tmp_path, monkeypatch):
+    from vitkern import cuda_auto
+    from vitkern.bench import approve
+
+    tests = {"test_cuda_hifi_matches_reference[a-fp16]": "passed",
+             "test_cuda_lofi_matches_reference[a-fp16]": "passed",
+             "test_cuda_window_matches_reference[a-fp16]": "skipped",
+             "test_other": "passed"}
+    junit = _junit(tmp_path / "j.xml", tests)
+    res = _gpu_results(tmp_path / "h100-2026-11-21.json", [
+        ("hifi", "fwd", "fp16", 1.0, 2.0, {}), ("hifi", "fwd", "fp16", 1.0, 1.5, {}),
+        ("hifi", "fwd+bwd", "fp16", 1.0, 1.02, {}),                  # too little: stays triton
+        ("hifi", "fwd", "bf16", 1.0, 3.0, {}), ("hifi", "fwd", "bf16", 1.0, 0.8, {}),  # slow case
+        ("lofi", "fwd", "fp16", 1.0, 1.2, {}),
+        ("lofi", "fwd+bwd", "fp16", 1.0, 1.0,                         # refused: not a lofi record
+         {"status": "skipped", "reason": "refused by design: forward-only"}),
+        ("lofi_pooled", "fwd", "fp16", 1.0, 1.3,
+         {"status": "skipped", "reason": "refused by design: window_size 9"}),
+        ("attn", "fwd", "fp16", 1.0, 2.0, {})])                      # its GPU tests were skipped
+    cpu = _gpu_results(tmp_path / "cpu.json", [("hifi", "fwd", "fp32", 1.0, 9.0, {})], kind="cpu")
+    approved, lines = approve.approve(junit, [res, cpu])
+    got = {(e["kernel"], e["dtype"]): e for e in approved}
+    assert set(got) == {("hifi_fwd", "float16"), ("lofi_fwd", "float16")}, lines
+    assert got[("hifi_fwd", "float16")]["speedup_vs_triton"] == pytest.approx(math.sqrt(3.0), rel=1e-3)
+    assert got[("hifi_fwd", "float16")]["results"] == "bench/results/h100-2026-11-21.json"
+    assert got[("lofi_fwd", "float16")]["cases"] == 1 and all(e["capability"] == "9.0" for e in approved)
+    text = "\n".join(lines)
+    assert "hifi_bwd sm_90 fp16: stays with triton: geomean speedup over triton 1.020 < 1.05" in text
+    assert "hifi_fwd sm_90 bf16: stays with triton: slowest case 0.800x triton < 0.9" in text
+    assert "window_fwd sm_90 fp16: stays with triton: 1 of its 1 GPU tests were skipped" in text
+    assert "fp32" not in text  # the CPU run is ignored
+
+    # a failure anywhere in the tier approves nothing; a wrong record blocks its kernel
+    bad = _junit(tmp_path / "bad.xml", dict(tests, test_other="failed"))
+    assert approve.approve(bad, [res])[0] == []
+    wrong = _gpu_results(tmp_path / "w.json", [("hifi", "fwd", "fp16", 1.0, 2.0,
+                                                  {"status": "wrong", "reason": "off"})])
+    assert approve.approve(junit, [wrong])[0] == []
+    # the backward is approved only with the forward
+    fast_bwd = _gpu_results(tmp_path / "b.json", [("hifi", "fwd+bwd", "fp16", 1.0, 2.0, {}),
+                                                   ("hifi", "fwd", "fp16", 1.0, 1.01, {})])
+    assert approve.approve(junit, [fast_bwd])[0] == []
+
+    # --write: the file that dispatch reads
+    out = tmp_path / "cuda_auto.json"
+    monkeypatch.setattr(cuda_auto, "PATH", out)
+    assert approve.main(["--junit", str(junit), str(res), "--write"]) == 0
+    monkeypatch.setattr(cuda_auto, "capability", lambda index: "9.0")
+    cuda_auto._approved.cache_clear()
+    try:
+        assert {(e["kernel"], e["dtype"]) for e in cuda_auto.approvals()} == set(got)
+        assert cuda_auto._reason("hifi_fwd,lofi_fwd", 0, "float16") == ""
+        assert "window_fwd not approved" in cuda_auto._reason("hifi_fwd,window_fwd", 0, "float16")
+    finally:
+        cuda_auto._approved.cache_clear()
+
+
+def test_committed_cuda_auto_file():
+    """vitkern/cuda_auto.json parses, and every approval cites a committed GPU results file."""
+    from vitkern import cuda_auto
+
+    cuda_auto._approved.cache_clear()
+    doc = json.loads(cuda_auto.PATH.read_text())
+    assert doc["schema"] == cuda_auto.SCHEMA and "rule" in doc
+    for e in cuda_auto.approvals():
+        results = json.loads((Path(__file__).resolve().parents[1] / e["results"]).read_text())
+        assert results["meta"]["device"]["kind"] == "cuda"
+        assert results["meta"]["device"]["capability"] == e["capability"]
+        assert e["speedup_vs_triton"] >= 1.05

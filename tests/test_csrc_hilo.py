@@ -87,6 +87,8 @@ def host(tmp_path_factory):
         getattr(so, name).restype = None
     so.vk_host_lofi_fwd.argtypes = [P, P, P, P, i64, i64, i64, ctypes.c_int32, f32, buf, n]
     so.vk_host_lofi_supported.argtypes = [ctypes.c_int32, i64, i64, buf, n]
+    so.vk_host_lofi_geometry.argtypes = [P, P, P, P, i64, i64, i64, ctypes.c_int32,
+                                         ctypes.POINTER(i64), buf, n]
     so.vk_host_fastdiv.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
     so.vk_host_fastdiv.restype = ctypes.c_uint32
     return so
@@ -199,7 +201,9 @@ def host_lofi(so, q, k, v, hw, s, kv_pooled=False, scale=None):
 
 
 # (B, heads, H, W, s, pad, d, kv_pooled): several key chunks of 32 (last one partial), query
-# tiles of 256 / L queries (several per map), border pooled keys of zero-padded maps.
+# tiles of 256 / L queries (several per map), border pooled keys of zero-padded maps; head dims
+# that are not 16 times a power of two (48, 80, 96: lanes rounded up to 4, 8, 8 with idle padding
+# lanes and zero-padded shared-memory rows; 48 in fp32 is 12 vectors in a 16-vector padded row).
 LOFI_CASES = [
     (2, 2, 4, 6, 2, None, 32, False),
     (1, 3, 7, 5, 2, "zero", 16, False),
@@ -209,6 +213,11 @@ LOFI_CASES = [
     (1, 1, 17, 23, 2, "zero", 16, False),   # 108 pooled keys, padded border
     (1, 2, 8, 7, 3, "zero", 32, False),     # s = 3
     (2, 2, 7, 5, 2, "zero", 32, True),      # pre-pooled k, v
+    (2, 2, 9, 7, 2, "zero", 48, False),     # 4 lanes, 1 idle; 63 queries in 64-query tiles
+    (1, 1, 11, 13, 3, "zero", 80, False),   # 8 lanes, 3 idle; s = 3, 143 queries = 5 tiles
+    (1, 2, 15, 9, 2, "zero", 96, False),    # 8 lanes, 2 idle; 40 pooled keys = 2 chunks
+    (1, 1, 13, 19, 2, "zero", 112, False),  # 8 lanes, 1 idle; 70 pooled keys = 3 chunks
+    (2, 1, 7, 9, 2, "zero", 80, True),      # pre-pooled k, v, d = 80
 ]
 
 
@@ -239,11 +248,108 @@ def test_host_build_lofi_strided_and_errors(host):
     o = torch.empty(q.shape, dtype=q.dtype)
     st, why = _call(host.vk_host_lofi_fwd, desc(q), desc(k), desc(v), desc(o), H, W, s, 1, 0.2)
     assert st == STATUS["invalid"] and "pooled map" in why  # k is not the pooled map
-    st, why = _call(host.vk_host_lofi_supported, 1, 48, 2)
-    assert st == STATUS["shape"] and "head_dim 48" in why
+    for bad in (40, 8, 0, 136, 144, 256):  # not a multiple of 16, or above 128
+        st, why = _call(host.vk_host_lofi_supported, 1, bad, 2)
+        assert st == STATUS["shape"] and f"head_dim {bad} not supported" in why, (bad, why)
+        assert "multiple of 16 up to 128" in why
+    for good in range(16, 129, 16):
+        assert _call(host.vk_host_lofi_supported, 0, good, 2)[0] == 0, good
+    q40 = torch.zeros(1, 1, 4, 40)
+    st, why = _call(host.vk_host_lofi_fwd, *(desc(q40) for _ in range(4)), 2, 2, 2, 0, 0.2)
+    assert st == STATUS["shape"] and "head_dim 40" in why  # make_params refuses it too
     st, why = _call(host.vk_host_lofi_supported, 1, 32, 9)
     assert st == STATUS["shape"] and "kv_pooled=True" in why
     assert _call(host.vk_host_lofi_supported, 2, 128, 8)[0] == 0
+
+
+def lofi_geometry(so, q, k, v, o, hw, s, kv_pooled=False):
+    out = (ctypes.c_int64 * 8)()
+    st, why = _call(so.vk_host_lofi_geometry, desc(q), desc(k), desc(v), desc(o), hw[0], hw[1], s,
+                    int(kv_pooled), out)
+    assert st == 0, why
+    keys = ("lanes", "dp", "qt", "block_threads", "smem", "grid", "items", "vec_mask")
+    return dict(zip(keys, list(out)))
+
+
+def _padded_dim(d):
+    """The kernel's padded row width: 16 · (the power of two >= d / 16)."""
+    lanes = 1
+    while 16 * lanes < d:
+        lanes *= 2
+    return 16 * lanes
+
+
+def _guarded(shape, d, dtype, gen, channel_stride=1):
+    """A (…, d) view whose row continues with NaN up to (and past) the padded width: a read of
+    any channel >= d spreads NaN into the output."""
+    dp = _padded_dim(d)
+    wide = torch.full((*shape, channel_stride * dp + 16), float("nan"), dtype=dtype)
+    view = wide[..., : channel_stride * d : channel_stride]
+    view.copy_(torch.randn((*shape, d), generator=gen).to(dtype))
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("d", [16, 32, 48, 64, 80, 96, 112, 128])
+def test_host_build_lofi_geometry(host, d, dtype):
+    """lanes = the power of two >= d / 16, padded rows of dp = 16 · lanes in shared memory."""
+    B, h, H, W, s = 2, 3, 7, 9, 2
+    q = torch.empty(B, h, H * W, d, dtype=dtype)
+    g = lofi_geometry(host, q, q, q, q, (H, W), s)
+    lanes = _padded_dim(d) // 16
+    vec = 16 // q.element_size()
+    assert (g["lanes"], g["dp"], g["block_threads"]) == (lanes, 16 * lanes, 256)
+    assert g["qt"] == 256 // lanes and g["grid"] == B * h * math.ceil(H * W / g["qt"])
+    assert g["smem"] == 2 * 32 * g["dp"] * 4  # fp32 K and V rows of 32 pooled keys
+    assert g["items"] == 32 * g["dp"] // vec  # (key, vector) items of the padded rows
+    assert g["vec_mask"] & 0b1111 == 0b1111
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("d", [48, 80, 96])
+def test_host_build_lofi_padded_lanes_strided(host, d, dtype):
+    """Head dims with idle padding lanes on every access path: NaN right after channel d in
+    memory (a read past d, vectorised or element-wise, would show), a packed projection view,
+    channel stride 2, a misaligned view, a stride-0 batch, pooled and pre-pooled k, v; the
+    output is a view into a wider buffer whose channels >= d must stay untouched."""
+    B, h, H, W, s = 2, 2, 7, 9, 2
+    N, m = H * W, -(-H // s) * -(-W // s)
+    g = torch.Generator().manual_seed(d)
+    dp = _padded_dim(d)
+    q = _guarded((B, h, N), d, dtype, g)
+    k = _guarded((B, h, N), d, dtype, g)
+    k2 = _guarded((B, h, N), d, dtype, g, channel_stride=2)       # element-wise path
+    v = _guarded((B, h, N), d, dtype, g)
+    buf = torch.randn(B * h * N * d + 1, generator=g).to(dtype)
+    v2 = buf[1:].view(B, h, N, d)                                  # misaligned: element-wise
+    qp, kp, vp = _packed_views(B, N, h, d, dtype)                  # 16-byte vectors
+    kpool, vpool = (_guarded((B, h, m), d, dtype, g) for _ in range(2))
+    qe, ke, ve = (t[:1].expand(B, -1, -1, -1) for t in (q, k, v))  # stride-0 batch
+
+    def run(q, k, v, kv_pooled=False):
+        o_wide = torch.full((B, N, h, dp + 8), 7.0, dtype=dtype)
+        o_wide[..., :d] = float("nan")
+        o = o_wide[..., :d].transpose(1, 2)
+        st, why = _call(host.vk_host_lofi_fwd, desc(q), desc(k), desc(v), desc(o), H, W, s,
+                        int(kv_pooled), d ** -0.5)
+        assert st == 0, why
+        assert (o_wide[..., d:] == 7.0).all(), "a store past channel d"
+        kw = dict(hw=(H, W), window_size=s, pad="zero", kv_pooled=kv_pooled)
+        ref = R.lofi_attention(q.double(), k.double(), v.double(), **kw)
+        lowp = R.lofi_attention(q, k, v, **kw) if dtype != torch.float32 else None
+        assert_close(o, ref, lowp)
+        return o
+
+    geo = lofi_geometry(host, q, k, v, q, (H, W), s)
+    assert geo["vec_mask"] & 0b111 == 0b111 and geo["dp"] == dp
+    geo = lofi_geometry(host, qp, k2, v2, qp, (H, W), s)
+    assert geo["vec_mask"] & 0b111 == 0b001  # k2, v2 element-wise
+    run(q, k, v)
+    run(q, k2, v2)
+    run(qp, kp, vp)
+    run(qp, k2, vp)
+    run(qe, ke, ve)
+    run(q, kpool, vpool, kv_pooled=True)
 
 
 def test_host_build_custom_scale_and_large_logits(host):
@@ -517,7 +623,10 @@ def test_cuda_dispatch_reasons(host_ext):
     assert reason(f32, 80, 3, 2, 0, False, True) is None
     assert reason(f16, 32, 2, 2, 10, False, False) is None           # LITv2-S split, inference
     assert "forward-only" in reason(f16, 32, 2, 2, 10, False, True)  # ... training: triton
-    assert "head_dim 80 not supported by the CUDA Lo-Fi" in reason(f16, 80, 2, 0, 2, False, False)
+    assert reason(f16, 80, 2, 0, 2, False, False) is None            # Lo-Fi: any multiple of 16
+    assert reason(f32, 48, 3, 2, 4, False, False) is None
+    assert "head_dim 72 not supported by the CUDA Lo-Fi" in reason(f16, 72, 2, 0, 2, False, False)
+    assert "head_dim 144 not supported by the CUDA Lo-Fi" in reason(f16, 144, 2, 0, 2, False, False)
     assert reason(f16, 32, 9, 0, 2, True, False) is None             # pre-pooled: any s
     assert "kv_pooled=True" in reason(f16, 32, 9, 0, 2, False, False)
     assert "float64 not supported by cuda" in reason(torch.float64, 32, 2, 1, 0, False, False)
@@ -530,15 +639,95 @@ def test_cuda_dispatch_reasons(host_ext):
 
 
 def test_cuda_backend_is_opt_in(host_ext):
-    from vitkern import backends
+    from vitkern import backends, cuda_auto
 
     ok, why = backends.cuda_status()
     assert ok and "HiLo Hi-Fi" in why and "Lo-Fi" in why and "opt-in" in why
-    assert "auto does not pick it" in why
-    assert "cuda" not in backends.AUTO_ORDER
-    # even when every backend would accept, auto picks triton (then the reference), never cuda
-    assert backends.select("x", "auto", lambda name, explicit: None) == "triton"
+    assert "cuda_auto.json" in why
+    # the committed file approves nothing yet: no GPU-tier run is recorded
+    assert cuda_auto.approvals() == [] and "none yet" in backends.cuda_auto_summary()
+    # auto asks cuda first, but only an approved kernel passes (see the next test)
+    assert backends.AUTO_ORDER[0] == "cuda"
     assert backends.select("x", "cuda", lambda name, explicit: None) == "cuda"
+
+
+def _approve(monkeypatch, *entries):
+    """Pretend vitkern/cuda_auto.json approves ``entries`` ((kernel, dtype) on capability 9.0),
+    with tensors of the CPU build standing in for CUDA tensors of an sm_90 device."""
+    from vitkern import backends, cuda_auto
+    from vitkern.ops import hilo as H
+
+    table = {(k, "9.0", dt): {"kernel": k, "capability": "9.0", "dtype": dt,
+                              "speedup_vs_triton": 2.0} for k, dt in entries}
+    monkeypatch.setattr(cuda_auto, "_approved", lambda: table)
+    monkeypatch.setattr(cuda_auto, "capability", lambda index: "9.0")
+    monkeypatch.setattr(cuda_auto, "_index", lambda device: 0)
+    device_reason = backends.device_reason
+
+    def on_gpu(name, device, explicit):  # the CPU tensors play CUDA tensors
+        if name == "cuda":
+            return None if explicit else (cuda_auto._device_reason(0) or None)
+        return device_reason(name, device, explicit)
+
+    monkeypatch.setattr(backends, "device_reason", on_gpu)
+    monkeypatch.setattr(cuda_auto, "reason", lambda kernels, device, dtype: cuda_auto._reason(
+        ",".join(kernels), 0, str(dtype).removeprefix("torch.")) or None)
+    monkeypatch.setattr(H, "_cuda_reason", lambda q, s, n_lo, kv_pooled, needs_grad: H._cuda_shape_reason(
+        q.dtype, q.shape[-1], s, q.shape[1] - n_lo, n_lo, kv_pooled, needs_grad))
+
+
+def test_auto_picks_cuda_only_where_approved(host_ext, monkeypatch):
+    """backend="auto" runs a CUDA C++ kernel only for the (kernel, GPU generation, dtype) triples
+    that vitkern/cuda_auto.json approves: every kernel a call runs must be approved."""
+    import torch._dynamo
+
+    from vitkern import cuda_auto, ops
+    from vitkern.ops import hilo as H
+
+    f16 = torch.float16
+    q = torch.empty(1, 4, 24, 32, dtype=f16)
+    pick = lambda n_lo, needs_grad, dtype=f16: H._backend(  # noqa: E731
+        "hilo_attention", "auto", q.to(dtype), 2, n_lo, False, needs_grad)
+    _approve(monkeypatch)
+    assert pick(0, False) == "reference"  # nothing approved: no cuda (CPU tensors: reference)
+    assert "no CUDA kernel approved for auto on compute capability 9.0" in cuda_auto._device_reason(0)
+    _approve(monkeypatch, ("hifi_fwd", "float16"), ("lofi_fwd", "bfloat16"))
+    assert pick(0, False) == "cuda"                        # Hi-Fi inference, fp16: approved
+    assert pick(0, True) == "reference"                    # training also runs hifi_bwd
+    assert pick(0, False, torch.bfloat16) == "reference"   # hifi_fwd is approved for fp16 only
+    assert pick(2, False) == "reference"                   # lofi_fwd not approved for fp16
+    why = cuda_auto._reason("hifi_fwd,hifi_bwd", 0, "float16")
+    assert "hifi_bwd not approved for auto on compute capability 9.0 / float16" in why
+    assert "hifi_fwd" not in why.split(" not approved")[0]
+    _approve(monkeypatch, ("hifi_fwd", "float16"), ("hifi_bwd", "float16"), ("lofi_fwd", "float16"))
+    assert pick(0, True) == "cuda" and pick(2, False) == "cuda"
+    assert pick(2, True) == "reference"   # the Lo-Fi kernel is forward-only: refused, not approved
+    # and the call really runs the CUDA kernel (the CPU build here) under auto
+    q, k, v = _qkv(1, 4, 24, 32, f16)
+    from vitkern import _cext
+
+    calls, launch = [], _cext.launch
+
+    def spy(entry, *args, **kw):
+        calls.append(entry)
+        return launch(entry, *args, **kw)
+
+    monkeypatch.setattr(_cext, "launch", spy)
+    with torch.no_grad():
+        out = ops.hilo_attention(q, k, v, hw=(4, 6), window_size=2, num_lo_heads=2)
+    assert calls == ["hifi_fwd", "lofi_fwd"], calls
+    ref = R.hilo_attention(q.double(), k.double(), v.double(), hw=(4, 6), window_size=2,
+                           num_lo_heads=2)
+    assert_close(out, ref, R.hilo_attention(q, k, v, hw=(4, 6), window_size=2, num_lo_heads=2))
+    # the approval lookups fold to constants under torch.compile: no graph break
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: ops.hilo_attention(q, k, v, hw=(4, 6), window_size=2,
+                                                          num_lo_heads=2),
+                       fullgraph=True, backend="aot_eager")
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(fn(q, k, v), out)
+    assert calls == ["hifi_fwd", "lofi_fwd"], calls
 
 
 def test_bench_cuda_provider_pieces():
@@ -660,10 +849,35 @@ def test_cuda_lofi_matches_reference(case, dtype):
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-def test_cuda_hilo_inference_mixed_heads(dtype):
+@pytest.mark.parametrize("d", [48, 80, 96])
+def test_cuda_lofi_padded_lanes_guarded(d, dtype):
+    """Non-power-of-two lane counts on the GPU: NaN right after channel d in memory (any read
+    past d shows), vectorised and element-wise paths, pooled and pre-pooled k, v."""
     from vitkern import ops
 
-    B, h, H, W, s, n_lo, d = 2, 12, 14, 14, 2, 10, 32  # LITv2-S stage 3 split
+    B, h, H, W, s = 2, 3, 13, 11, 2
+    N, m = H * W, -(-H // s) * -(-W // s)
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (_guarded((B, h, N), d, dtype, g).cuda() for _ in range(3))
+    k2 = _guarded((B, h, N), d, dtype, g, channel_stride=2).cuda()
+    kp, vp = (_guarded((B, h, m), d, dtype, g).cuda() for _ in range(2))
+    for kk, vv, pooled in ((k, v, False), (k2, v, False), (kp, vp, True)):
+        kw = dict(hw=(H, W), window_size=s, kv_pooled=pooled)
+        with torch.no_grad():
+            out = ops.lofi_attention(q, kk, vv, backend="cuda", **kw)
+        ref = R.lofi_attention(*(t.double().cpu() for t in (q, kk, vv)), **kw)
+        lowp = R.lofi_attention(q, kk, vv, **kw).cpu() if dtype != torch.float32 else None
+        assert_close(out.cpu(), ref, lowp)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("d", [32, 80])
+def test_cuda_hilo_inference_mixed_heads(d, dtype):
+    from vitkern import ops
+
+    B, h, H, W, s, n_lo = 2, 12, 14, 14, 2, 10  # LITv2-S stage 3 split (d = 80: other dims)
     q, k, v = (t.cuda() for t in _packed_views(B, H * W, h, d, dtype))
     kw = dict(hw=(H, W), window_size=s, num_lo_heads=n_lo)
     with torch.no_grad():

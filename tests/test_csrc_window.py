@@ -249,6 +249,43 @@ def test_cuda_reason(host_ext):
     assert "window 8" in wc._cuda_shape_reason(f16, 32, 8, None, False)
 
 
+def test_bench_window_cuda_provider(host_ext, monkeypatch):
+    """bench_window's ``vitkern[cuda]`` provider end to end on the CPU build: checked against the
+    reference and timed forward, its fwd+bwd records skipped with the reason (an inference
+    kernel), refused cases (fp32, sparse windows) skipped by design; the run records no failure."""
+    from vitkern import backends
+    from vitkern.bench import bench_window as bw, harness
+    from vitkern.ops import window as wc
+
+    device_reason = backends.device_reason
+    monkeypatch.setattr(backends, "device_reason", lambda name, dev, explicit: (  # auto: no cuda
+        None if name == "cuda" and explicit else device_reason(name, dev, explicit)))
+    monkeypatch.setattr(wc, "_cuda_reason", lambda q, win, sft, act, ng, out=None: (
+        wc._cuda_shape_reason(q.dtype, q.shape[-1], win[0], act, ng, out)))
+    ctx = harness.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"),
+                          modes=("fwd", "fwd+bwd"), quick=True, strict=True, batch=1,
+                          backends=("auto", "cuda"), log=lambda s: None)
+    tasks = bw.plan(bw.cases_for("t_win_small", True), [torch.float16, torch.float32],
+                    ("attn", "block_attn", "sparse50"))
+    recs = {(t.dtype, t.group, r["provider"], r["mode"]): r for t in tasks
+            for r in bw.run_task(t, ctx)}
+    assert not ctx.failures
+    f16, f32 = torch.float16, torch.float32
+    for group in ("attn", "block_attn"):
+        fwd = recs[(f16, group, "vitkern[cuda]", "fwd")]
+        assert fwd["status"] == "ok" and fwd["check"]["ok"] and fwd["gbps"] > 0, fwd
+        assert fwd["speedup_vs_vitkern"].keys() == {"vitkern[auto:reference]"}
+        bwd = recs[(f16, group, "vitkern[cuda]", "fwd+bwd")]
+        assert bwd["status"] == "skipped" and "forward-only" in bwd["reason"], bwd
+        for mode in ctx.modes:
+            r = recs[(f32, group, "vitkern[cuda]", mode)]
+            assert r["status"] == "skipped" and "float16 / bfloat16 only" in r["reason"], r
+    sparse = recs[(f16, "sparse50", "vitkern[cuda]", "fwd")]
+    assert sparse["status"] == "skipped" and "active_windows" in sparse["reason"]
+    assert recs[(f16, "sparse50", "dense[cuda]", "fwd")]["status"] == "ok"
+    assert "forward-only" in recs[(f16, "sparse50", "dense[cuda]", "fwd+bwd")]["reason"]
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------------------

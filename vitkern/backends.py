@@ -1,7 +1,8 @@
 """Backend availability and per-call dispatch.
 
-Backends, fastest first: ``cuda`` (hand-written kernels in ``vitkern._C``), ``triton`` (the
-default GPU backend) and ``reference`` (pure PyTorch; what ``auto`` uses for CPU tensors).
+Backends, fastest first: ``cuda`` (hand-written kernels in ``vitkern._C``; ``auto`` takes them only
+where :mod:`vitkern.cuda_auto` approves them), ``triton`` (the default GPU backend) and
+``reference`` (pure PyTorch; what ``auto`` uses for CPU tensors).
 Every op takes ``backend="auto" | "cuda" | "triton" | "reference"``; the environment variable
 ``VITKERN_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument still wins). When the chosen
 backend refuses an input, :class:`BackendError` lists every backend and its reason.
@@ -16,9 +17,10 @@ from typing import Callable, Optional
 import torch
 
 BACKENDS = ("cuda", "triton", "reference")
-#: Backends ``auto`` may pick. The CUDA backend stays opt-in until its kernels have passed the
-#: GPU test tier and measured faster than Triton in a committed results file.
-AUTO_ORDER = ("triton", "reference")
+#: The order ``auto`` tries. It picks a CUDA C++ kernel only where ``vitkern/cuda_auto.json``
+#: approves it (passed the GPU test tier and measured faster than triton in a committed results
+#: file, for that GPU generation and dtype; see :mod:`vitkern.cuda_auto`); elsewhere triton.
+AUTO_ORDER = ("cuda", "triton", "reference")
 
 
 class BackendError(ValueError):
@@ -57,8 +59,21 @@ CUDA_KERNELS = ("HiLo Hi-Fi forward + backward (window_size <= 4), HiLo Lo-Fi fo
                 "in-kernel pooling (inference), fp32 / fp16 / bf16; Swin window forward "
                 "(inference; window 7 / 12, head_dim 32, fp16 / bf16, tensor cores)")
 _CUDA_ENTRIES = ("hifi_fwd", "hifi_bwd", "lofi_fwd", "window_fwd")
-CUDA_OPT_IN = ("opt-in with backend='cuda': auto does not pick it until its kernels have passed the "
-               "GPU test tier and measured faster than triton in a committed bench/results file")
+CUDA_OPT_IN = ("opt-in with backend='cuda': auto picks a kernel only on the GPU generations and "
+               "dtypes where it has passed the GPU test tier and measured faster than triton in a "
+               "committed bench/results file (vitkern/cuda_auto.json)")
+
+
+def cuda_auto_summary() -> str:
+    """The approvals ``auto`` follows, in one line."""
+    from vitkern import cuda_auto
+
+    got = cuda_auto.approvals()
+    if not got:
+        return "auto-approved: none yet (no GPU-tier run recorded)"
+    return "auto-approved: " + ", ".join(
+        f"{e['kernel']} sm_{e['capability'].replace('.', '')} {e['dtype']} "
+        f"({e['speedup_vs_triton']:.2f}x triton)" for e in got)
 
 
 def cuda_status() -> tuple[bool, str]:
@@ -101,6 +116,12 @@ def device_reason(backend: str, device: torch.device, explicit: bool) -> Optiona
                 "ask for it with backend='triton')")
         return f"tensors are on {device.type}; triton needs CUDA tensors"
     if backend == "cuda":
+        if not explicit:  # cheap, and first: auto takes CUDA only where the GPU tier approved it
+            from vitkern import cuda_auto
+
+            why = cuda_auto.device_reason(device)
+            if why is not None:
+                return why
         ok, why = cuda_status()
         return None if ok else why
     raise AssertionError(backend)

@@ -3,7 +3,10 @@
  *
  * q, o: (B, heads, H·W, d); k, v: the same full-resolution map (pooled in the kernel with
  * factor window_size, zero padding right / bottom with divisor s²), or with kv_pooled = 1 the
- * (B, heads, ceil(H/s)·ceil(W/s), d) pooled map as given. Strides in elements, one dtype. */
+ * (B, heads, ceil(H/s)·ceil(W/s), d) pooled map as given. Strides in elements, one dtype.
+ * head_dim: any multiple of 16 from 16 to 128 (16 channels per lane; the lane count is rounded up
+ * to a power of two and shared-memory rows are zero-padded to 16 · lanes channels). Pooling
+ * factor 1 … 8 in the kernel; any window_size with kv_pooled = 1. */
 #ifndef VITKERN_HILO_LOFI_H_
 #define VITKERN_HILO_LOFI_H_
 

@@ -6,12 +6,16 @@
  * (32): the kernel runs on CUDA cores with fp32 math throughout, and pools in the kernel.
  *
  * Block: one (batch, head) and a tile of queries; L lanes per query, lane l owning the 16
- * contiguous channels [16 l, 16 l + 16) (d = 16, 32, 64, 128 -> L = 1, 2, 4, 8). The keys are
- * walked in chunks of KC = 32 pooled keys:
- *   stage:   the block pools the chunk's keys and values into shared memory (fp32): each pooled
- *            vector is the mean of its s×s source tokens read in 16-byte vectors, divisor s² also
- *            at the zero-padded border (LITv2's detection semantics), or read as given when the
- *            caller passes pooled k, v (pool = 1)          | barrier |
+ * contiguous channels [16 l, 16 l + 16). d is any multiple of 16 up to 128; L is the power of two
+ * >= d / 16 (d = 16, 32, 48, 64, 80, 96, 112, 128 -> L = 1, 2, 4, 4, 8, 8, 8, 8), so the lanes of
+ * a query are an aligned xor-butterfly group of a warp. The rows are padded to dp = 16 L channels:
+ * lanes l >= d / 16 are idle (zero q, zero padded keys and values -> partial score exactly 0 and
+ * zero accumulators), and write nothing. The keys are walked in chunks of KC = 32 pooled keys:
+ *   stage:   the block pools the chunk's keys and values into shared memory (fp32, rows of dp
+ *            channels, channels >= d written as 0): each pooled vector is the mean of its s×s
+ *            source tokens read in 16-byte vectors, divisor s² also at the zero-padded border
+ *            (LITv2's detection semantics), or read as given when the caller passes pooled k, v
+ *            (pool = 1); no global read past channel d        | barrier |
  *   scores:  lane partial dot products q·k_j over its 16 channels, summed over the L lanes
  *            (shuffles on the GPU), then an online-softmax step (fp32, base 2) and acc += p v_j
  *                                                           | barrier |
@@ -35,6 +39,7 @@ enum TensorSlot { kQ = 0, kK, kV, kO, kNumSlots };
 
 constexpr int kChannelsPerLane = 16;
 constexpr int kMaxLanes = 8;        /* d <= 128 */
+constexpr int kMaxHeadDim = kChannelsPerLane * kMaxLanes;
 constexpr int kKeyChunk = 32;       /* pooled keys staged per step */
 constexpr int kMaxPool = 8;
 constexpr int kBlockThreads = 256;
@@ -45,7 +50,7 @@ struct Params {
   int64_t B, heads, N;          /* queries */
   int64_t MH, MW;               /* the map keys are read from (full map, or the pooled map) */
   int64_t gw, M;                /* pooled map width, number of (pooled) keys */
-  int32_t pool, d, vec, lanes, log2_lanes, log2_nvec, qt, block_threads;
+  int32_t pool, d, dp, vec, lanes, log2_lanes, log2_nvec, qt, block_threads;
   int64_t n_qtiles, grid, smem_bytes;
   FastDiv div_qtiles, div_heads, div_gw;
   uint32_t vec_mask;
@@ -63,9 +68,10 @@ inline vitkern_status supported(int32_t dtype, int64_t d, int64_t pool, char* wh
   if (vk_dtype_size(dtype) == 0) {
     return fail(why, n, VK_STATUS_UNSUPPORTED_DTYPE, "dtype not float32/float16/bfloat16");
   }
-  if (!(d == 16 || d == 32 || d == 64 || d == 128)) {
-    snprintf(buf, sizeof buf, "head_dim %lld not supported by the CUDA Lo-Fi kernel (16, 32, 64, "
-             "128: 16 channels per lane, a power-of-two lane count)", (long long)d);
+  if (d < kChannelsPerLane || d > kMaxHeadDim || d % kChannelsPerLane != 0) {
+    snprintf(buf, sizeof buf, "head_dim %lld not supported by the CUDA Lo-Fi kernel (a multiple "
+             "of %d up to %d: %d channels per lane)", (long long)d, kChannelsPerLane, kMaxHeadDim,
+             kChannelsPerLane);
     return fail(why, n, VK_STATUS_UNSUPPORTED_SHAPE, buf);
   }
   if (pool < 1 || pool > kMaxPool) {
@@ -137,16 +143,17 @@ inline vitkern_status make_params(Params* p, const vitkern_tensor* q, const vitk
   p->M = gh * gw;
   p->d = (int32_t)d;
   p->vec = (int32_t)(16 / vk_dtype_size(q->dtype));
-  p->lanes = (int32_t)(d / kChannelsPerLane);
-  p->log2_lanes = 0;
-  while ((1 << p->log2_lanes) < p->lanes) ++p->log2_lanes;
-  p->log2_nvec = 0;
-  while ((1 << p->log2_nvec) < d / p->vec) ++p->log2_nvec;
+  p->log2_lanes = 0;  /* lanes: the power of two >= d / 16 (an xor-shuffle group) */
+  while ((1 << p->log2_lanes) * kChannelsPerLane < d) ++p->log2_lanes;
+  p->lanes = 1 << p->log2_lanes;
+  p->dp = p->lanes * kChannelsPerLane;  /* padded row width in shared memory */
+  p->log2_nvec = 0;                     /* dp / vec 16-byte vectors per padded row */
+  while ((1 << p->log2_nvec) * p->vec < p->dp) ++p->log2_nvec;
   p->block_threads = kBlockThreads;
   p->qt = kBlockThreads / p->lanes;
   p->n_qtiles = vk_cdiv(N, p->qt);
   p->grid = B * heads * p->n_qtiles;
-  p->smem_bytes = 2 * (int64_t)kKeyChunk * d * 4;
+  p->smem_bytes = 2 * (int64_t)kKeyChunk * p->dp * 4;
   if (p->grid >= 0x7fffffffLL || B * heads >= 0x7fffffffLL || p->M >= 0x7fffffffLL) {
     return fail(why, n, VK_STATUS_UNSUPPORTED_SHAPE, "more than 2^31 query tiles in one launch: split the batch");
   }
@@ -188,6 +195,9 @@ VK_HDI int64_t base_offset(const Params& p, int slot, int64_t b, int64_t h) {
 
 VK_HDI bool vec_ok(const Params& p, int slot) { return (p.vec_mask >> slot) & 1u; }
 
+/* Whether lane `lane` owns real channels (else it is a padding lane of d < dp: idle). */
+VK_HDI bool lane_has_channels(const Params& p, int lane) { return lane * kChannelsPerLane < p.d; }
+
 /* Per-thread running state across key chunks. */
 struct State {
   float q[kChannelsPerLane];
@@ -205,7 +215,7 @@ VK_HDI void init_state(const Params& p, const Thread& th, State& st) {
     st.acc[c] = 0.0f;
     st.q[c] = 0.0f;
   }
-  if (!th.active) return;
+  if (!th.active || !lane_has_channels(p, th.lane)) return;  /* padding lanes: q = 0 */
   const T* q = static_cast<const T*>(p.ptr[kQ]) + base_offset(p, kQ, th.b, th.h) +
                th.query * p.stride[kQ][2];
   VK_UNROLL
@@ -215,8 +225,10 @@ VK_HDI void init_state(const Params& p, const Thread& th, State& st) {
   }
 }
 
-/* Stage pooled keys [j0, j0 + kKeyChunk) of (b, h) as fp32 [kKeyChunk][d] K then V; work item
- * `item` = (key, 16-byte vector) is done by thread item % block_threads. */
+/* Stage pooled keys [j0, j0 + kKeyChunk) of (b, h) as fp32 [kKeyChunk][dp] K then V; work item
+ * `item` = (key, 16-byte vector of the padded row) is done by thread item % block_threads. The
+ * vectors of channels >= d (d and dp are multiples of the vector width: a vector is all real or
+ * all padding) read nothing and store zeros, like keys >= M. */
 template <class T>
 VK_HDI void stage_item(const Params& p, int64_t b, int64_t h, int64_t j0, int item,
                        float* smem) {
@@ -230,7 +242,7 @@ VK_HDI void stage_item(const Params& p, int64_t b, int64_t h, int64_t j0, int it
     ks[e] = 0.0f;
     vs[e] = 0.0f;
   }
-  if (pj < p.M) {
+  if (pj < p.M && ch < p.d) {
     const uint32_t py = fastdiv((uint32_t)pj, p.div_gw);
     const int64_t px = pj - (int64_t)py * p.gw;
     const T* kb = static_cast<const T*>(p.ptr[kK]) + base_offset(p, kK, b, h) + ch * p.stride[kK][3];
@@ -252,8 +264,8 @@ VK_HDI void stage_item(const Params& p, int64_t b, int64_t h, int64_t j0, int it
       }
     }
   }
-  float* kd = smem + (int64_t)j * p.d + ch;
-  float* vd = smem + (int64_t)kKeyChunk * p.d + (int64_t)j * p.d + ch;
+  float* kd = smem + (int64_t)j * p.dp + ch;
+  float* vd = smem + (int64_t)kKeyChunk * p.dp + (int64_t)j * p.dp + ch;
   VK_UNROLL
   for (int e = 0; e < V; ++e) {
     kd[e] = ks[e] * p.inv_pool2;
@@ -263,13 +275,13 @@ VK_HDI void stage_item(const Params& p, int64_t b, int64_t h, int64_t j0, int it
 
 VK_HDI int stage_items(const Params& p) { return kKeyChunk << p.log2_nvec; }
 
-/* This lane's partial q·k_j over its 16 channels, j < kKeyChunk. */
+/* This lane's partial q·k_j over its 16 channels, j < kKeyChunk (0 for a padding lane). */
 VK_HDI void partial_scores(const Params& p, const Thread& th, const State& st, const float* smem,
                            float* sc) {
   const float* kbase = smem + (int64_t)th.lane * kChannelsPerLane;
   VK_UNROLL
   for (int j = 0; j < kKeyChunk; ++j) {
-    const float* kr = kbase + (int64_t)j * p.d;
+    const float* kr = kbase + (int64_t)j * p.dp;
     float a = 0.0f;
     VK_UNROLL
     for (int c = 0; c < kChannelsPerLane; ++c) a = fmaf(st.q[c], kr[c], a);
@@ -290,12 +302,12 @@ VK_HDI void update(const Params& p, const Thread& th, State& st, const float* sm
   st.l *= alpha;
   VK_UNROLL
   for (int c = 0; c < kChannelsPerLane; ++c) st.acc[c] *= alpha;
-  const float* vbase = smem + (int64_t)kKeyChunk * p.d + (int64_t)th.lane * kChannelsPerLane;
+  const float* vbase = smem + (int64_t)kKeyChunk * p.dp + (int64_t)th.lane * kChannelsPerLane;
   VK_UNROLL
   for (int j = 0; j < kKeyChunk; ++j) {
     const float pj = exp2f(sc[j] - m_new);
     st.l += pj;
-    const float* vr = vbase + (int64_t)j * p.d;
+    const float* vr = vbase + (int64_t)j * p.dp;
     VK_UNROLL
     for (int c = 0; c < kChannelsPerLane; ++c) st.acc[c] = fmaf(pj, vr[c], st.acc[c]);
   }
@@ -305,7 +317,7 @@ VK_HDI void update(const Params& p, const Thread& th, State& st, const float* sm
 template <class T>
 VK_HDI void finish(const Params& p, const Thread& th, const State& st) {
   constexpr int V = Vec<T>::kElems;
-  if (!th.active) return;
+  if (!th.active || !lane_has_channels(p, th.lane)) return;  /* channels < d only */
   const float inv = rcp_normal(st.l);  /* l >= 1: the running max contributes exp2(0) */
   T* o = static_cast<T*>(p.ptr[kO]) + base_offset(p, kO, th.b, th.h) + th.query * p.stride[kO][2];
   VK_UNROLL

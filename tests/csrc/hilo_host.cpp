@@ -167,6 +167,19 @@ int vk_host_lofi_fwd(const vitkern_tensor* q, const vitkern_tensor* k, const vit
   return VK_STATUS_SUCCESS;
 }
 
+// Lo-Fi launch geometry of a call: lanes, dp (padded row width), qt, block_threads, smem_bytes,
+// grid, stage items per chunk, vec_mask (the q slot's bit first).
+int vk_host_lofi_geometry(const vitkern_tensor* q, const vitkern_tensor* k,
+                          const vitkern_tensor* v, const vitkern_tensor* o, int64_t H, int64_t W,
+                          int64_t s, int32_t kv_pooled, int64_t* out, char* why, size_t n) {
+  lofi::Params p;
+  VK_CHECK(lofi::make_params(&p, q, k, v, o, H, W, s, kv_pooled, 1.0f, why, n));
+  const int64_t vals[8] = {p.lanes, p.dp, p.qt, p.block_threads, p.smem_bytes, p.grid,
+                           lofi::stage_items(p), (int64_t)p.vec_mask};
+  for (int i = 0; i < 8; ++i) out[i] = vals[i];
+  return VK_STATUS_SUCCESS;
+}
+
 int vk_host_hifi_supported(int32_t dtype, int64_t d, int64_t s, int32_t backward, char* why,
                            size_t n) {
   return supported(dtype, d, s, backward, why, n);

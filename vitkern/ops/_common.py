@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from vitkern import backends
+from vitkern import backends, cuda_auto
 
 
 #: dtypes the Triton kernels take (the reference takes any float dtype, fp64 included).
@@ -95,17 +95,22 @@ def head_dim_reason(d: int, limit: int = 256) -> Optional[str]:
 
 
 def select_backend(op: str, backend: str, x: Tensor, *, triton: Callable[[], Optional[str]],
-                   cuda: Optional[Callable[[], Optional[str]]] = None) -> str:
+                   cuda: Optional[Callable[[], Optional[str]]] = None,
+                   cuda_kernels: Callable[[], tuple[str, ...]] = tuple) -> str:
     """:func:`vitkern.backends.select` with the checks every op shares: ``x``'s device for every
     backend and its dtype for triton, then the family's own reason, ``triton()`` / ``cuda()``
-    (None when its kernels take the inputs). Without ``cuda`` the op has no CUDA C++ kernel."""
+    (None when its kernels take the inputs). Without ``cuda`` the op has no CUDA C++ kernel;
+    ``cuda_kernels()`` names the vitkern._C kernels the call would run, which ``auto`` takes only
+    when :mod:`vitkern.cuda_auto` approves every one for ``x``'s GPU and dtype."""
 
     def reason(name: str, explicit: bool) -> Optional[str]:
+        if name == "cuda" and cuda is None:
+            return f"no {op} kernel in vitkern._C yet"
         why = backends.device_reason(name, x.device, explicit)
         if why is not None or name == "reference":
             return why
         if name == "triton":
             return triton_dtype_reason(x.dtype) or triton()
-        return cuda() if cuda is not None else f"no {op} kernel in vitkern._C yet"
+        return cuda() or (None if explicit else cuda_auto.reason(cuda_kernels(), x.device, x.dtype))
 
     return backends.select(op, backend, reason)

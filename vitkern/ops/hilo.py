@@ -8,7 +8,7 @@ Public ops (q, k, v are (B, heads, N, d), N = H·W in raster order, strided view
 
 The Triton backend is one pair of custom ops, ``vitkern::hilo_fwd`` / ``vitkern::hilo_bwd``, that
 serves all three (one output buffer; the Hi-Fi and Lo-Fi kernels write their own heads of it).
-The CUDA C++ backend (``backend="cuda"``, opt-in: ``auto`` never picks it) is
+The CUDA C++ backend (``backend="cuda"``; ``auto`` only where :mod:`vitkern.cuda_auto` approves) is
 ``vitkern::hifi_cuda_fwd`` / ``vitkern::hifi_cuda_bwd`` for Hi-Fi heads with s <= 4, and the
 forward-only ``vitkern::hilo_cuda_fwd`` when Lo-Fi heads are present (inference; csrc/hilo/).
 Outputs are stored (B, N, heads, d) and returned as a (B, heads, N, d) view, so
@@ -81,7 +81,8 @@ def _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad=False):
         return None
 
     return select_backend(op, backend, q, triton=triton_reason,
-                          cuda=lambda: _cuda_reason(q, s, n_lo, kv_pooled, needs_grad))
+                          cuda=lambda: _cuda_reason(q, s, n_lo, kv_pooled, needs_grad),
+                          cuda_kernels=lambda: _cuda_kernels(q.shape[1] - n_lo, n_lo, needs_grad))
 
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -93,6 +94,12 @@ def _cuda_reason(q, s, n_lo, kv_pooled, needs_grad) -> Optional[str]:
         return f"tensors are on {q.device.type}; the cuda backend needs CUDA tensors"
     return _cuda_shape_reason(q.dtype, q.shape[-1], s, q.shape[1] - n_lo, n_lo, kv_pooled,
                               needs_grad)
+
+
+def _cuda_kernels(n_hi: int, n_lo: int, needs_grad: bool) -> tuple[str, ...]:
+    """The vitkern._C kernels a call runs (what :mod:`vitkern.cuda_auto` must approve)."""
+    hifi = ("hifi_fwd", "hifi_bwd") if needs_grad else ("hifi_fwd",)
+    return (hifi if n_hi else ()) + (("lofi_fwd",) if n_lo else ())
 
 
 def _cuda_shape_reason(dtype, d, s, n_hi, n_lo, kv_pooled, needs_grad) -> Optional[str]:

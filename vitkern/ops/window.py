@@ -3,7 +3,8 @@
 Public op: :func:`window_attention` (q, k, v are (B, heads, N, d), N = H·W in raster order,
 strided views welcome). The Triton backend is one pair of custom ops, ``vitkern::window_fwd`` /
 ``vitkern::window_bwd``; the bias (table or dense) is passed to the kernels in fp32 and its
-gradient is returned in the bias's dtype. The CUDA C++ backend (opt-in, inference only) is
+gradient is returned in the bias's dtype. The CUDA C++ backend (inference only; ``auto`` only where
+:mod:`vitkern.cuda_auto` approves) is
 ``vitkern::window_cuda_fwd`` (csrc/window/). Outputs are stored (B, N, heads, d) and returned as a
 (B, heads, N, d) view, so ``o.transpose(1, 2).reshape(B, N, heads * d)`` is free.
 
@@ -153,11 +154,12 @@ def _backend(op, backend, q, win, sft=(0, 0), active=None, needs_grad=False, out
         return tk.unsupported(q.shape[-1], q.dtype == torch.float32, win)
 
     return select_backend(op, backend, q, triton=triton_reason,
-                          cuda=lambda: _cuda_reason(q, win, sft, active, needs_grad, out))
+                          cuda=lambda: _cuda_reason(q, win, sft, active, needs_grad, out),
+                          cuda_kernels=lambda: ("window_fwd",))
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA C++ custom op (vitkern._C, csrc/window/): Swin forward for inference, opt-in
+# CUDA C++ custom op (vitkern._C, csrc/window/): Swin forward for inference
 # --------------------------------------------------------------------------------------------
 
 
