@@ -107,7 +107,11 @@ def approve(junit: Path, result_files: list[Path]) -> tuple[list[dict], list[str
         results.append(data)
     speeds = speed_verdicts(results)
     approved, lines = [], []
-    for (kernel, cap, dtype), v in sorted(speeds.items()):
+    from vitkern.cuda_auto import KERNELS
+
+    # in KERNELS order: a backward is judged after its forward
+    for (kernel, cap, dtype), v in sorted(speeds.items(), key=lambda kv: (
+            KERNELS.index(kv[0][0]), kv[0][1], kv[0][2])):
         sp = v["speedups"]
         gmean = math.exp(sum(map(math.log, sp)) / len(sp)) if sp else None
         why = tier[kernel] or "; ".join(v["problems"][:3])
@@ -117,7 +121,7 @@ def approve(junit: Path, result_files: list[Path]) -> tuple[list[dict], list[str
             why = f"geomean speedup over triton {gmean:.3f} < {MIN_GEOMEAN}"
         if not why and min(sp) < MIN_CASE:
             why = f"slowest case {min(sp):.3f}x triton < {MIN_CASE}"
-        if kernel == "hifi_bwd" and not why and ("hifi_fwd", cap, dtype) not in {
+        if kernel == "hifi_bwd" and not why and ("hifi_fwd", cap, _torch_dtype(dtype)) not in {
                 (e["kernel"], e["capability"], e["dtype"]) for e in approved}:
             why = "hifi_fwd is not approved (the backward runs after it)"
         label = f"{kernel} sm_{cap.replace('.', '')} {dtype}"

@@ -530,7 +530,11 @@ def test_approve_rule(tmp_path, monkeypatch):
     # the backward is approved only with the forward
     fast_bwd = _gpu_results(tmp_path / "b.json", [("hifi", "fwd+bwd", "fp16", 1.0, 2.0, {}),
                                                    ("hifi", "fwd", "fp16", 1.0, 1.01, {})])
-    assert approve.approve(junit, [fast_bwd])[0] == []
+    approved, lines = approve.approve(junit, [fast_bwd])
+    assert approved == [] and "hifi_fwd is not approved" in "\n".join(lines)
+    both = _gpu_results(tmp_path / "b2.json", [("hifi", "fwd+bwd", "fp16", 1.0, 2.0, {}),
+                                                ("hifi", "fwd", "fp16", 1.0, 1.5, {})])
+    assert [e["kernel"] for e in approve.approve(junit, [both])[0]] == ["hifi_fwd", "hifi_bwd"]
 
     # --write: the file that dispatch reads
     out = tmp_path / "cuda_auto.json"
