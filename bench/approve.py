@@ -25,6 +25,8 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
+from vitkern import cuda_auto
+
 MIN_GEOMEAN = 1.05
 MIN_CASE = 0.9
 #: (family, group, mode) of a bench record -> the vitkern._C kernel it times. The fwd+bwd Hi-Fi
@@ -107,11 +109,9 @@ def approve(junit: Path, result_files: list[Path]) -> tuple[list[dict], list[str
         results.append(data)
     speeds = speed_verdicts(results)
     approved, lines = [], []
-    from vitkern.cuda_auto import KERNELS
-
     # in KERNELS order: a backward is judged after its forward
     for (kernel, cap, dtype), v in sorted(speeds.items(), key=lambda kv: (
-            KERNELS.index(kv[0][0]), kv[0][1], kv[0][2])):
+            cuda_auto.KERNELS.index(kv[0][0]), kv[0][1], kv[0][2])):
         sp = v["speedups"]
         gmean = math.exp(sum(map(math.log, sp)) / len(sp)) if sp else None
         why = tier[kernel] or "; ".join(v["problems"][:3])
@@ -150,8 +150,6 @@ def main(argv=None) -> int:
     approved, lines = approve(args.junit, args.results)
     print("\n".join(lines) or "no vitkern[cuda] records in these results")
     if args.write:
-        from vitkern import cuda_auto
-
         doc = {"schema": cuda_auto.SCHEMA, "rule": RULE, "approved": approved}
         cuda_auto.PATH.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote vitkern/{cuda_auto.PATH.name}: {len(approved)} approved")
