@@ -35,6 +35,7 @@
 #include <stdio.h>
 
 #include "common.h"
+#include "common/args.h"
 #include "common/numeric.h"
 
 namespace vk {
@@ -67,11 +68,6 @@ struct Params {
 /* host: validation and launch geometry (shared by the CUDA launcher and the CPU test build)  */
 /* ---------------------------------------------------------------------------------------- */
 
-inline vitkern_status fail(char* why, size_t n, vitkern_status st, const char* msg) {
-  if (why != NULL && n > 0) snprintf(why, n, "%s", msg);
-  return st;
-}
-
 /* Shape-class check: can the kernels take (dtype, head_dim, window_size)? Fills `why`. */
 inline vitkern_status supported(int32_t dtype, int64_t d, int64_t s, int backward, char* why,
                                 size_t n) {
@@ -101,21 +97,6 @@ inline vitkern_status supported(int32_t dtype, int64_t d, int64_t s, int backwar
   return VK_STATUS_SUCCESS;
 }
 
-inline int64_t eff_stride(const vitkern_tensor* t, int dim) {
-  return t->sizes[dim] == 1 ? 0 : t->strides[dim];  /* a size-1 dim's stride is never used */
-}
-
-/* Whether tensor t allows 16-byte vector access of `vec`-element channel chunks. */
-inline bool vector_ok(const vitkern_tensor* t, int64_t vec) {
-  if (((uintptr_t)t->data) % 16 != 0) return false;
-  if (t->sizes[3] > 1 && t->strides[3] != 1) return false;
-  for (int i = 0; i < 3; ++i) {
-    const int64_t st = eff_stride(t, i);
-    if (st % vec != 0) return false;
-  }
-  return true;
-}
-
 /* Validate descriptors and build the launch parameters.
  * Forward: t = {q, k, v, o}; backward: t = {q, k, v, do, dq, dk, dv} (all (B, heads, H·W, d),
  * one dtype). Returns a status and, on failure, a reason in `why`. */
@@ -128,10 +109,8 @@ inline vitkern_status make_params(Params* p, const vitkern_tensor* const* t, int
   static const int bwd_slots[] = {kQ, kK, kV, kDO, kDQ, kDK, kDV};
   const int* slots = backward ? bwd_slots : fwd_slots;
   const int count = backward ? 7 : 4;
+  VK_CHECK(check_descriptors(t, count, why, n));
   for (int i = 0; i < count; ++i) {
-    if (t[i] == NULL) return fail(why, n, VK_STATUS_INVALID_ARGUMENT, "null tensor descriptor");
-    const vitkern_status st = vk_check_tensor(t[i], t[0]->dtype);
-    if (st != VK_STATUS_SUCCESS) return fail(why, n, st, "bad tensor descriptor (dtype, size or null data)");
     for (int k = 0; k < VK_MAX_DIMS; ++k) {
       if (t[i]->sizes[k] != t[0]->sizes[k]) {
         return fail(why, n, VK_STATUS_INVALID_ARGUMENT, "q, k, v and outputs must share one shape");

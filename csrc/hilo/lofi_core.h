@@ -30,6 +30,7 @@
 #include <stdio.h>
 
 #include "common.h"
+#include "common/args.h"
 #include "common/numeric.h"
 
 namespace vk {
@@ -58,11 +59,6 @@ struct Params {
   float scale_log2, inv_pool2;
 };
 
-inline vitkern_status fail(char* why, size_t n, vitkern_status st, const char* msg) {
-  if (why != NULL && n > 0) snprintf(why, n, "%s", msg);
-  return st;
-}
-
 inline vitkern_status supported(int32_t dtype, int64_t d, int64_t pool, char* why, size_t n) {
   char buf[256];
   if (vk_dtype_size(dtype) == 0) {
@@ -82,19 +78,6 @@ inline vitkern_status supported(int32_t dtype, int64_t d, int64_t pool, char* wh
   return VK_STATUS_SUCCESS;
 }
 
-inline int64_t eff_stride(const vitkern_tensor* t, int dim) {
-  return t->sizes[dim] == 1 ? 0 : t->strides[dim];
-}
-
-inline bool vector_ok(const vitkern_tensor* t, int64_t vec) {
-  if (((uintptr_t)t->data) % 16 != 0) return false;
-  if (t->sizes[3] > 1 && t->strides[3] != 1) return false;
-  for (int i = 0; i < 3; ++i) {
-    if (eff_stride(t, i) % vec != 0) return false;
-  }
-  return true;
-}
-
 /* q, o: (B, heads, H·W, d); k, v: (B, heads, H·W, d) pooled here with factor s, or
  * (B, heads, ceil(H/s)·ceil(W/s), d) already pooled (kv_pooled). */
 inline vitkern_status make_params(Params* p, const vitkern_tensor* q, const vitkern_tensor* k,
@@ -104,11 +87,7 @@ inline vitkern_status make_params(Params* p, const vitkern_tensor* q, const vitk
   char buf[256];
   memset(p, 0, sizeof(*p));
   const vitkern_tensor* t[4] = {q, k, v, o};
-  for (int i = 0; i < 4; ++i) {
-    if (t[i] == NULL) return fail(why, n, VK_STATUS_INVALID_ARGUMENT, "null tensor descriptor");
-    const vitkern_status st = vk_check_tensor(t[i], q->dtype);
-    if (st != VK_STATUS_SUCCESS) return fail(why, n, st, "bad tensor descriptor (dtype, size or null data)");
-  }
+  VK_CHECK(check_descriptors(t, 4, why, n));
   const int64_t B = q->sizes[0], heads = q->sizes[1], N = q->sizes[2], d = q->sizes[3];
   if (H < 1 || W < 1 || H * W != N || s < 1) {
     snprintf(buf, sizeof buf, "hw=(%lld, %lld) / window_size %lld do not match N=%lld",

@@ -23,6 +23,7 @@
 #include <stdio.h>
 
 #include "common.h"
+#include "common/args.h"
 #include "common/numeric.h"
 
 namespace vk {
@@ -62,11 +63,6 @@ struct Params {
   int32_t grid;
 };
 
-inline vitkern_status fail(char* why, size_t n, vitkern_status st, const char* msg) {
-  if (why != NULL && n > 0) snprintf(why, n, "%s", msg);
-  return st;
-}
-
 /* Whether the kernel takes (dtype, head_dim, effective window). */
 inline vitkern_status supported(int32_t dtype, int64_t d, int64_t ws, char* why, size_t n) {
   char buf[256];
@@ -87,19 +83,6 @@ inline vitkern_status supported(int32_t dtype, int64_t d, int64_t ws, char* why,
   return VK_STATUS_SUCCESS;
 }
 
-inline int64_t eff_stride(const vitkern_tensor* t, int dim) {
-  return t->sizes[dim] == 1 ? 0 : t->strides[dim];
-}
-
-inline bool vector_ok(const vitkern_tensor* t) {
-  if (((uintptr_t)t->data) % 16 != 0) return false;
-  if (t->sizes[3] > 1 && t->strides[3] != 1) return false;
-  for (int i = 0; i < 3; ++i) {
-    if (eff_stride(t, i) % 8 != 0) return false;
-  }
-  return true;
-}
-
 /* q, k, v, o: (B, heads, H·W, 32); ws / shift already the effective (clamped) ones; bias: NULL,
  * a fp32 table ((2ws-1)², heads) or dense (heads, ws², ws²). max_blocks bounds the grid. */
 inline vitkern_status make_params(Params* p, const vitkern_tensor* q, const vitkern_tensor* k,
@@ -109,10 +92,8 @@ inline vitkern_status make_params(Params* p, const vitkern_tensor* q, const vitk
                                   int64_t max_blocks, char* why, size_t n) {
   memset(p, 0, sizeof(*p));
   const vitkern_tensor* t[4] = {q, k, v, o};
+  VK_CHECK(check_descriptors(t, 4, why, n));
   for (int i = 0; i < 4; ++i) {
-    if (t[i] == NULL) return fail(why, n, VK_STATUS_INVALID_ARGUMENT, "null tensor descriptor");
-    const vitkern_status st = vk_check_tensor(t[i], q->dtype);
-    if (st != VK_STATUS_SUCCESS) return fail(why, n, st, "bad tensor descriptor (dtype, size or null data)");
     for (int j = 0; j < 4; ++j) {
       if (t[i]->sizes[j] != q->sizes[j]) {
         return fail(why, n, VK_STATUS_INVALID_ARGUMENT, "q, k, v, o must share one shape");
@@ -161,7 +142,7 @@ inline vitkern_status make_params(Params* p, const vitkern_tensor* q, const vitk
   p->o = o->data;
   for (int i = 0; i < 4; ++i) {
     for (int j = 0; j < 4; ++j) p->stride[i][j] = eff_stride(t[i], j);
-    if (vector_ok(t[i])) p->vec_mask |= 1u << i;
+    if (vector_ok(t[i], 8)) p->vec_mask |= 1u << i;  /* 8 16-bit elements: 16 bytes */
   }
   p->B = B;
   p->heads = heads;
