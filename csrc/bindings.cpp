@@ -12,6 +12,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -181,12 +182,12 @@ StatusWhy hifi_supported(int dtype, std::int64_t head_dim, std::int64_t window_s
   return {st, why};
 }
 
-StatusWhy hifi_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
-                   std::int64_t H, std::int64_t W, std::int64_t window_size, float scale,
-                   std::uintptr_t stream, int device) {
-  vitkern_tensor t[4];
-  const py::tuple* in[4] = {&q, &k, &v, &o};
-  for (int i = 0; i < 4; ++i) {
+// Convert the descriptors, then run `launch(t, why, why_len)` on `device` with the GIL released
+// (the kernels are asynchronous: nothing here waits for the GPU).
+template <size_t N, class Launch>
+StatusWhy launch_on(const std::array<const py::tuple*, N>& in, int device, Launch&& launch) {
+  vitkern_tensor t[N];
+  for (size_t i = 0; i < N; ++i) {
     if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
   }
   char why[256] = {0};
@@ -195,35 +196,29 @@ StatusWhy hifi_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, c
     py::gil_scoped_release release;
     DeviceGuard guard(device, t[0].data);
     st = guard.status();
-    if (st == VK_STATUS_SUCCESS) {
-      st = vitkern_hifi_fwd(&t[0], &t[1], &t[2], &t[3], H, W, window_size, scale, as_stream(stream),
-                            why, sizeof why);
-    }
+    if (st == VK_STATUS_SUCCESS) st = launch(t, why, sizeof why);
   }
   return {st, why};
+}
+
+StatusWhy hifi_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
+                   std::int64_t H, std::int64_t W, std::int64_t window_size, float scale,
+                   std::uintptr_t stream, int device) {
+  return launch_on<4>({&q, &k, &v, &o}, device, [&](vitkern_tensor* t, char* why, size_t n) {
+    return vitkern_hifi_fwd(&t[0], &t[1], &t[2], &t[3], H, W, window_size, scale,
+                            as_stream(stream), why, n);
+  });
 }
 
 StatusWhy hifi_bwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& dout,
                    const py::tuple& dq, const py::tuple& dk, const py::tuple& dv, std::int64_t H,
                    std::int64_t W, std::int64_t window_size, float scale, std::uintptr_t stream,
                    int device) {
-  vitkern_tensor t[7];
-  const py::tuple* in[7] = {&q, &k, &v, &dout, &dq, &dk, &dv};
-  for (int i = 0; i < 7; ++i) {
-    if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
-  }
-  char why[256] = {0};
-  int st;
-  {
-    py::gil_scoped_release release;
-    DeviceGuard guard(device, t[0].data);
-    st = guard.status();
-    if (st == VK_STATUS_SUCCESS) {
-      st = vitkern_hifi_bwd(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], H, W, window_size,
-                            scale, as_stream(stream), why, sizeof why);
-    }
-  }
-  return {st, why};
+  return launch_on<7>({&q, &k, &v, &dout, &dq, &dk, &dv}, device,
+                      [&](vitkern_tensor* t, char* why, size_t n) {
+    return vitkern_hifi_bwd(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], H, W, window_size,
+                            scale, as_stream(stream), why, n);
+  });
 }
 
 StatusWhy lofi_supported(int dtype, std::int64_t head_dim, std::int64_t pool) {
@@ -235,23 +230,10 @@ StatusWhy lofi_supported(int dtype, std::int64_t head_dim, std::int64_t pool) {
 StatusWhy lofi_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
                    std::int64_t H, std::int64_t W, std::int64_t window_size, bool kv_pooled,
                    float scale, std::uintptr_t stream, int device) {
-  vitkern_tensor t[4];
-  const py::tuple* in[4] = {&q, &k, &v, &o};
-  for (int i = 0; i < 4; ++i) {
-    if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
-  }
-  char why[256] = {0};
-  int st;
-  {
-    py::gil_scoped_release release;
-    DeviceGuard guard(device, t[0].data);
-    st = guard.status();
-    if (st == VK_STATUS_SUCCESS) {
-      st = vitkern_lofi_fwd(&t[0], &t[1], &t[2], &t[3], H, W, window_size, kv_pooled ? 1 : 0, scale,
-                            as_stream(stream), why, sizeof why);
-    }
-  }
-  return {st, why};
+  return launch_on<4>({&q, &k, &v, &o}, device, [&](vitkern_tensor* t, char* why, size_t n) {
+    return vitkern_lofi_fwd(&t[0], &t[1], &t[2], &t[3], H, W, window_size, kv_pooled ? 1 : 0,
+                            scale, as_stream(stream), why, n);
+  });
 }
 
 StatusWhy window_supported(int dtype, std::int64_t head_dim, std::int64_t window_size) {
@@ -264,26 +246,14 @@ StatusWhy window_fwd(const py::tuple& q, const py::tuple& k, const py::tuple& v,
                      const py::object& bias, std::int64_t H, std::int64_t W,
                      std::int64_t window_size, std::int64_t shift, int pad_order, float mask_value,
                      float scale, std::uintptr_t stream, int device) {
-  vitkern_tensor t[5];
-  const py::tuple* in[4] = {&q, &k, &v, &o};
-  for (int i = 0; i < 4; ++i) {
-    if (!to_tensor(*in[i], &t[i])) return bad_descriptor();
-  }
+  vitkern_tensor b;
   const bool has_bias = !bias.is_none();
-  if (has_bias && !to_tensor(bias.cast<py::tuple>(), &t[4])) return bad_descriptor();
-  char why[256] = {0};
-  int st;
-  {
-    py::gil_scoped_release release;
-    DeviceGuard guard(device, t[0].data);
-    st = guard.status();
-    if (st == VK_STATUS_SUCCESS) {
-      st = vitkern_window_fwd(&t[0], &t[1], &t[2], &t[3], has_bias ? &t[4] : nullptr, H, W,
+  if (has_bias && !to_tensor(bias.cast<py::tuple>(), &b)) return bad_descriptor();
+  return launch_on<4>({&q, &k, &v, &o}, device, [&](vitkern_tensor* t, char* why, size_t n) {
+    return vitkern_window_fwd(&t[0], &t[1], &t[2], &t[3], has_bias ? &b : nullptr, H, W,
                               window_size, shift, pad_order, mask_value, scale, as_stream(stream),
-                              why, sizeof why);
-    }
-  }
-  return {st, why};
+                              why, n);
+  });
 }
 
 }  // namespace
