@@ -6,7 +6,8 @@ It exercises the things the real kernels use: pointer, integer and fp32 scalar a
 the launch-time specialisations spelled out, see ``DEMO_SIGNATURE``), constexpr block sizes,
 ``tl.dot`` and standard-library reductions.
 
-``aot_cases()`` follows the same protocol as the kernel modules in ``KERNEL_MODULES``;
+``aot_cases()`` lists tile candidates that fit (the tests wrap them in ``AotSpec``s, as the kernel
+modules' ``aot_specs()`` do);
 ``spill_case()`` is a deliberately register-hungry config (a 64x128 fp32 accumulator held by a
 single warp: 256 accumulator values per thread against a 255-register limit), which must spill.
 """

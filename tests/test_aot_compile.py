@@ -1,8 +1,12 @@
-"""AOT compile check: every Triton kernel config compiles for sm_80 and sm_90 (no GPU needed), no spills.
+"""AOT compile check, with the installed Triton: every kernel specialisation vitkern declares has a
+tile candidate that compiles for sm_80 and sm_90 without spills and within shared memory.
 
-Cases come from ``vitkern.triton_kernels.aot.collect_cases()`` (the ``aot_cases()`` of each module in
-``vitkern.triton_kernels.KERNEL_MODULES``). The demo kernel in ``_aot_demo_kernel.py`` proves the
-harness itself, including that spill detection reports spills for a register-hungry config.
+Specialisations come from ``vitkern.triton_kernels.aot.collect_specs()`` (the ``aot_specs()`` of
+each module in ``vitkern.triton_kernels.KERNEL_MODULES``); a candidate that spills is only
+reported (a GPU launch drops it, ``tuning.py``): the test fails when *no* candidate fits. The demo
+kernel in ``_aot_demo_kernel.py`` proves the harness itself, including that spill detection
+reports spills for a register-hungry config and that a launch whose only candidate spills still
+runs and warns.
 """
 import pytest
 
@@ -18,13 +22,9 @@ _UNAVAILABLE = aot.cuda_backend_unavailable_reason()
 needs_cuda_backend = pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or "")
 
 try:
-    _KERNEL_CASES, _COLLECT_ERROR = aot.collect_cases(), None
+    _SPECS, _COLLECT_ERROR = aot.collect_specs(), None
 except Exception as e:  # reported by test_collect_cases, without hiding the demo tests
-    _KERNEL_CASES, _COLLECT_ERROR = [], e
-
-
-#: Largest dynamic shared memory one block may use (A100: 163 KiB, H100: 227 KiB).
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+    _SPECS, _COLLECT_ERROR = [], e
 
 
 def _check_no_spills(report):
@@ -36,23 +36,32 @@ def _check_no_spills(report):
 
 
 def test_collect_cases():
-    """Every module in KERNEL_MODULES imports and provides aot_cases() with unique case names."""
+    """Every module in KERNEL_MODULES imports and provides aot_specs(): unique names, each
+    specialisation with at least one tile candidate."""
     if _COLLECT_ERROR is not None:
         raise _COLLECT_ERROR
-    names = [c.name for c in _KERNEL_CASES]
-    assert len(names) == len(set(names)), "duplicate AOT case names"
-    for c in _KERNEL_CASES:
-        assert isinstance(c, aot.AotCase), c
+    assert _SPECS
+    for names in ([s.name for s in _SPECS], [c.name for s in _SPECS for c in s.candidates]):
+        assert len(names) == len(set(names)), "duplicate AOT spec / case names"
+    for spec in _SPECS:
+        assert isinstance(spec, aot.AotSpec) and spec.candidates, spec
+        for c in spec.candidates:
+            assert isinstance(c, aot.AotCase), c
 
 
 @needs_cuda_backend
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
-@pytest.mark.parametrize("case", _KERNEL_CASES, ids=[c.name for c in _KERNEL_CASES])
-def test_kernel_case_compiles_without_spills(case, arch):
-    report = aot.compile_case(case, arch)
-    _check_no_spills(report)
-    assert (report.smem_bytes or 0) <= SMEM_LIMIT[arch], (
-        f"{report.case} needs {report.smem_bytes} B of shared memory, more than sm_{arch} allows")
+@pytest.mark.parametrize("spec", _SPECS, ids=[s.name for s in _SPECS])
+def test_specialisation_has_a_candidate_that_fits(spec, arch):
+    report, tried = aot.first_fit(spec, arch)
+    lines = "\n".join(aot.format_report(r) if isinstance(r, aot.AotReport) else f"error: {r}"
+                      for r in tried)
+    print("\n" + lines)
+    assert report is not None, (
+        f"{spec.name}: no tile candidate compiles for {aot.ptxas_arch(arch)} without spills within "
+        f"{aot.SMEM_LIMIT[arch]} B of shared memory; add a smaller candidate or narrow the declared "
+        f"capability\n{lines}")
+    assert report.n_regs > 0
 
 
 @needs_cuda_backend
@@ -80,13 +89,32 @@ def test_spill_detection_reports_spills(arch):
 
 @needs_cuda_backend
 def test_cli_table_and_exit_code(capsys, monkeypatch):
-    monkeypatch.setattr(aot, "collect_cases", lambda: demo.aot_cases() + [demo.spill_case()])
-    assert aot.main(["--arch", "80"]) == 1  # the spill case fails the run
+    good, spill = demo.aot_cases()[0], demo.spill_case()
+    # a spilling candidate beside one that fits: reported, and the run passes
+    monkeypatch.setattr(aot, "collect_specs", lambda: [aot.AotSpec("demo", (spill, good))])
+    assert aot.main(["--arch", "80"]) == 0
     out = capsys.readouterr().out
-    assert "sm_80" in out and "<-- SPILLS" in out and "1 spilling, 0 failed" in out
-    monkeypatch.setattr(aot, "collect_cases", demo.aot_cases)
+    assert "sm_80" in out and "<-- SPILLS" in out and "1 spilling" in out
+    assert "0 specialisations with no candidate that fits" in out
+    # a specialisation whose only candidate spills fails the run
+    monkeypatch.setattr(aot, "collect_specs", lambda: [aot.AotSpec("demo", (good,)),
+                                                       aot.AotSpec("hungry", (spill,))])
+    assert aot.main(["--arch", "80"]) == 1
+    captured = capsys.readouterr()
+    assert "1 specialisations with no candidate that fits" in captured.out
+    assert "NO FIT hungry sm_80" in captured.err
+    monkeypatch.setattr(aot, "collect_specs", lambda: [aot.AotSpec("demo", tuple(demo.aot_cases()))])
     assert aot.main(["--arch", "80", "90"]) == 0
     print(capsys.readouterr().out)
+
+
+@needs_cuda_backend
+def test_first_fit_skips_a_spilling_candidate():
+    spec = aot.AotSpec("demo", (demo.spill_case(), demo.aot_cases()[0]))
+    report, tried = aot.first_fit(spec, 80)
+    assert report is not None and report.case == demo.aot_cases()[0].name
+    assert len(tried) == 2 and tried[0].spills and aot.fits(report)
+    assert aot.first_fit(aot.AotSpec("hungry", (demo.spill_case(),)), 80)[0] is None
 
 
 def test_bad_case_is_rejected():

@@ -1,8 +1,9 @@
-"""Ahead-of-time compile harness: prove every Triton kernel config compiles for sm_80 / sm_90 without a GPU.
+"""Ahead-of-time compile harness: prove, without a GPU, that every kernel specialisation vitkern
+declares has a tile candidate that compiles for sm_80 / sm_90 without spills.
 
-Each kernel module listed in ``vitkern.triton_kernels.KERNEL_MODULES`` exposes ``aot_cases()``, a list
-of :class:`AotCase` (one per autotune config / specialisation). :func:`compile_case` runs the full
-Triton pipeline (TTIR -> TTGIR -> LLIR -> PTX -> cubin) for a ``GPUTarget`` of the requested
+Each kernel module listed in ``vitkern.triton_kernels.KERNEL_MODULES`` exposes ``aot_specs()``, a
+list of :class:`AotSpec`: one per declared specialisation, holding an :class:`AotCase` per tile
+candidate (preferred first). :func:`compile_case` runs the full Triton pipeline (TTIR -> TTGIR -> LLIR -> PTX -> cubin) for a ``GPUTarget`` of the requested
 architecture, then re-assembles the PTX with Triton's bundled ``ptxas -v`` and parses registers,
 spill stores/loads and shared memory from its log. No GPU or CUDA driver is involved.
 
@@ -20,8 +21,9 @@ Command line::
 
     python -m vitkern.triton_kernels.aot [--arch 80 90] [-k SUBSTRING]
 
-prints a table (case, arch, registers, spills, smem) and exits non-zero when any case spills or
-fails to compile.
+prints every tile candidate of every specialisation (case, arch, registers, spills, smem) and
+exits non-zero when a specialisation has no candidate that compiles without spills within shared
+memory (a spilling candidate alone is only reported: a GPU launch drops it, see ``tuning.py``).
 
 Interpreter mode. With ``TRITON_INTERPRET=1`` in effect when a ``@triton.jit`` function is defined,
 Triton returns an ``InterpretedFunction`` instead of a ``JITFunction`` -- and that includes the
@@ -65,6 +67,14 @@ class AotCase:
     constexprs: dict          # tl.constexpr arg name -> python value, e.g. {"BLOCK_M": 64}
     num_warps: int = 4
     num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One specialisation of a kernel (a declared capability: mode, dtype, head-dim class...) and
+    its tile candidates as cases, preferred first. It is proven when one candidate fits."""
+    name: str                 # e.g. "hilo.fwd.hifi[fp16,D=64]"
+    candidates: tuple         # AotCase, one per tile candidate
 
 
 @dataclass
@@ -426,6 +436,43 @@ def _compile_in_process(case: AotCase, arch: int) -> AotReport:
     return AotReport(case.name, arch, n_regs, stores, loads, smem, log)
 
 
+#: Largest dynamic shared memory one block may use (A100: 163 KiB, H100: 227 KiB).
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def fits(report: AotReport) -> bool:
+    """No spills and within the arch's shared memory: a candidate a GPU launch would keep."""
+    return not report.spills and (report.smem_bytes or 0) <= SMEM_LIMIT.get(report.arch, 0)
+
+
+def spec_from_launcher(name: str, launcher, signature: dict, constexprs: dict, meta: dict) -> AotSpec:
+    """The :class:`AotSpec` of ``launcher`` (a :class:`.tuning.Launcher`) specialised by ``meta``
+    (its constexprs), with runtime ``signature`` / ``constexprs`` from :func:`launch_signature`."""
+    from .tuning import config_name
+
+    return AotSpec(name, tuple(
+        AotCase(name=f"{name}[{config_name(cfg)}]", fn=launcher.fn, signature=signature,
+                constexprs={**constexprs, **meta, **cfg.kwargs}, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+        for cfg in launcher.candidates(**meta)))
+
+
+def first_fit(spec: AotSpec, arch: int) -> tuple:
+    """``(report of the first candidate that fits or None, reports of those tried)``: candidates
+    are compiled in preference order until one fits, as a GPU launch would keep it."""
+    tried = []
+    for case in spec.candidates:
+        try:
+            report = compile_case(case, arch)
+        except AotCompileError as e:
+            tried.append(e)
+            continue
+        tried.append(report)
+        if fits(report):
+            return report, tried
+    return None, tried
+
+
 def compile_case(case: AotCase, arch: int) -> AotReport:
     """Compile ``case`` for ``sm_<arch>`` (80, 90, ...) and report registers, spills and smem."""
     if _interpreter_active(case.fn):
@@ -541,17 +588,22 @@ def _serve() -> None:
 # case collection, table, CLI
 # ----------------------------------------------------------------------------------------------
 
-def collect_cases() -> list:
-    """Concatenate ``aot_cases()`` of every module in ``vitkern.triton_kernels.KERNEL_MODULES``."""
+def collect_specs() -> list:
+    """Concatenate ``aot_specs()`` of every module in ``vitkern.triton_kernels.KERNEL_MODULES``."""
     pkg = importlib.import_module("vitkern.triton_kernels")
-    cases = []
+    specs = []
     for name in getattr(pkg, "KERNEL_MODULES", ()):
         mod = importlib.import_module(f"{pkg.__name__}.{name}")
-        aot_cases = getattr(mod, "aot_cases", None)
-        if aot_cases is None:
-            raise AttributeError(f"kernel module {mod.__name__} (in KERNEL_MODULES) defines no aot_cases()")
-        cases.extend(aot_cases())
-    return cases
+        aot_specs = getattr(mod, "aot_specs", None)
+        if aot_specs is None:
+            raise AttributeError(f"kernel module {mod.__name__} (in KERNEL_MODULES) defines no aot_specs()")
+        specs.extend(aot_specs())
+    return specs
+
+
+def collect_cases() -> list:
+    """Every tile candidate of every specialisation, as :class:`AotCase` (the full report)."""
+    return [case for spec in collect_specs() for case in spec.candidates]
 
 
 _HEADER = ("case", "arch", "regs", "spill st/ld (B)", "smem (B)")
@@ -597,28 +649,41 @@ def main(argv=None) -> int:
         print(f"cannot AOT-compile: {reason}", file=sys.stderr)
         return 2
     try:
-        cases = [c for c in collect_cases() if args.filter is None or args.filter in c.name]
+        specs = collect_specs()
     except Exception as e:
         print(f"cannot collect AOT cases: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    if not cases:
+    specs = [AotSpec(sp.name, tuple(c for c in sp.candidates if args.filter is None or args.filter in c.name))
+             for sp in specs]
+    specs = [sp for sp in specs if sp.candidates]
+    if not specs:
         print("no AOT cases (vitkern.triton_kernels.KERNEL_MODULES is empty or matched nothing)")
         return 0
-    reports, failures = [], []
+    reports, failures, unfit = [], [], []
     t0 = time.perf_counter()
-    for case in cases:
+    for spec in specs:
         for arch in args.arch:
-            try:
-                reports.append(compile_case(case, arch))
-            except Exception as e:
-                failures.append(f"{case.name} sm_{arch}: {e}")
+            fit = False
+            for case in spec.candidates:
+                try:
+                    report = compile_case(case, arch)
+                except Exception as e:
+                    failures.append(f"{case.name} sm_{arch}: {e}")
+                    continue
+                reports.append(report)
+                fit = fit or fits(report)
+            if not fit:
+                unfit.append(f"{spec.name} sm_{arch}")
     print(format_table(reports))
     n_spill = sum(r.spills for r in reports)
-    print(f"\n{len(reports)} compiled, {n_spill} spilling, {len(failures)} failed "
+    print(f"\n{len(specs)} specialisations, {len(reports)} candidates compiled, {n_spill} spilling, "
+          f"{len(failures)} failed, {len(unfit)} specialisations with no candidate that fits "
           f"({time.perf_counter() - t0:.1f}s)")
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
-    return 1 if (n_spill or failures) else 0
+    for u in unfit:
+        print(f"NO FIT {u}", file=sys.stderr)
+    return 1 if unfit else 0
 
 
 if __name__ == "__main__":

@@ -9,24 +9,21 @@ keys, kept tokens, ...) and masks the score tile; the math below is the same for
   ``delta = rowsum(dO * O)`` computed once by :func:`attn_bwd_delta_kernel`; every family's
   backward ends in :func:`softmax_p_ds` (through one of its wrappers).
 
-Also here: the launcher that picks autotuned configs on a GPU and a fixed config under the Triton
-interpreter (``TRITON_INTERPRET=1``, where autotuning would only burn CPU time).
+Tile candidates and their choice (autotuning, spill checks) live in ``tuning.py``.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .compat import patch_interpreter_scalar_index
+
+patch_interpreter_scalar_index()  # older interpreters under NumPy >= 2.4 (see compat.py)
+
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,39 +172,6 @@ def block_d(head_dim: int) -> int:
 
 def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
-
-
-def tile_configs(rows) -> list:
-    """``triton.Config``s from a family table's (BLOCK_M, BLOCK_N, num_warps, num_stages) rows."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n, w, st in rows]
-
-
-class Launcher:
-    """A jit kernel plus its autotune configs.
-
-    ``configs_for(**constexprs)`` returns the configs that fit the launch's specialisation
-    (head-dim class, dtype, mode) without spilling — checked by the ahead-of-time compile test.
-    On a GPU they are autotuned (keyed by ``key``); under the interpreter the first one runs.
-    """
-
-    def __init__(self, fn, configs_for, key):
-        self.fn = fn
-        self.configs_for = configs_for
-        self.key = list(key)
-        self._tuned: dict[tuple, object] = {}
-
-    def __call__(self, grid, *args, **constexprs):
-        configs = self.configs_for(**constexprs)
-        if interpreting():
-            cfg = configs[0]
-            return self.fn[grid(cfg.kwargs)](*args, **constexprs, **cfg.kwargs,
-                                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        spec = tuple(sorted(constexprs.items()))
-        tuned = self._tuned.get(spec)
-        if tuned is None:
-            tuned = self._tuned[spec] = triton.autotune(configs=configs, key=self.key)(self.fn)
-        return tuned[grid](*args, **constexprs)
 
 
 def cdiv(a: int, b: int) -> int:

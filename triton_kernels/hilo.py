@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from .attention_core import (
-    Launcher,
     bh_offset,
     block_d,
     cdiv,
@@ -42,9 +41,9 @@ from .attention_core import (
     softmax_finish,
     softmax_step,
     strides4,
-    tile_configs,
     tile_ptrs,
 )
+from .tuning import Launcher, capability_reason, table_candidates
 
 # --------------------------------------------------------------------------------------------
 # geometry helpers
@@ -293,14 +292,12 @@ def hilo_bwd_dq_kernel(
 # configs
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, mode and (BLOCK_D, fp32?): the two
-# largest tiles (from a sweep of 10 candidates) that compile for both sm_80 and sm_90 without
-# register spills and within shared memory; tests/test_aot_compile.py re-checks every one
-# (`python -m vitkern.triton_kernels.aot -k hilo` prints registers / spills / smem).
+# Tile candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, mode and (BLOCK_D,
+# fp32?), preferred first (the largest spill-free tiles of a sweep), then tuning.FALLBACK_TILES.
+# Pure tuning: the launcher drops those that spill on the machine that runs them (tuning.py).
 # Modes: "window" = Hi-Fi, "pool" = Lo-Fi pooling s×s in the kernel, "direct" = Lo-Fi on keys as
-# given (pre-pooled, or s = 1). A missing entry means no candidate fits: the triton backend
-# refuses that input (see `unsupported`), e.g. fp32 with head_dim > 128.
-CONFIGS = {
+# given (pre-pooled, or s = 1).
+TILES = {
     "fwd": {
         "window": {
             (16, False): [(128, 64, 8, 2), (64, 64, 4, 2)],
@@ -413,27 +410,45 @@ def _mode(WINDOW: int, POOL: int) -> str:
     return "window" if WINDOW else ("pool" if POOL > 1 else "direct")
 
 
-def _configs_for(kernel: str):
-    def configs_for(*, BLOCK_D, IEEE, WINDOW, POOL):
-        return tile_configs(CONFIGS[kernel][_mode(WINDOW, POOL)][(BLOCK_D, bool(IEEE))])
-    return configs_for
+def _candidates(kernel: str):
+    by_mode = {mode: table_candidates(table) for mode, table in TILES[kernel].items()}
+
+    def candidates(*, WINDOW, POOL, **meta):
+        return by_mode[_mode(WINDOW, POOL)](**meta)
+    return candidates
 
 
-def unsupported(head_dim: int, fp32: bool, window: int, pool: int):
-    """Why no spill-free kernel config exists for this head group (None when one does)."""
-    mode, key = _mode(window, pool), (block_d(head_dim), fp32)
-    if all(key in CONFIGS[kernel][mode] for kernel in CONFIGS):
-        return None
-    dtype = "float32" if fp32 else "16-bit"
+# Declared capability: the largest head dim per (mode, fp32?, direction). Beyond it no tile fits
+# in registers (tests/test_aot_compile.py proves a candidate fits within it, with the installed
+# compiler, for every kernel and mode). fp32 Lo-Fi training on keys as given stops at 64: every
+# dK/dV tile of head dim 128 spills on sm_90 with triton 3.8 (its forward fits).
+MAX_HEAD_DIM = {("window", False, "fwd"): 256, ("window", True, "fwd"): 128,
+                ("window", False, "bwd"): 256, ("window", True, "bwd"): 128,
+                ("pool", False, "fwd"): 128, ("pool", True, "fwd"): 64,
+                ("pool", False, "bwd"): 128, ("pool", True, "bwd"): 64,
+                ("direct", False, "fwd"): 256, ("direct", True, "fwd"): 128,
+                ("direct", False, "bwd"): 256, ("direct", True, "bwd"): 64}
+
+
+def unsupported(head_dim: int, fp32: bool, window: int, pool: int, backward: bool = True):
+    """Why the triton backend refuses this head group (None when it is within the capability);
+    ``backward``: whether the gradient kernels are needed too."""
+    mode = _mode(window, pool)
     hint = "; pool k, v first (kv_pooled=True)" if mode == "pool" else ""
-    return (f"no spill-free triton tiles for {dtype} head_dim {head_dim} in {mode} mode"
-            f"{hint}")
+    if why := capability_reason(f"HiLo in {mode} mode", head_dim, fp32,
+                                MAX_HEAD_DIM[mode, fp32, "fwd"], hint):
+        return why
+    if backward:
+        return capability_reason(f"HiLo's backward in {mode} mode", head_dim, fp32,
+                                 MAX_HEAD_DIM[mode, fp32, "bwd"],
+                                 hint + " (inference works; train in float16 / bfloat16)")
+    return None
 
 
 _KEY = ["n_rows", "n_keys", "HEAD_DIM"]
-hilo_fwd = Launcher(hilo_fwd_kernel, _configs_for("fwd"), _KEY)
-hilo_bwd_dkdv = Launcher(hilo_bwd_dkdv_kernel, _configs_for("dkdv"), _KEY)
-hilo_bwd_dq = Launcher(hilo_bwd_dq_kernel, _configs_for("dq"), _KEY)
+hilo_fwd = Launcher(hilo_fwd_kernel, _candidates("fwd"), _KEY)
+hilo_bwd_dkdv = Launcher(hilo_bwd_dkdv_kernel, _candidates("dkdv"), _KEY)
+hilo_bwd_dq = Launcher(hilo_bwd_dq_kernel, _candidates("dq"), _KEY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,28 +525,23 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
 
 
 
-def aot_cases():
-    """Every kernel × mode (Hi-Fi s = 2; Lo-Fi pooling 2×2 and pre-pooled) × supported head-dim
-    class × fp16/fp32 × config. bf16 compiles like fp16."""
-    from .aot import AotCase
+def aot_specs():
+    """Every kernel × mode (Hi-Fi s = 2; Lo-Fi pooling 2×2 and pre-pooled) × declared head-dim
+    class × fp16/fp32, each with its tile candidates. bf16 compiles like fp16."""
+    from .aot import spec_from_launcher
 
     modes = {"hifi": dict(WINDOW=2, POOL=1), "lofi": dict(WINDOW=0, POOL=2),
              "lofi_pooled": dict(WINDOW=0, POOL=1)}
-    cases = []
+    specs = []
     for kname, launcher in (("fwd", hilo_fwd), ("dkdv", hilo_bwd_dkdv), ("dq", hilo_bwd_dq)):
         for mname, mode in modes.items():
             for dtype in ("fp16", "fp32"):
                 sig, const = _aot_signature(launcher.fn, dtype)
                 for bd in (16, 32, 64, 128, 256):
-                    if unsupported(bd, dtype == "fp32", mode["WINDOW"], mode["POOL"]):
-                        continue  # the backend refuses these inputs: nothing to compile
+                    if unsupported(bd, dtype == "fp32", mode["WINDOW"], mode["POOL"],
+                                   backward=kname != "fwd"):
+                        continue  # outside the declared capability: nothing to prove
                     meta = dict(mode, IEEE=dtype == "fp32", BLOCK_D=bd)
-                    for cfg in launcher.configs_for(**meta):
-                        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                        cases.append(AotCase(
-                            name=f"hilo.{kname}.{mname}[{dtype},D={bd},BM={bm},BN={bn},"
-                                 f"w{cfg.num_warps},s{cfg.num_stages}]",
-                            fn=launcher.fn, signature=sig,
-                            constexprs={**const, **meta, **cfg.kwargs},
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return cases
+                    specs.append(spec_from_launcher(f"hilo.{kname}.{mname}[{dtype},D={bd}]",
+                                                    launcher, sig, const, meta))
+    return specs

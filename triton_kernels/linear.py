@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from .attention_core import block_d, cdiv, mma
+from .tuning import Launcher, capability_reason
 
 FEATURES = {"identity": 0, "relu": 1, "elu1": 2}
 
@@ -669,17 +670,18 @@ def soft_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# configs
+# tile candidates (pure tuning) and declared capabilities
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, num_warps, num_stages) per token-streaming kernel and (BLOCK_D, fp32?), BLOCK_D the
-# power-of-two class of max(d, e): for each key the first of a candidate list (largest tile
-# first: (128, 4, 2), (64, 4, 2), (64, 8, 2), (32, 8, 2), (32, 8, 1), (16, 8, 1), (16, 16, 1))
-# that compiles for sm_80 and sm_90 without register spills and within shared memory
-# (`python -m vitkern.triton_kernels.aot -k linear` re-checks the shipped ones). A missing key
-# means no candidate fits: the triton backend refuses that head dim (see `unsupported`); the fp32
-# tf32x3 dots and the fp32 d×d states held across the token loop are what run out of registers.
-CONFIGS = {
+# Preferred tile (BLOCK_M, num_warps, num_stages) per token-streaming kernel and (BLOCK_D, fp32?),
+# BLOCK_D the power-of-two class of max(d, e): the largest tile of the list (128, 4, 2),
+# (64, 4, 2), (64, 8, 2), (32, 8, 2), (32, 8, 1), (16, 8, 1), (16, 16, 1) that compiled without
+# register spills for sm_80 and sm_90 in a sweep (triton 3.9). A kernel's candidates are its
+# preferred tile, then FALLBACK_TILES: which of them spill depends on the compiler, so the
+# launcher keeps those that fit on the machine that runs them (tuning.py). Pure tuning: the
+# inputs the backend takes are declared apart (MAX_HEAD_DIM); a key missing here only means the
+# fallbacks alone are candidates.
+TILES = {
     "gram": {(16, False): (128, 4, 2), (32, False): (128, 4, 2), (64, False): (64, 4, 2),
              (128, False): (64, 8, 2),
              (16, True): (64, 4, 2), (32, True): (64, 4, 2), (64, True): (32, 8, 2)},
@@ -702,18 +704,15 @@ CONFIGS = {
     "xca_bwd_v": {(16, False): (128, 4, 2), (32, False): (128, 4, 2), (64, False): (64, 4, 2),
                   (128, False): (64, 8, 2),
                   (16, True): (128, 4, 2), (32, True): (128, 4, 2), (64, True): (64, 4, 2)},
-    # the per-(b, h) d×d kernels: (rows per program BLOCK_I, num_warps) per BLOCK_D
-    "xca_small": {16: (16, 4), 32: (32, 4), 64: (64, 8), 128: (32, 8)},
 }
 
-# SOFT: (BLOCK_M, num_warps, num_stages) per kernel and (max(32, BLOCK_L, BLOCK_D, BLOCK_E),
-# fp32?), the first spill-free one on sm_80 and sm_90 of the candidate list above (plus
-# (32, 4, 1) and (16, 16, 1)), swept with BLOCK_L = BLOCK_D = BLOCK_E = the key (the largest
-# tiles of the class; smaller ones hold fewer registers). SOFT's shapes (m = 49, d = 32) are
-# class 64. The backward is one pass in 16-bit ("soft_bwd"); in fp32 the tf32x3 operand copies
-# spill it at every tile size, so fp32 runs a dq pass ("soft_bwd_q") and a landmark-gradient
-# pass ("soft_bwd_l") whose dots are exact fp32 FMA dots (tf32x3 spills there too).
-SOFT_CONFIGS = {
+# SOFT: the same, per kernel and (max(32, BLOCK_L, BLOCK_D, BLOCK_E), fp32?), swept with
+# BLOCK_L = BLOCK_D = BLOCK_E = the key (the largest tiles of the class). SOFT's shapes (m = 49,
+# d = 32) are class 64. The backward is one pass in 16-bit ("soft_bwd"); in fp32 the tf32x3
+# operand copies spill it at every tile size, so fp32 runs a dq pass ("soft_bwd_q") and a
+# landmark-gradient pass ("soft_bwd_l") whose dots are exact fp32 FMA dots (tf32x3 spills there
+# too).
+SOFT_TILES = {
     "soft_reduce": {(32, False): (128, 4, 2), (64, False): (64, 4, 2),
                     (32, True): (64, 8, 2), (64, True): (32, 4, 1)},
     "soft_apply": {(32, False): (128, 4, 2), (64, False): (128, 4, 2),
@@ -722,54 +721,121 @@ SOFT_CONFIGS = {
     "soft_bwd_q": {(32, True): (64, 4, 2), (64, True): (32, 8, 2)},
     "soft_bwd_l": {(32, True): (32, 8, 2), (64, True): (16, 4, 1)},  # FMA dots
 }
-SOFT_KERNELS = ("soft_reduce", "soft_apply", "soft_bwd", "soft_bwd_q", "soft_bwd_l")
+#: soft_bwd_kernel's passes: table name -> its flags.
+SOFT_BWD_PASSES = {"soft_bwd": dict(DO_Q=True, DO_L=True, FMA=False),
+                   "soft_bwd_q": dict(DO_Q=True, DO_L=False, FMA=False),
+                   "soft_bwd_l": dict(DO_Q=False, DO_L=True, FMA=True)}
 
+#: Candidates every token-streaming kernel also tries after its preferred tile: small enough to
+#: fit in registers with the compilers we have met (8 warps: the d×d states held across the
+#: token loop spread over more threads than with 4).
+FALLBACK_TILES = ((32, 8, 1), (16, 8, 1))
 
-def soft_unsupported(m: int, head_dim: int, v_dim: int, fp32: bool, backward: bool = True):
-    """Why the SOFT kernels refuse these sizes (None when a spill-free config exists)."""
-    key = max(32, block_d(m), block_d(head_dim), block_d(v_dim))
-    dtype = "float32" if fp32 else "16-bit"
-    what = f"{dtype} landmarks {m}, head_dim {head_dim}, v head_dim {v_dim}"
-    if any((key, fp32) not in SOFT_CONFIGS[k] for k in ("soft_reduce", "soft_apply")):
-        return f"no spill-free triton tiles for {what} (at most 64 each)"
-    bwd = ("soft_bwd_q", "soft_bwd_l") if fp32 else ("soft_bwd",)
-    if backward and any((key, fp32) not in SOFT_CONFIGS[k] for k in bwd):
-        return (f"no spill-free triton tiles for the backward of {what} (the forward runs: "
-                "call it without gradients)")
-    return None
-
-
-STREAM_KERNELS = ("gram", "la_apply", "la_bwd_q", "la_bwd_kv", "xca_apply", "xca_bwd_qk",
-                  "xca_bwd_v")
+# The per-(b, h) d×d kernels (xca_softmax, xca_bwd_small): (rows per program BLOCK_I, num_warps,
+# num_stages) per BLOCK_D, then XCA_SMALL_FALLBACK. The grid and the row-block partials follow
+# BLOCK_I.
+XCA_SMALL_TILES = {16: (16, 4, 1), 32: (32, 4, 1), 64: (64, 8, 1), 128: (32, 8, 1)}
+XCA_SMALL_FALLBACK = ((16, 8, 1),)
 FOLD_BLOCK = 1024
 
-_FWD = {False: ("gram", "la_apply"), True: ("gram", "xca_apply")}
-_BWD = {False: ("la_bwd_q", "la_bwd_kv"), True: ("gram", "xca_bwd_qk", "xca_bwd_v")}
+# Declared capability: the largest head dim (max(d, e) for linear attention) per op, pass and
+# fp32?; the backward of a call with gradients needs both passes. Within it every kernel the pass
+# launches has a candidate that fits in registers (tests/test_aot_compile.py proves it for the
+# declared specialisations with the installed compiler); beyond it the fp32 tf32x3 dots and the
+# fp32 d×d states held across the token loop run out of registers.
+MAX_HEAD_DIM = {
+    ("linear", "forward", False): 128, ("linear", "forward", True): 64,
+    ("linear", "backward", False): 64, ("linear", "backward", True): 32,
+    ("xca", "forward", False): 128, ("xca", "forward", True): 64,
+    ("xca", "backward", False): 128, ("xca", "backward", True): 64,
+}
+#: SOFT: the largest landmark count and head dims (each), per pass and fp32?; in fp32 the query /
+#: landmark head dim stops at SOFT_FP32_MAX_HEAD_DIM: with more than 32 landmarks and d above 32
+#: (BLOCK_L = BLOCK_D = 64) no soft_reduce tile fits sm_80 with triton 3.8. SOFT's own shapes
+#: (m = 49, d = 32) are within both.
+SOFT_MAX_SIZE = {("forward", False): 64, ("forward", True): 64,
+                 ("backward", False): 64, ("backward", True): 64}
+SOFT_FP32_MAX_HEAD_DIM = 32
+_FORWARD_RUNS = "; the forward runs: call it without gradients"
 
 
 def unsupported(head_dim: int, fp32: bool, v_dim: int | None = None, xca: bool = False,
                 backward: bool = True):
-    """Why no spill-free config exists for these head dims (None when one does). With
-    ``backward=False`` only the forward kernels need to fit (inference without gradients)."""
-    bd = max(block_d(head_dim), block_d(v_dim or head_dim))
+    """Why the triton backend refuses these head dims (None when they are within the declared
+    capability). With ``backward=False`` only the forward's capability applies (inference
+    without gradients)."""
+    op, what = ("xca", "XCA") if xca else ("linear", "linear attention")
+    d = max(head_dim, v_dim or 0)
+    reason = capability_reason(what, d, fp32, MAX_HEAD_DIM[op, "forward", fp32])
+    if reason is None and backward:
+        reason = capability_reason(f"{what} backward", d, fp32,
+                                   MAX_HEAD_DIM[op, "backward", fp32], _FORWARD_RUNS)
+    return reason
+
+
+def soft_unsupported(m: int, head_dim: int, v_dim: int, fp32: bool, backward: bool = True):
+    """Why the SOFT kernels refuse these sizes (None when they are within the declared
+    capability)."""
     dtype = "float32" if fp32 else "16-bit"
-    what = f"{dtype} head_dim {max(head_dim, v_dim or 0)}"
-
-    def fits(kernels):
-        return all((bd, fp32) in CONFIGS[k] for k in kernels) and (
-            not xca or bd in CONFIGS["xca_small"])
-
-    if not fits(_FWD[xca]):
-        return f"no spill-free triton tiles for {what}"
-    if backward and not fits(_BWD[xca]):
-        return (f"no spill-free triton tiles for the backward of {what} (the forward runs: "
-                "call it without gradients)")
+    if fp32 and (why := capability_reason("SOFT", head_dim, fp32, SOFT_FP32_MAX_HEAD_DIM)):
+        return why
+    for pass_, hint in (("forward", ""), ("backward", _FORWARD_RUNS))[:1 + backward]:
+        cap = SOFT_MAX_SIZE[pass_, fp32]
+        if max(m, head_dim, v_dim) > cap:
+            what = "SOFT" if pass_ == "forward" else "SOFT backward"
+            return (f"{dtype} landmarks {m}, head_dim {head_dim}, v head_dim {v_dim} are outside "
+                    f"the declared capability of triton {what} (up to {cap} each: larger tiles "
+                    f"spill registers){hint}")
     return None
 
 
-def _cfg(kernel: str, bd: int, fp32: bool):
-    bm, w, st = CONFIGS[kernel][(bd, fp32)]
-    return dict(BLOCK_M=bm, num_warps=w, num_stages=st)
+def _configs(preferred, fallback, name: str = "BLOCK_M") -> list:
+    """``triton.Config``s from (tile, num_warps, num_stages) rows: ``preferred`` (None: none),
+    then the ``fallback`` rows not already listed."""
+    rows = dict.fromkeys(([tuple(preferred)] if preferred else []) + list(fallback))
+    return [triton.Config({name: t}, num_warps=w, num_stages=s) for t, w, s in rows]
+
+
+def _tiles(table: dict, kernel, floor: int = 0):
+    """Candidates of a token-streaming kernel: its ``table`` entry for (max(floor, BLOCK_D,
+    BLOCK_E, BLOCK_L), fp32?), then FALLBACK_TILES. ``kernel``: the table name, or a function of
+    the launch's other constexprs that gives it (one jit kernel, several passes)."""
+    def candidates(*, IEEE, BLOCK_D, BLOCK_E=0, BLOCK_L=0, **flags):
+        name = kernel(**flags) if callable(kernel) else kernel
+        key = max(floor, BLOCK_D, BLOCK_E, BLOCK_L)
+        return _configs(table[name].get((key, bool(IEEE))), FALLBACK_TILES)
+    return candidates
+
+
+def _xca_small_tiles(*, BLOCK_D):
+    return _configs(XCA_SMALL_TILES.get(BLOCK_D), XCA_SMALL_FALLBACK, "BLOCK_I")
+
+
+def _soft_bwd_pass(**flags) -> str:
+    return next(name for name, f in SOFT_BWD_PASSES.items() if f == flags)
+
+
+# The grids and partial buffers depend on the tile, so these are launched with Launcher.pick
+# (see _launch), never autotuned: the key is unused.
+_KEY = ["N"]
+gram_partials = Launcher(gram_partials_kernel, _tiles(TILES, "gram"), _KEY)
+la_apply = Launcher(la_apply_kernel, _tiles(TILES, "la_apply"), _KEY)
+la_bwd_q = Launcher(la_bwd_q_kernel, _tiles(TILES, "la_bwd_q"), _KEY)
+la_bwd_kv = Launcher(la_bwd_kv_kernel, _tiles(TILES, "la_bwd_kv"), _KEY)
+xca_apply = Launcher(xca_apply_kernel, _tiles(TILES, "xca_apply"), _KEY)
+xca_bwd_apply = Launcher(xca_bwd_apply_kernel, _tiles(
+    TILES, lambda DV_PASS: "xca_bwd_v" if DV_PASS else "xca_bwd_qk"), _KEY)
+soft_reduce = Launcher(soft_reduce_kernel, _tiles(SOFT_TILES, "soft_reduce", 32), _KEY)
+soft_apply = Launcher(soft_apply_kernel, _tiles(SOFT_TILES, "soft_apply", 32), _KEY)
+soft_bwd = Launcher(soft_bwd_kernel, _tiles(SOFT_TILES, _soft_bwd_pass, 32), _KEY)
+xca_softmax = Launcher(xca_softmax_kernel, _xca_small_tiles, _KEY)
+xca_bwd_small = Launcher(xca_bwd_small_kernel, _xca_small_tiles, _KEY)
+fold = Launcher(fold_kernel, lambda: [triton.Config({"BLOCK": FOLD_BLOCK}, num_warps=4)], _KEY)
+
+
+# --------------------------------------------------------------------------------------------
+# launch helpers
+# --------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
@@ -787,6 +853,34 @@ def split_plan(t: torch.Tensor, bh: int, n: int, block_m: int) -> tuple[int, int
         want = 3
     per = cdiv(n_tiles, min(want, n_tiles))
     return cdiv(n_tiles, per), per  # no empty split: each one writes its partial
+
+
+def _launch(launcher: Launcher, plan, **constexprs):
+    """Launch ``launcher``'s kernel with the candidate it picks for ``constexprs``; returns the
+    third item of ``plan(tile)`` = (grid, runtime args, result), ``tile`` a candidate's sizes.
+    The grid, and the buffers sized by it, depend on the tile: ``plan`` builds them for the
+    preferred candidate (on a GPU the pick compiles the candidates with those args), and again
+    only when another candidate is picked."""
+    first = launcher.candidates(**constexprs)[0].kwargs
+    grid, args, result = plan(first)
+    cfg = launcher.pick(args, **constexprs)
+    if cfg.kwargs != first:
+        grid, args, result = plan(cfg.kwargs)
+    launcher.fn[grid](*args, **constexprs, **cfg.all_kwargs())
+    return result
+
+
+def _split_launch(launcher: Launcher, t: torch.Tensor, bh: int, n: int, args,
+                  part_len: int | None = None, **constexprs):
+    """Split-N launch over ``n`` tokens of ``bh`` heads (grid (bh, n_split), see split_plan):
+    ``args(part, tiles_per_split)`` gives the runtime arguments, ``part`` the (bh, n_split,
+    part_len) fp32 partial buffer allocated here (None without ``part_len``); returns ``part``."""
+    def plan(tile):
+        n_split, per = split_plan(t, bh, n, tile["BLOCK_M"])
+        part = None if part_len is None else t.new_empty((bh, n_split, part_len),
+                                                         dtype=torch.float32)
+        return (bh, n_split), args(part, per), part
+    return _launch(launcher, plan, **constexprs)
 
 
 def _s4(t):
@@ -807,26 +901,20 @@ def _fold(part: torch.Tensor) -> torch.Tensor:
     if n_split == 1:
         return part[:, 0]
     out = part.new_empty((r, m))
-    fold_kernel[(r, cdiv(m, FOLD_BLOCK))](part, out, n_split, m, BLOCK=FOLD_BLOCK)
-    return out
+    return _launch(fold, lambda tile: ((r, cdiv(m, tile["BLOCK"])), (part, out, n_split, m), out))
 
 
 def _gram(x, y, mask, feat: int, colsum: bool, sq: bool) -> torch.Tensor:
     """(B·h, n_split, M) fp32 partials of φ(x)ᵀy (+ Σφ(x) or Σx², Σy²) — see the kernel."""
     b, h, n, dx = x.shape
     dy = y.shape[-1]
-    fp32 = x.dtype == torch.float32
-    bd, be = block_d(dx), block_d(dy)
-    cfg = _cfg("gram", max(bd, be), fp32)
-    n_split, per = split_plan(x, b * h, n, cfg["BLOCK_M"])
     m = dx * dy + (dx if (colsum or sq) else 0) + (dy if sq else 0)
-    part = torch.empty((b * h, n_split, m), device=x.device, dtype=torch.float32)
     mp, smb, smn = _mask_args(mask)
-    gram_partials_kernel[(b * h, n_split)](
-        x, y, mp, part, *_s4(x), *_s4(y), smb, smn, h, n, dx, dy, m, per,
-        FEAT=feat, HAS_MASK=mask is not None, COLSUM=colsum, SQ=sq, IEEE=fp32,
-        BLOCK_D=bd, BLOCK_E=be, **cfg)
-    return part
+    return _split_launch(
+        gram_partials, x, b * h, n, lambda part, per: (
+            x, y, mp, part, *_s4(x), *_s4(y), smb, smn, h, n, dx, dy, m, per),
+        part_len=m, FEAT=feat, HAS_MASK=mask is not None, COLSUM=colsum, SQ=sq,
+        IEEE=x.dtype == torch.float32, BLOCK_D=block_d(dx), BLOCK_E=block_d(dy))
 
 
 # --------------------------------------------------------------------------------------------
@@ -841,14 +929,12 @@ def la_forward(q, k, v, temp, mask, o, feature_map: str, scale: float, clamp: bo
     e = v.shape[-1]
     feat = FEATURES[feature_map]
     state = _fold(_gram(k, v, mask, feat, colsum=True, sq=False))
-    fp32 = q.dtype == torch.float32
-    bd, be = block_d(d), block_d(e)
-    cfg = _cfg("la_apply", max(bd, be), fp32)
-    n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-    la_apply_kernel[(b * h, n_split)](
-        q, state, temp, o, *_s4(q), *_s4(o), h, n, d, e, state.shape[1], per, float(scale),
-        float(eps), FEAT=feat, CLAMP=clamp, HAS_TEMP=temp is not None, IEEE=fp32,
-        BLOCK_D=bd, BLOCK_E=be, **cfg)
+    _split_launch(
+        la_apply, q, b * h, n, lambda _, per: (
+            q, state, temp, o, *_s4(q), *_s4(o), h, n, d, e, state.shape[1], per, float(scale),
+            float(eps)),
+        FEAT=feat, CLAMP=clamp, HAS_TEMP=temp is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_D=block_d(d), BLOCK_E=block_d(e))
     return state
 
 
@@ -858,74 +944,65 @@ def la_backward(do, q, k, v, temp, mask, state, dq, dk, dv, feature_map: str, sc
     b, h, n, d = q.shape
     nk, e = v.shape[2], v.shape[3]
     feat = FEATURES[feature_map]
-    fp32 = q.dtype == torch.float32
-    bd, be = block_d(d), block_d(e)
-    meta = dict(IEEE=fp32, BLOCK_D=bd, BLOCK_E=be)
-    cfg = _cfg("la_bwd_q", max(bd, be), fp32)
-    n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
+    meta = dict(FEAT=feat, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d), BLOCK_E=block_d(e))
     mp_len = d * e + d + 1
-    part = torch.empty((b * h, n_split, mp_len), device=q.device, dtype=torch.float32)
-    la_bwd_q_kernel[(b * h, n_split)](
-        q, do, state, temp, dq, part, *_s4(q), *_s4(do), *_s4(dq), h, n, d, e,
-        state.shape[1], mp_len, per, float(scale), float(eps), FEAT=feat, CLAMP=clamp,
-        HAS_TEMP=temp is not None, **meta, **cfg)
+    part = _split_launch(
+        la_bwd_q, q, b * h, n, lambda part, per: (
+            q, do, state, temp, dq, part, *_s4(q), *_s4(do), *_s4(dq), h, n, d, e,
+            state.shape[1], mp_len, per, float(scale), float(eps)),
+        part_len=mp_len, CLAMP=clamp, HAS_TEMP=temp is not None, **meta)
     grads = _fold(part)
-    cfg = _cfg("la_bwd_kv", max(bd, be), fp32)
-    n_split, per = split_plan(k, b * h, nk, cfg["BLOCK_M"])
     mp, smb, smn = _mask_args(mask)
-    la_bwd_kv_kernel[(b * h, n_split)](
-        k, v, mp, grads, dk, dv, *_s4(k), *_s4(v), smb, smn, *_s4(dk), *_s4(dv), h, nk, d, e,
-        mp_len, per, FEAT=feat, HAS_MASK=mask is not None, **meta, **cfg)
+    _split_launch(
+        la_bwd_kv, k, b * h, nk, lambda _, per: (
+            k, v, mp, grads, dk, dv, *_s4(k), *_s4(v), smb, smn, *_s4(dk), *_s4(dv), h, nk, d,
+            e, mp_len, per),
+        HAS_MASK=mask is not None, **meta)
     return grads[:, d * e + d]
 
 
 def xca_forward(q, k, v, temp, o, eps: float):
     """XCA into o (B, h, N, d); returns (gn (B·h, d, d), norms (B·h, 2, d)) fp32 for backward."""
     b, h, n, d = q.shape
-    fp32 = q.dtype == torch.float32
     bd = block_d(d)
     part = _gram(q, k, None, FEATURES["identity"], colsum=False, sq=True)
     gn = torch.empty((b * h, d, d), device=q.device, dtype=torch.float32)
     attn = torch.empty_like(gn)
     norms = torch.empty((b * h, 2, d), device=q.device, dtype=torch.float32)
-    bi, w = CONFIGS["xca_small"][bd]
-    xca_softmax_kernel[(b * h, bd // bi)](part, temp, gn, norms, attn, part.shape[1], h, d,
-                                          part.shape[2], float(eps), BLOCK_I=bi, BLOCK_D=bd,
-                                          num_warps=w, num_stages=1)
-    cfg = _cfg("xca_apply", bd, fp32)
-    n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-    xca_apply_kernel[(b * h, n_split)](v, attn, o, *_s4(v), *_s4(o), h, n, d, per, IEEE=fp32,
-                                       BLOCK_D=bd, **cfg)
+    args = (part, temp, gn, norms, attn, part.shape[1], h, d, part.shape[2], float(eps))
+    _launch(xca_softmax, lambda tile: ((b * h, bd // tile["BLOCK_I"]), args, None), BLOCK_D=bd)
+    _split_launch(
+        xca_apply, q, b * h, n, lambda _, per: (v, attn, o, *_s4(v), *_s4(o), h, n, d, per),
+        IEEE=q.dtype == torch.float32, BLOCK_D=bd)
     return gn, norms
 
 
 def xca_backward(do, q, k, v, temp, gn, norms, dq, dk, dv, eps: float) -> torch.Tensor:
     """Gradients into dq, dk, dv; returns dτ per (b, h) as (B·h,) fp32."""
     b, h, n, d = q.shape
-    fp32 = q.dtype == torch.float32
     bd = block_d(d)
     part = _gram(do, v, None, FEATURES["identity"], colsum=False, sq=False)
     f32 = dict(device=q.device, dtype=torch.float32)
-    bi, w = CONFIGS["xca_small"][bd]
-    n_rb = bd // bi
     dg, attn = torch.empty((b * h, d, d), **f32), torch.empty((b * h, d, d), **f32)
-    cq, ck_part = torch.empty((b * h, d), **f32), torch.empty((b * h, n_rb, d), **f32)
-    dt_part = torch.empty((b * h, n_rb), **f32)
-    xca_bwd_small_kernel[(b * h, n_rb)](part, gn, norms, temp, dg, cq, attn, ck_part, dt_part,
-                                        part.shape[1], h, d, part.shape[2], float(eps),
-                                        BLOCK_I=bi, BLOCK_D=bd, num_warps=w, num_stages=1)
-    # fold the row-block partials (a fixed-order sum of n_rb <= 4 terms) and finish ck
+    cq = torch.empty((b * h, d), **f32)
+
+    def small(tile):  # the row-block partials of ck and dτ: one per program
+        n_rb = bd // tile["BLOCK_I"]
+        ck_part, dt_part = torch.empty((b * h, n_rb, d), **f32), torch.empty((b * h, n_rb), **f32)
+        return (b * h, n_rb), (part, gn, norms, temp, dg, cq, attn, ck_part, dt_part,
+                               part.shape[1], h, d, part.shape[2], float(eps)), (ck_part, dt_part)
+
+    ck_part, dt_part = _launch(xca_bwd_small, small, BLOCK_D=bd)
+    # fold the row-block partials (a fixed-order sum of bd / BLOCK_I terms) and finish ck
     nk = norms[:, 1]
     rk = 1.0 / nk.clamp_min(eps)
     ck = torch.where(nk >= eps, -rk * rk * ck_part.sum(1), 0.0)
     dt = dt_part.sum(1)
     args = (q, k, do, dg, cq, ck, attn, dq, dk, dv, *_s4(q), *_s4(k), *_s4(do), *_s4(dq),
             *_s4(dk), *_s4(dv), h, n, d)
-    for dv_pass, kname in ((False, "xca_bwd_qk"), (True, "xca_bwd_v")):
-        cfg = _cfg(kname, bd, fp32)
-        n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-        xca_bwd_apply_kernel[(b * h, n_split)](*args, per, DV_PASS=dv_pass, IEEE=fp32,
-                                               BLOCK_D=bd, **cfg)
+    for dv_pass in (False, True):
+        _split_launch(xca_bwd_apply, q, b * h, n, lambda _, per: (*args, per), DV_PASS=dv_pass,
+                      IEEE=q.dtype == torch.float32, BLOCK_D=bd)
     return dt
 
 
@@ -940,37 +1017,35 @@ def _soft_meta(q, landmarks, v):
     return m, d, e, dict(IEEE=q.dtype == torch.float32, BLOCK_L=bl, BLOCK_D=bd, BLOCK_E=be)
 
 
-def _soft_cfg(kernel: str, meta: dict):
-    key = max(32, meta["BLOCK_L"], meta["BLOCK_D"], meta["BLOCK_E"])
-    bm, w, st = SOFT_CONFIGS[kernel][(key, meta["IEEE"])]
-    return dict(BLOCK_M=bm, num_warps=w, num_stages=st)
-
-
 def _soft_reduce(q, landmarks, y) -> torch.Tensor:
     """K1ᵀy (B·h, m, e) fp32, a deterministic split-N reduction."""
     b, h, n, _ = q.shape
     m, d, e, meta = _soft_meta(q, landmarks, y)
-    cfg = _soft_cfg("soft_reduce", meta)
-    n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-    part = torch.empty((b * h, n_split, m * e), device=q.device, dtype=torch.float32)
-    soft_reduce_kernel[(b * h, n_split)](
-        q, landmarks, y, part, *_s4(q), *_s4(landmarks), *_s4(y), h, n, m, d, e, per,
-        **meta, **cfg)
+    part = _split_launch(
+        soft_reduce, q, b * h, n, lambda part, per: (
+            q, landmarks, y, part, *_s4(q), *_s4(landmarks), *_s4(y), h, n, m, d, e, per),
+        part_len=m * e, **meta)
     return _fold(part).view(b * h, m, e)
+
+
+def _soft_apply(q, landmarks, w, out) -> None:
+    """out = K1·w for the tokens of q; w (B·h, m, e) fp32."""
+    b, h, n, _ = q.shape
+    m, d, e, meta = _soft_meta(q, landmarks, out)
+    _split_launch(
+        soft_apply, q, b * h, n, lambda _, per: (
+            q, landmarks, w, out, *_s4(q), *_s4(landmarks), *_s4(out), h, n, m, d, e, per),
+        **meta)
 
 
 def soft_forward(q, landmarks, v, ainv, o) -> torch.Tensor:
     """SOFT attention into o (B, h, N, e); returns the state (B·h, 2, m, e) fp32 =
     (W = K1ᵀV, W2 = Ainv·W). The m×m times m×e product is a tiny batched torch matmul."""
-    b, h, n, _ = q.shape
-    m, d, e, meta = _soft_meta(q, landmarks, v)
+    b, h, _, _ = q.shape
+    m = landmarks.shape[2]
     w = _soft_reduce(q, landmarks, v)
     w2 = torch.bmm(ainv.reshape(b * h, m, m).float(), w)
-    cfg = _soft_cfg("soft_apply", meta)
-    n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-    soft_apply_kernel[(b * h, n_split)](
-        q, landmarks, w2, o, *_s4(q), *_s4(landmarks), *_s4(o), h, n, m, d, e, per,
-        **meta, **cfg)
+    _soft_apply(q, landmarks, w2, o)
     return torch.stack((w, w2), 1)
 
 
@@ -986,23 +1061,16 @@ def soft_backward(do, q, landmarks, v, ainv, state, dq, dv):
     dw = torch.bmm(a.transpose(1, 2), dw2).contiguous()        # Ainvᵀ dW2
     w2 = w2.contiguous()
     # 16-bit: one pass for dq and the landmark partials; fp32: a dq pass and a partials pass
-    passes = ("soft_bwd",) if not meta["IEEE"] else ("soft_bwd_q", "soft_bwd_l")
-    for kname in passes:
-        cfg = _soft_cfg(kname, meta)
-        n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-        flags = dict(DO_Q=kname != "soft_bwd_l", DO_L=kname != "soft_bwd_q",
-                     FMA=kname == "soft_bwd_l")
+    for kname in ("soft_bwd",) if not meta["IEEE"] else ("soft_bwd_q", "soft_bwd_l"):
+        flags = SOFT_BWD_PASSES[kname]
+        p = _split_launch(
+            soft_bwd, q, b * h, n, lambda p, per: (
+                q, landmarks, v, do, w2, dw, dq, dq if p is None else p, *_s4(q),
+                *_s4(landmarks), *_s4(v), *_s4(do), *_s4(dq), h, n, m, d, e, per),
+            part_len=m * d + m if flags["DO_L"] else None, **meta, **flags)
         if flags["DO_L"]:
-            part = torch.empty((b * h, n_split, m * d + m), device=q.device, dtype=torch.float32)
-        soft_bwd_kernel[(b * h, n_split)](
-            q, landmarks, v, do, w2, dw, dq, part if flags["DO_L"] else dq, *_s4(q),
-            *_s4(landmarks), *_s4(v), *_s4(do), *_s4(dq), h, n, m, d, e, per, **meta, **flags,
-            **cfg)
-    cfg = _soft_cfg("soft_apply", meta)
-    n_split, per = split_plan(q, b * h, n, cfg["BLOCK_M"])
-    soft_apply_kernel[(b * h, n_split)](                       # dv = K1·dW
-        q, landmarks, dw, dv, *_s4(q), *_s4(landmarks), *_s4(dv), h, n, m, d, e, per,
-        **meta, **cfg)
+            part = p
+    _soft_apply(q, landmarks, dw, dv)                          # dv = K1·dW
     g = _fold(part)
     dsq, dsum = g[:, : m * d].view(b * h, m, d), g[:, m * d:]
     lf = landmarks.reshape(b * h, m, d).float()
@@ -1011,7 +1079,7 @@ def soft_backward(do, q, landmarks, v, ainv, state, dq, dv):
 
 
 # --------------------------------------------------------------------------------------------
-# ahead-of-time compile cases (tests/test_aot_compile.py compiles each for sm_80 and sm_90)
+# ahead-of-time compile specialisations (tests/test_aot_compile.py: one candidate of each fits)
 # --------------------------------------------------------------------------------------------
 
 _FP32_PTRS = ("P", "ST", "TEMP", "G", "GN", "NORMS", "A", "DG", "CQ", "CK", "CKP", "DTP",
@@ -1029,60 +1097,48 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
     return launch_signature(fn, pointers, plain=("smb", "smn"))
 
 
+def aot_specs():
+    """A handful of specialisations (the compile test runs each for two archs), each with its
+    tile candidates: every token-streaming kernel in fp16 at BLOCK_D 64 (XCiT-S / L2ViT head dims
+    48 / 32 -> 64 / 32 classes) with its most general specialisation (elu+1, mask, clamp,
+    temperature), the two fp32 tf32x3 kernels with the largest register footprint at BLOCK_D 32,
+    SOFT's kernels at their largest declared blocks (fp16: L = D = E = 64; fp32: d = 32), the
+    per-head d×d kernels at BLOCK_D 128 (row blocks) and
+    the fold."""
+    from .aot import spec_from_launcher
 
-def aot_cases():
-    """A handful (the compile test runs each for two archs): every token-streaming kernel in
-    fp16 at BLOCK_D 64 (XCiT-S / L2ViT head dims 48 / 32 -> 64 / 32 classes) with its most
-    general specialisation (elu+1, mask, clamp, temperature), the two fp32 tf32x3 kernels with
-    the largest register footprint at BLOCK_D 32, the per-head kernels at BLOCK_D 128 (row
-    blocks) and the fold. The whole (kernel, BLOCK_D, dtype) table was swept with the same
-    harness (see CONFIGS)."""
-    from .aot import AotCase
-
-    fns = {"gram": gram_partials_kernel, "la_apply": la_apply_kernel,
-           "la_bwd_q": la_bwd_q_kernel, "la_bwd_kv": la_bwd_kv_kernel,
-           "xca_apply": xca_apply_kernel, "xca_bwd_qk": xca_bwd_apply_kernel,
-           "xca_bwd_v": xca_bwd_apply_kernel}
-    extra = {"gram": dict(FEAT=2, HAS_MASK=True, COLSUM=True, SQ=False),
+    launchers = {"gram": gram_partials, "la_apply": la_apply, "la_bwd_q": la_bwd_q,
+                 "la_bwd_kv": la_bwd_kv, "xca_apply": xca_apply, "xca_bwd_qk": xca_bwd_apply,
+                 "xca_bwd_v": xca_bwd_apply, "soft_reduce": soft_reduce,
+                 "soft_apply": soft_apply, "soft_bwd": soft_bwd, "soft_bwd_q": soft_bwd,
+                 "soft_bwd_l": soft_bwd,
+                 "xca_softmax": xca_softmax, "xca_bwd_small": xca_bwd_small, "fold": fold}
+    flags = {"gram": dict(FEAT=2, HAS_MASK=True, COLSUM=True, SQ=False),
              "la_apply": dict(FEAT=2, CLAMP=False, HAS_TEMP=True),
              "la_bwd_q": dict(FEAT=2, CLAMP=True, HAS_TEMP=True),
              "la_bwd_kv": dict(FEAT=2, HAS_MASK=True),
-             "xca_bwd_qk": dict(DV_PASS=False), "xca_bwd_v": dict(DV_PASS=True)}
-    cases = []
-
-    def add(name, fn, dtype, consts, num_warps, num_stages):
-        sig, const = _aot_signature(fn, dtype)
-        cases.append(AotCase(name=name, fn=fn, signature=sig, constexprs={**const, **consts},
-                             num_warps=num_warps, num_stages=num_stages))
-
-    stream = [(k, "fp16", 64) for k in fns] + [("gram", "fp32", 32), ("la_bwd_q", "fp32", 32)]
-    for kname, dtype, bd in stream:
-        fn = fns[kname]
-        cfg = _cfg(kname, bd, dtype == "fp32")
-        consts = dict(extra.get(kname, {}), IEEE=dtype == "fp32", BLOCK_D=bd,
-                      BLOCK_M=cfg["BLOCK_M"])
-        if "BLOCK_E" in fn.arg_names:
-            consts["BLOCK_E"] = bd
-        add(f"linear.{kname}[{dtype},D={bd},BM={cfg['BLOCK_M']},w{cfg['num_warps']},"
-            f"s{cfg['num_stages']}]", fn, dtype, consts, cfg["num_warps"], cfg["num_stages"])
-    soft_fns = {"soft_reduce": soft_reduce_kernel, "soft_apply": soft_apply_kernel,
-                "soft_bwd": soft_bwd_kernel, "soft_bwd_l": soft_bwd_kernel}
-    # SOFT's kernels at its own shapes (m = 49, d = 32: class 64) in fp16, and the fp32
-    # landmark-gradient pass (FMA dots; the other fp32 classes were swept with the same harness,
-    # see SOFT_CONFIGS)
-    for kname, dtype in (("soft_reduce", "fp16"), ("soft_apply", "fp16"), ("soft_bwd", "fp16"),
-                         ("soft_bwd_l", "fp32")):
-        meta = dict(IEEE=dtype == "fp32", BLOCK_L=64, BLOCK_D=64, BLOCK_E=64)
-        if kname.startswith("soft_bwd"):
-            meta.update(DO_Q=kname == "soft_bwd", DO_L=True, FMA=kname == "soft_bwd_l")
-        if (64, meta["IEEE"]) not in SOFT_CONFIGS[kname]:
-            continue
-        cfg = _soft_cfg(kname, meta)
-        add(f"linear.{kname}[{dtype},L=D=E=64,BM={cfg['BLOCK_M']},w{cfg['num_warps']},"
-            f"s{cfg['num_stages']}]", soft_fns[kname], dtype, dict(meta, BLOCK_M=cfg["BLOCK_M"]),
-            cfg["num_warps"], cfg["num_stages"])
-    bi, w = CONFIGS["xca_small"][128]
-    for kname, fn in (("xca_softmax", xca_softmax_kernel), ("xca_bwd_small", xca_bwd_small_kernel)):
-        add(f"linear.{kname}[D=128,BI={bi},w{w}]", fn, "fp32", dict(BLOCK_D=128, BLOCK_I=bi), w, 1)
-    add("linear.fold", fold_kernel, "fp32", dict(BLOCK=FOLD_BLOCK), 4, 1)
-    return cases
+             "xca_bwd_qk": dict(DV_PASS=False), "xca_bwd_v": dict(DV_PASS=True), **SOFT_BWD_PASSES}
+    selection = [(k, "fp16", dict(BLOCK_D=64)) for k in TILES]
+    selection += [("gram", "fp32", dict(BLOCK_D=32)), ("la_bwd_q", "fp32", dict(BLOCK_D=32))]
+    soft = dict(BLOCK_L=64, BLOCK_D=64, BLOCK_E=64)
+    selection += [(k, "fp16", soft) for k in ("soft_reduce", "soft_apply", "soft_bwd")]
+    soft32 = dict(soft, BLOCK_D=SOFT_FP32_MAX_HEAD_DIM)
+    selection += [(k, "fp32", soft32) for k in ("soft_reduce", "soft_apply", "soft_bwd_q",
+                                                "soft_bwd_l")]
+    selection += [(k, "fp32", dict(BLOCK_D=128)) for k in ("xca_softmax", "xca_bwd_small")]
+    specs = []
+    for kname, dtype, sizes in selection:
+        launcher = launchers[kname]
+        meta = {**flags.get(kname, {}), **sizes}
+        if "IEEE" in launcher.fn.arg_names:
+            meta["IEEE"] = dtype == "fp32"
+        if "BLOCK_E" in launcher.fn.arg_names and "BLOCK_L" not in sizes:
+            meta["BLOCK_E"] = sizes["BLOCK_D"]
+        shape = (f"L={sizes['BLOCK_L']},D={sizes['BLOCK_D']},E={sizes['BLOCK_E']}"
+                 if "BLOCK_L" in sizes else f"D={sizes['BLOCK_D']}")
+        sig, const = _aot_signature(launcher.fn, dtype)
+        specs.append(spec_from_launcher(f"linear.{kname}[{dtype},{shape}]", launcher, sig, const,
+                                        meta))
+    sig, const = _aot_signature(fold.fn, "fp32")
+    specs.append(spec_from_launcher("linear.fold", fold, sig, const, {}))
+    return specs

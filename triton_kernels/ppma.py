@@ -50,7 +50,6 @@ import triton.language as tl
 
 from .attention_core import (
     LOG2E,
-    Launcher,
     bh_offset,
     block_d,
     cdiv,
@@ -61,9 +60,9 @@ from .attention_core import (
     softmax_p_ds,
     softmax_rescale,
     strides4,
-    tile_configs,
     tile_ptrs,
 )
+from .tuning import Launcher, capability_reason, table_candidates
 
 _LOG2E = tl.constexpr(LOG2E)  # jit code reads module globals only as constexprs
 
@@ -461,33 +460,34 @@ def ppma_cc_bwd_kernel(
         out_t = 0.5 * _mma(tl.trans(a).to(dt), do.to(dt), IEEE)
         tl.store(tile_ptrs(OUT_T + f32_base, tok, offs_d, HEAD_DIM, 1), out_t, mask=m2)
     if GRADS:
+        g_base = bh_offset(pid_bh, n_heads, sgb, sgh)
+        # each gradient is stored as soon as it is formed (dv first), to keep the register
+        # pressure of the L×L tiles down at 64-token lines
+        dx = _line_load(DX + f32_base, tok, offs_d, valid, dmask, HEAD_DIM, 1).to(dt)
+        _cc_store_grad(_mma(tl.trans(a).to(dt), dx, IEEE), ACC_V + f32_base, DV + g_base,
+                       tok, offs_d, m2, sgn, sgd, HEAD_DIM, ACCUM)
         x = _line_load(X + f32_base, tok, offs_d, valid, dmask, HEAD_DIM, 1)
-        dx = _line_load(DX + f32_base, tok, offs_d, valid, dmask, HEAD_DIM, 1)
         v = _line_load(V, tok, offs_d, valid, dmask, svn, svd)
-        d_a = (0.5 * _mma(do.to(dt), tl.trans(x.to(dt)), IEEE)
-               + _mma(dx.to(dt), tl.trans(v), IEEE))
+        d_a = 0.5 * _mma(do.to(dt), tl.trans(x.to(dt)), IEEE) + _mma(dx, tl.trans(v), IEEE)
         ds = a * (d_a - tl.sum(a * d_a, 1)[:, None])
-        dq = _mma(ds.to(dt), k, IEEE) * scale
-        dk = _mma(tl.trans(ds).to(dt), q, IEEE) * scale
-        dv = _mma(tl.trans(a).to(dt), dx.to(dt), IEEE)
         gs = ds * sig
-        gz = tl.sum(gs, 0) - tl.sum(gs, 1)
-        tl.store(GZ + pid_bh * N + tok, gz, mask=valid)
-        if ACCUM:
-            dq += tl.load(tile_ptrs(ACC_Q + f32_base, tok, offs_d, HEAD_DIM, 1), mask=m2)
-            dk += tl.load(tile_ptrs(ACC_K + f32_base, tok, offs_d, HEAD_DIM, 1), mask=m2)
-            dv += tl.load(tile_ptrs(ACC_V + f32_base, tok, offs_d, HEAD_DIM, 1), mask=m2)
-            g_base = bh_offset(pid_bh, n_heads, sgb, sgh)
-            tl.store(tile_ptrs(DQ + g_base, tok, offs_d, sgn, sgd), dq.to(DQ.dtype.element_ty),
-                     mask=m2)
-            tl.store(tile_ptrs(DK + g_base, tok, offs_d, sgn, sgd), dk.to(DK.dtype.element_ty),
-                     mask=m2)
-            tl.store(tile_ptrs(DV + g_base, tok, offs_d, sgn, sgd), dv.to(DV.dtype.element_ty),
-                     mask=m2)
-        else:
-            tl.store(tile_ptrs(ACC_Q + f32_base, tok, offs_d, HEAD_DIM, 1), dq, mask=m2)
-            tl.store(tile_ptrs(ACC_K + f32_base, tok, offs_d, HEAD_DIM, 1), dk, mask=m2)
-            tl.store(tile_ptrs(ACC_V + f32_base, tok, offs_d, HEAD_DIM, 1), dv, mask=m2)
+        tl.store(GZ + pid_bh * N + tok, tl.sum(gs, 0) - tl.sum(gs, 1), mask=valid)
+        _cc_store_grad(_mma(ds.to(dt), k, IEEE) * scale, ACC_Q + f32_base, DQ + g_base, tok,
+                       offs_d, m2, sgn, sgd, HEAD_DIM, ACCUM)
+        _cc_store_grad(_mma(tl.trans(ds).to(dt), q, IEEE) * scale, ACC_K + f32_base, DK + g_base,
+                       tok, offs_d, m2, sgn, sgd, HEAD_DIM, ACCUM)
+
+
+@triton.jit
+def _cc_store_grad(g, ACC, G, tok, offs_d, m2, sgn, sgd, HEAD_DIM, ACCUM: tl.constexpr):
+    """A line's fp32 gradient tile: to G (plus the other direction's partial in ACC) when
+    ACCUM, else to the fp32 partial ACC (contiguous (N, d) rows)."""
+    acc_ptrs = tile_ptrs(ACC, tok, offs_d, HEAD_DIM, 1)
+    if ACCUM:
+        g += tl.load(acc_ptrs, mask=m2)
+        tl.store(tile_ptrs(G, tok, offs_d, sgn, sgd), g.to(G.dtype.element_ty), mask=m2)
+    else:
+        tl.store(acc_ptrs, g, mask=m2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,12 +739,12 @@ def rope(x, sin, cos, y, backward: bool = False):
 # configs
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?): candidates swept with
-# the AOT harness (`python -m vitkern.triton_kernels.aot -k ppma`), kept only where spill-free on
-# both sm_80 and sm_90. fp32 uses full-precision FMA dots and needs smaller tiles. The backward
-# tiles must hold whole image rows (W <= min(BLOCK_M, BLOCK_N), see `max_width`). A missing
-# entry means no candidate fits: the triton backend refuses that input (`unsupported`).
-CONFIGS = {
+# Tile candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?),
+# preferred first (spill-free in a sweep with the AOT harness), then tuning.FALLBACK_TILES. Pure
+# tuning: the launcher drops those that spill on the machine that runs them (tuning.py). fp32
+# uses full-precision FMA dots and needs smaller tiles. The backward tiles must hold whole image
+# rows (WP <= min(BLOCK_M, BLOCK_N)): a geometric constraint, so candidates are filtered by it.
+TILES = {
     "fwd": {
         (16, False): [(64, 32, 4, 1), (32, 32, 8, 1)],
         (32, False): [(64, 32, 4, 1), (32, 32, 8, 1)],
@@ -772,36 +772,42 @@ CONFIGS = {
 }
 
 
-def _configs_for(kernel: str):
-    def configs_for(*, BLOCK_D, IEEE, WP):
-        rows = CONFIGS[kernel][(BLOCK_D, bool(IEEE))]
+def _candidates(kernel: str):
+    preferred = table_candidates(TILES[kernel])
+
+    def candidates(*, WP, **meta):
         # the forward takes any WP; the backward needs whole rows per tile
-        return tile_configs([r for r in rows if kernel == "fwd" or min(r[:2]) >= WP])
-    return configs_for
+        return [c for c in preferred(**meta) if kernel == "fwd" or min(c.kwargs.values()) >= WP]
+    return candidates
+
+
+# Declared capability: head dims up to 64; the backward takes maps up to MAX_TRAIN_WIDTH[fp32,
+# BLOCK_D] wide (its tiles hold whole rows, and wider tiles spill registers).
+MAX_HEAD_DIM = 64
+MAX_TRAIN_WIDTH = {(False, 16): 32, (False, 32): 32, (False, 64): 32,
+                   (True, 16): 32, (True, 32): 32, (True, 64): 16}
 
 
 def max_width(head_dim: int, fp32: bool) -> int:
     """Widest map (W) the backward takes: its tiles must hold whole image rows."""
-    key = (block_d(head_dim), fp32)
-    return min(max(min(r[:2]) for r in CONFIGS[kernel][key]) for kernel in ("dq", "dkdv"))
+    return MAX_TRAIN_WIDTH[fp32, block_d(head_dim)]
 
 
 def unsupported(head_dim: int, fp32: bool, W: int, backward: bool = True):
-    """Why no spill-free kernel config exists for these inputs (None when one does)."""
-    key = (block_d(head_dim), fp32)
-    dtype = "float32" if fp32 else "16-bit"
-    if not all(key in CONFIGS[kernel] for kernel in CONFIGS):
-        return f"no spill-free triton tiles for {dtype} head_dim {head_dim}"
+    """Why the triton backend refuses these inputs (None when it takes them)."""
+    if why := capability_reason("PPMA", head_dim, fp32, MAX_HEAD_DIM):
+        return why
     if backward and W > max_width(head_dim, fp32):
+        dtype = "float32" if fp32 else "16-bit"
         return (f"map width W={W} > {max_width(head_dim, fp32)}: the {dtype} triton backward "
                 "needs whole image rows per tile (forward-only calls take any width)")
     return None
 
 
 _KEY = ["n_virt", "HEAD_DIM"]
-ppma_fwd = Launcher(ppma_fwd_kernel, _configs_for("fwd"), _KEY)
-ppma_bwd_dq = Launcher(ppma_bwd_dq_kernel, _configs_for("dq"), _KEY)
-ppma_bwd_dkdv = Launcher(ppma_bwd_dkdv_kernel, _configs_for("dkdv"), _KEY)
+ppma_fwd = Launcher(ppma_fwd_kernel, _candidates("fwd"), _KEY)
+ppma_bwd_dq = Launcher(ppma_bwd_dq_kernel, _candidates("dq"), _KEY)
+ppma_bwd_dkdv = Launcher(ppma_bwd_dkdv_kernel, _candidates("dkdv"), _KEY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -891,27 +897,24 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
 
 
 
-def aot_cases():
-    """A handful of launches: the three full-attention kernels in fp16 and fp32 at PPMA-T stage 3
-    (14×14 map: WP = 16, d = 32) at their first (preferred) config; the criss-cross kernels at
-    the longest lines (64, fp16); the decay and RoPE kernels. bf16 compiles like fp16. (The
-    sweep behind CONFIGS / cc_warps compiled every table entry on both archs.)"""
-    from .aot import AotCase
+def aot_specs():
+    """A handful of specialisations: the three full-attention kernels in fp16 and fp32 at PPMA-T
+    stage 3 (14×14 map: WP = 16, d = 32) and the backward at the widest declared map (WP = 32),
+    each with its tile candidates; the criss-cross kernels at the longest lines (64 in 16-bit,
+    32 in fp32); the decay and RoPE kernels (one fixed config each). bf16 compiles like fp16."""
+    from .aot import AotCase, AotSpec, spec_from_launcher
 
-    cases = []
-    specs = [(k, dt, 32, 16) for k in ("fwd", "dq", "dkdv") for dt in ("fp16", "fp32")]
+    specs = []
+    full = [(k, dt, 32, wp) for k in ("fwd", "dq", "dkdv") for dt in ("fp16", "fp32")
+            for wp in ((16,) if k == "fwd" else (16, 32))]
     launchers = {"fwd": ppma_fwd, "dq": ppma_bwd_dq, "dkdv": ppma_bwd_dkdv}
-    for kname, dtype, bd, wp in specs:
+    for kname, dtype, bd, wp in full:
         launcher = launchers[kname]
         sig, const = _aot_signature(launcher.fn, dtype)
         meta = dict(WP=wp, IEEE=dtype == "fp32", BLOCK_D=bd)
-        cfg = launcher.configs_for(**meta)[0]
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        cases.append(AotCase(
-            name=f"ppma.{kname}[{dtype},D={bd},WP={wp},BM={bm},BN={bn},"
-                 f"w{cfg.num_warps},s{cfg.num_stages}]",
-            fn=launcher.fn, signature=sig, constexprs={**const, **meta, **cfg.kwargs},
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        specs.append(spec_from_launcher(f"ppma.{kname}[{dtype},D={bd},WP={wp}]", launcher, sig,
+                                        const, meta))
+    cases = []
     for fn in (ppma_decays_fwd_kernel, ppma_decays_bwd_kernel):
         sig, const = _aot_signature(fn, "fp16")
         for name in ("WDT", "BIAS", "ALOG", "DA", "DG", "PW", "PB", "PA"):
@@ -930,7 +933,7 @@ def aot_cases():
                 "bwd_accum": dict(ROW=True, WRITE_T=False, GRADS=True, ACCUM=True)}
     for mname, mode in cc_modes.items():  # the longest lines at head dim 32
         fn = ppma_cc_fwd_kernel if mname.startswith("fwd") else ppma_cc_bwd_kernel
-        for dtype in ("fp16",):
+        for dtype in ("fp16", "fp32"):
             sig, const = _aot_signature(fn, dtype)
             if fn is ppma_cc_bwd_kernel:
                 sig.update({n: "*fp32" for n in ("X", "DX", "OUT_T", "ACC_Q", "ACC_K", "ACC_V")})
@@ -945,4 +948,4 @@ def aot_cases():
     cases.append(AotCase(name="ppma.rope[fp16,D=32]", fn=ppma_rope_kernel, signature=sig,
                          constexprs={**const, "BACKWARD": False, "BLOCK_T": ROPE_BLOCK_T,
                                      "BLOCK_D": 32}, num_warps=4, num_stages=1))
-    return cases
+    return specs + [AotSpec(c.name, (c,)) for c in cases]  # fixed configs: one candidate

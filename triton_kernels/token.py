@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from .attention_core import (
-    Launcher,
     block_d,
     cdiv,
     launch_delta,
@@ -45,9 +44,9 @@ from .attention_core import (
     softmax_finish,
     softmax_step,
     strides4,
-    tile_configs,
     tile_ptrs,
 )
+from .tuning import Launcher, capability_reason, table_candidates
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -367,19 +366,14 @@ def token_bwd_dq_kernel(
 # configs
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?): the largest tile of
-# a sweep of candidates, (128, 64, 8, 2) down to (16, 16, 8, 1), that compiles for sm_80 and
-# sm_90 without register spills and within shared memory in *every* specialisation (keep_idx,
-# key_bias, importance gradient, varlen each on / off, (B, N) or (B, heads, N) bias:
-# `aot_cases("all")`; adding the varlen flag moved four entries: fwd fp32 D=64, dK/dV fp16
-# D=32 / D=64 and fp32 D=64);
-# tests/test_aot_compile.py re-checks the heaviest one of each entry
-# (`python -m vitkern.triton_kernels.aot -k token`). fp32 (tf32x3 dots) needs ~3x the registers
-# of fp16/bf16, hence the small fp32 tiles. Head dims above 128 have no entry: the triton
-# backend refuses them (see `unsupported`). float32 head dims 72..128 have no dK/dV tiles (down to
-# 16×16 every candidate spills on sm_90 in some specialisation: tf32x3 triples the dot operands),
-# so no backward tiles at all there: the forward runs, the backward is refused.
-CONFIGS = {
+# Tile candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?),
+# preferred first, then tuning.FALLBACK_TILES. The preferred tile is the largest of a sweep,
+# (128, 64, 8, 2) down to (16, 16, 8, 1), that compiled without spills in *every*
+# specialisation (keep_idx, key_bias, importance gradient, varlen each on / off, (B, N) or
+# (B, heads, N) bias: `aot_specs("all")`). Pure tuning: the launcher drops the candidates that
+# spill on the machine that runs them (tuning.py). fp32 (tf32x3 dots) needs ~3x the registers of
+# fp16/bf16, hence the small fp32 tiles.
+TILES = {
     "fwd": {
         (16, False): [(128, 64, 8, 2)],
         (32, False): [(128, 64, 8, 2)],
@@ -412,45 +406,43 @@ CONFIGS = {
 # colsum (second QKᵀ pass, "colsum" importance): resident key tile, loop over query tiles; it
 # holds less than the forward (no V, no accumulator) and takes the forward's tiles except where
 # the all-specialisation sweep found a spill (fp16 D=128, fp32 D=16 on sm_80).
-CONFIGS["colsum"] = {**CONFIGS["fwd"], (128, False): [(64, 64, 8, 2)],
+TILES["colsum"] = {**TILES["fwd"], (128, False): [(64, 64, 8, 2)],
                      (16, True): [(128, 32, 8, 2)]}
-# cls_probs: (BLOCK_N, num_warps) per BLOCK_D (fp32 multiply-reduce, no tl.dot: dtype-agnostic).
-CLS_CONFIGS = {16: (128, 4), 32: (128, 4), 64: (64, 4), 128: (32, 4)}
+# cls_probs: (BLOCK_N, num_warps) per BLOCK_D (fp32 multiply-reduce, no tl.dot: dtype-agnostic),
+# then a small fallback.
+CLS_TILES = {16: (128, 4), 32: (128, 4), 64: (64, 4), 128: (32, 4)}
+CLS_FALLBACK = (16, 4)
+
+# Declared capability: the largest head dim per (direction, fp32?). The forward (and the
+# importance kernels) to 128 in every dtype; the fp32 backward to 64 (above it every dK/dV tile
+# down to 16×16 spilled on sm_90 in some specialisation: tf32x3 triples the dot operands).
+MAX_HEAD_DIM = {("fwd", False): 128, ("fwd", True): 128, ("bwd", False): 128, ("bwd", True): 64}
 
 
 def unsupported(head_dim: int, fp32: bool, backward: bool = True):
-    """Why no spill-free kernel config exists for this input (None when one does).
+    """Why the triton backend refuses this input (None when it takes it).
 
     ``backward``: whether the gradient kernels are needed too (inputs require grad)."""
-    key = (block_d(head_dim), fp32)
-    kernels = ("fwd", "dkdv", "dq") if backward else ("fwd",)
-    missing = [kernel for kernel in kernels if key not in CONFIGS[kernel]]
-    if not missing:
-        return None
-    dtype = "float32" if fp32 else "16-bit"
-    what = "backward " if "fwd" not in missing else ""
-    hint = " (inference works; train in float16 / bfloat16)" if what else ""
-    return (f"no spill-free triton tiles for {dtype} head_dim {head_dim} {what}"
-            f"(token attention){hint}")
+    if why := capability_reason("token attention", head_dim, fp32, MAX_HEAD_DIM["fwd", fp32]):
+        return why
+    if backward:
+        return capability_reason("token attention's backward", head_dim, fp32,
+                                 MAX_HEAD_DIM["bwd", fp32],
+                                 " (inference works; train in float16 / bfloat16)")
+    return None
 
 
-def _configs_for(kernel: str):
-    def configs_for(*, BLOCK_D, IEEE, **_):
-        return tile_configs(CONFIGS[kernel][(BLOCK_D, bool(IEEE))])
-    return configs_for
-
-
-def _cls_configs_for(*, BLOCK_D, **_):
-    n, w = CLS_CONFIGS[BLOCK_D]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1)]
+def _cls_candidates(*, BLOCK_D, **_):
+    rows = dict.fromkeys([CLS_TILES[BLOCK_D], CLS_FALLBACK])
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1) for n, w in rows]
 
 
 _KEY = ["n_rows", "HEAD_DIM"]
-token_fwd = Launcher(token_fwd_kernel, _configs_for("fwd"), _KEY)
-token_bwd_dkdv = Launcher(token_bwd_dkdv_kernel, _configs_for("dkdv"), _KEY)
-token_bwd_dq = Launcher(token_bwd_dq_kernel, _configs_for("dq"), _KEY)
-token_cls_probs = Launcher(token_cls_probs_kernel, _cls_configs_for, _KEY)
-token_colsum = Launcher(token_colsum_kernel, _configs_for("colsum"), _KEY)
+token_fwd = Launcher(token_fwd_kernel, table_candidates(TILES["fwd"]), _KEY)
+token_bwd_dkdv = Launcher(token_bwd_dkdv_kernel, table_candidates(TILES["dkdv"]), _KEY)
+token_bwd_dq = Launcher(token_bwd_dq_kernel, table_candidates(TILES["dq"]), _KEY)
+token_cls_probs = Launcher(token_cls_probs_kernel, _cls_candidates, _KEY)
+token_colsum = Launcher(token_colsum_kernel, table_candidates(TILES["colsum"]), _KEY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,26 +580,26 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
     return launch_signature(fn, pointers, unit=_UNIT.__contains__, zero=("sbh",))
 
 
-def aot_cases(variants: str = "heaviest"):
-    """forward, dK/dV, dQ, CLS-probability and column-sum kernels × head-dim class (16, 32, 64,
-    128) × fp16 / fp32 × config: 38 cases, each in its heaviest specialisation (keep_idx,
-    key_bias, importance gradient, varlen). bf16 compiles like fp16.
+def aot_specs(variants: str = "heaviest"):
+    """forward, dK/dV, dQ, CLS-probability and column-sum kernels × declared head-dim class (16,
+    32, 64, 128) × fp16 / fp32, each in its heaviest specialisation (keep_idx, key_bias,
+    importance gradient, varlen) with its tile candidates. bf16 compiles like fp16.
 
-    Register allocation is not monotonic in the features (a config can spill *without* the
-    bias), so every CONFIGS entry was also checked in every specialisation:
-    ``aot_cases("all")`` lists them (each HAS_* / VARLEN flag on / off, plus a per-head
-    (B, h, N) bias; too many for CI, run them when a table entry changes)::
+    Register allocation is not monotonic in the features (a tile can spill *without* the bias):
+    ``aot_specs("all")`` lists every specialisation (each HAS_* / VARLEN flag on / off, plus a
+    per-head (B, h, N) bias; too many for CI, run them when a candidate list changes)::
 
         from vitkern.triton_kernels import aot, token
-        bad = [c.name for c in token.aot_cases("all") for a in aot.ARCHS
-               if aot.compile_case(c, a).spills]
+        unfit = [s.name for s in token.aot_specs("all") for a in aot.ARCHS
+                 if aot.first_fit(s, a)[0] is None]
     """
-    from .aot import AotCase
+    from .aot import spec_from_launcher
 
-    cases = []
-    kernels = (("fwd", token_fwd), ("dkdv", token_bwd_dkdv), ("dq", token_bwd_dq),
-               ("cls", token_cls_probs), ("colsum", token_colsum))
-    for kname, launcher in kernels:
+    specs = []
+    kernels = (("fwd", token_fwd, "fwd"), ("dkdv", token_bwd_dkdv, "bwd"),
+               ("dq", token_bwd_dq, "bwd"), ("cls", token_cls_probs, "fwd"),
+               ("colsum", token_colsum, "fwd"))
+    for kname, launcher, direction in kernels:
         flags = [f for f in ("HAS_IDX", "HAS_BIAS", "HAS_G0", "VARLEN")
                  if f in launcher.fn.arg_names]
         if variants == "all":
@@ -617,8 +609,8 @@ def aot_cases(variants: str = "heaviest"):
             combos = [dict.fromkeys(flags, True)]
         for dtype in ("fp16", "fp32"):
             for bd in (16, 32, 64, 128):
-                if kname != "cls" and (bd, dtype == "fp32") not in CONFIGS[kname]:
-                    continue  # the backend refuses these inputs: nothing to compile
+                if bd > MAX_HEAD_DIM[direction, dtype == "fp32"]:
+                    continue  # outside the declared capability: nothing to prove
                 for combo in combos:
                     head_bias = (False, True) if variants == "all" and combo["HAS_BIAS"] else (
                         False,)
@@ -633,12 +625,6 @@ def aot_cases(variants: str = "heaviest"):
                         off = "".join(f"-{f.replace('HAS_', '').lower()}"
                                       for f, on in combo.items() if not on)
                         tag = off + ("+headbias" if per_head else "")
-                        for cfg in launcher.configs_for(**{"IEEE": dtype == "fp32", **meta}):
-                            kw = cfg.kwargs
-                            tiles = ",".join(f"{k[6:]}={v}" for k, v in kw.items())
-                            cases.append(AotCase(
-                                name=f"token.{kname}{tag}[{dtype},D={bd},{tiles},"
-                                     f"w{cfg.num_warps},s{cfg.num_stages}]",
-                                fn=launcher.fn, signature=sig, constexprs={**const, **meta, **kw},
-                                num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return cases
+                        specs.append(spec_from_launcher(f"token.{kname}{tag}[{dtype},D={bd}]",
+                                                        launcher, sig, const, meta))
+    return specs

@@ -49,7 +49,6 @@ import triton.language as tl
 
 from .attention_core import (
     LOG2E,
-    Launcher,
     bh_offset,
     block_d,
     cdiv,
@@ -62,9 +61,9 @@ from .attention_core import (
     softmax_finish,
     softmax_step,
     strides4,
-    tile_configs,
     tile_ptrs,
 )
+from .tuning import Launcher, capability_reason, table_candidates
 
 # --------------------------------------------------------------------------------------------
 # geometry helpers
@@ -370,12 +369,11 @@ def window_bwd_dbias_kernel(
 # configs
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?); the largest tiles
-# of a small sweep that compile for sm_80 and sm_90 without spills and within shared memory
-# (tests/test_aot_compile.py re-checks every one; `python -m vitkern.triton_kernels.aot -k
-# window` prints registers / spills / smem). For "dbias" the tile is over (query slot, key slot)
-# pairs of one window. A missing entry: no candidate fits, the triton backend refuses the input.
-CONFIGS = {
+# Tile candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and (BLOCK_D, fp32?),
+# preferred first (the largest spill-free tiles of a sweep), then tuning.FALLBACK_TILES. Pure
+# tuning: the launcher drops those that spill on the machine that runs them (tuning.py). For
+# "dbias" the tile is over (query slot, key slot) pairs of one window.
+TILES = {
     "fwd": {
         (16, False): [(128, 64, 8, 2)],
         (32, False): [(64, 64, 8, 2)],
@@ -416,35 +414,30 @@ CONFIGS = {
 
 MIN_WS, MAX_WS = 1, 16
 MAX_HEAD_DIM = 128
-
-
-def _configs_for(kernel: str):
-    def configs_for(*, BLOCK_D, IEEE, WH, WW, HAS_BIAS, HAS_ACTIVE=False, D_CHUNK=None):
-        return tile_configs(CONFIGS[kernel][(BLOCK_D, bool(IEEE))])
-    return configs_for
+# Declared capability per fp32?: the largest head dim whose four kernels (fwd, dK/dV, dQ, dbias)
+# have a tile that fits in registers (tests/test_aot_compile.py proves it with the installed
+# compiler).
+MAX_HEAD_DIM_FOR = {False: 128, True: 64}
 
 
 def unsupported(head_dim: int, fp32: bool, window_size):
-    """Why the triton backend refuses this input (None when a spill-free config exists);
-    ``window_size`` the effective window, an int or (wh, ww)."""
+    """Why the triton backend refuses this input (None when it takes it); ``window_size`` the
+    effective window, an int or (wh, ww)."""
     if head_dim % 8 or head_dim > MAX_HEAD_DIM:
         return (f"head_dim {head_dim} not supported by triton window attention (multiples of 8 "
                 f"up to {MAX_HEAD_DIM})")
     ws = max(window_size) if isinstance(window_size, (tuple, list)) else window_size
     if ws > MAX_WS:
         return f"window_size {ws} > {MAX_WS} not supported by triton window attention"
-    key = (block_d(head_dim), fp32)
-    if all(key in CONFIGS[kernel] for kernel in CONFIGS):
-        return None
-    dtype = "float32" if fp32 else "16-bit"
-    return f"no spill-free triton tiles for {dtype} head_dim {head_dim} in window attention"
+    return capability_reason("window attention", head_dim, fp32, MAX_HEAD_DIM_FOR[fp32])
 
 
 _KEY = ["n_virt", "HEAD_DIM"]
-window_fwd = Launcher(window_fwd_kernel, _configs_for("fwd"), _KEY)
-window_bwd_dkdv = Launcher(window_bwd_dkdv_kernel, _configs_for("dkdv"), _KEY)
-window_bwd_dq = Launcher(window_bwd_dq_kernel, _configs_for("dq"), _KEY)
-window_bwd_dbias = Launcher(window_bwd_dbias_kernel, _configs_for("dbias"), ["n_pairs", "HEAD_DIM"])
+window_fwd = Launcher(window_fwd_kernel, table_candidates(TILES["fwd"]), _KEY)
+window_bwd_dkdv = Launcher(window_bwd_dkdv_kernel, table_candidates(TILES["dkdv"]), _KEY)
+window_bwd_dq = Launcher(window_bwd_dq_kernel, table_candidates(TILES["dq"]), _KEY)
+window_bwd_dbias = Launcher(window_bwd_dbias_kernel, table_candidates(TILES["dbias"]),
+                            ["n_pairs", "HEAD_DIM"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,14 +605,13 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
 
 
 
-def aot_cases(all_active: bool = False):
-    """Every kernel × supported head-dim class × fp16/fp32 × config, for Swin's ws = 7 with a
-    bias table (the heavier path), plus the active-window (SparseViT) variant for Swin's head
-    dim 32 (``all_active=True``: for every head dim, the full sweep behind the CONFIGS table).
-    bf16 compiles like fp16."""
-    from .aot import AotCase
+def aot_specs(all_active: bool = False):
+    """Every kernel × declared head-dim class × fp16/fp32, each with its tile candidates, for
+    Swin's ws = 7 with a bias table (the heavier path), plus the active-window (SparseViT) variant
+    for Swin's head dim 32 (``all_active=True``: for every head dim). bf16 compiles like fp16."""
+    from .aot import spec_from_launcher
 
-    cases = []
+    specs = []
     kernels = (("fwd", window_fwd), ("dkdv", window_bwd_dkdv), ("dq", window_bwd_dq),
                ("dbias", window_bwd_dbias))
     for kname, launcher in kernels:
@@ -627,7 +619,7 @@ def aot_cases(all_active: bool = False):
             sig, const = _aot_signature(launcher.fn, dtype)
             for bd in (16, 32, 64, 128):
                 if unsupported(bd, dtype == "fp32", 7):
-                    continue
+                    continue  # outside the declared capability: nothing to prove
                 for active in (False, True):
                     if active and not (all_active or bd == 32):
                         continue
@@ -635,12 +627,7 @@ def aot_cases(all_active: bool = False):
                                 BLOCK_D=bd)
                     if kname == "dbias":
                         meta["D_CHUNK"] = dbias_chunk(bd, dtype == "fp32")
-                    for cfg in launcher.configs_for(**meta):
-                        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                        cases.append(AotCase(
-                            name=f"window.{kname}[{dtype},D={bd},BM={bm},BN={bn},"
-                                 f"w{cfg.num_warps},s{cfg.num_stages}{',active' * active}]",
-                            fn=launcher.fn, signature=sig,
-                            constexprs={**const, **meta, **cfg.kwargs},
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return cases
+                    specs.append(spec_from_launcher(
+                        f"window.{kname}[{dtype},D={bd}{',active' * active}]", launcher, sig,
+                        const, meta))
+    return specs

@@ -14,12 +14,22 @@ def info() -> str:
 
     lines = [f"vitkern   {vitkern.__version__}", f"python    {platform.python_version()}",
              f"torch     {torch.__version__} (CUDA {torch.version.cuda})"]
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
     try:
         import triton
 
+        versions["triton"] = triton.__version__
         lines.append(f"triton    {triton.__version__}")
     except ImportError:
         lines.append("triton    not installed")
+    import numpy
+
+    lines.append(f"numpy     {numpy.__version__}")
+    tested = ", ".join(f"{k} {lo}" + (f"-{hi}" if hi != lo else "")
+                       for k, (lo, hi) in vitkern.TESTED.items())
+    outside = [f"{k} {v}" for k, v in versions.items() if not _within(v, *vitkern.TESTED[k])]
+    lines.append(f"tested    {tested}" + (f" (untested here: {', '.join(outside)})" if outside
+                                           else ""))
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         lines.append(f"device    {props.name} (sm_{props.major}{props.minor}, "
@@ -34,6 +44,13 @@ def info() -> str:
                  "(CPU tensors: reference; cuda only where approved)")
     lines.append(f"cuda {backends.cuda_auto_summary()}")
     return "\n".join(lines)
+
+
+def _within(version: str, lo: str, hi: str) -> bool:
+    """Whether ``version`` (e.g. "2.14.1+cu130") lies in the release range [lo, hi] (major.minor)."""
+    def minor(v):
+        return tuple(int(x) for x in v.split("+")[0].split(".")[:2])
+    return minor(lo) <= minor(version) <= minor(hi)
 
 
 def main(argv=None) -> int:

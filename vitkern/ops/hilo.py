@@ -13,6 +13,18 @@ The CUDA C++ backend (``backend="cuda"``; ``auto`` only where :mod:`vitkern.cuda
 forward-only ``vitkern::hilo_cuda_fwd`` when Lo-Fi heads are present (inference; csrc/hilo/).
 Outputs are stored (B, N, heads, d) and returned as a (B, heads, N, d) view, so
 ``o.transpose(1, 2).reshape(B, N, heads * d)`` is free.
+
+Head dims the triton backend declares (``triton_kernels/hilo.py``: ``MAX_HEAD_DIM``; within them
+every kernel has a tile candidate that compiles without spills, beyond them the input is refused
+with the reason and ``auto`` falls back to the reference):
+
+=================================  ============  ============  ===============
+heads                              fp16 / bf16   fp32 forward  fp32 training
+=================================  ============  ============  ===============
+Hi-Fi                              d <= 256      d <= 128      d <= 128
+Lo-Fi, pooling in the kernel       d <= 128      d <= 64       d <= 64
+Lo-Fi on pooled k, v (or s = 1)    d <= 256      d <= 128      d <= 64
+=================================  ============  ============  ===============
 """
 from __future__ import annotations
 
@@ -75,7 +87,7 @@ def _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad=False):
         groups = ((n_hi, dict(window=s, pool=1)),
                   (n_lo, dict(window=0, pool=1 if kv_pooled else s)))
         for n_heads, mode in groups:
-            why = n_heads and tk.unsupported(d, fp32, **mode)
+            why = n_heads and tk.unsupported(d, fp32, **mode, backward=needs_grad)
             if why:
                 return why
         return None

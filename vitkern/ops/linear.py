@@ -9,7 +9,7 @@ projection, are read in place):
 * :func:`xca_attention` — XCiT's cross-covariance attention (timm ``XCA``);
 * :func:`soft_attention` — SOFT's Gaussian-kernel Nyström attention ``K1·(Ainv·(K1ᵀV))``
   (``vitkern::soft_attn_fwd`` / ``_bwd``: two token passes forward, two backward, K1 recomputed
-  per tile; landmarks m <= 64 and head dims <= 64 in every dtype), and
+  per tile; landmarks m <= 64 and head dims <= 64, query head dim <= 32 in fp32), and
   :func:`newton_schulz_inverse`, SOFT's shipped inverse iteration with its custom backward.
 
 The Triton backend is ``vitkern::linear_attn_fwd`` / ``_bwd`` and ``vitkern::xca_fwd`` / ``_bwd``.
@@ -18,9 +18,9 @@ and Σφ(K); XCA: the cosine Gram matrix and the channel norms), never an N×N o
 Outputs are stored (B, N, heads, d) and returned as a (B, heads, N, d) view, so
 ``o.transpose(1, 2).reshape(B, N, heads * d)`` is free.
 
-Head dims the triton backend takes (d, or max(d, e) for linear attention; every tile config is
-spill-free on sm_80 and sm_90, the rest is refused with the reason and ``auto`` falls back to
-the reference):
+Head dims the triton backend declares (d, or max(d, e) for linear attention; within them every
+kernel has a tile candidate that compiles without spills on sm_80 and sm_90, beyond them no tile
+fits: the input is refused with the reason and ``auto`` falls back to the reference):
 
 ==================  ==================  ===================
 op                  fp16 / bf16         fp32

@@ -1,0 +1,188 @@
+"""Tile candidates, chosen on the machine that runs them.
+
+A kernel's tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) are *candidates*: pure tuning. Which
+of them spill registers depends on the compiler that builds them (a Triton update changes register
+allocation), so the choice is made where the kernel runs, and a candidate list never decides which
+inputs the API accepts: each family declares its capabilities apart (``unsupported`` in its
+module), and ``tests/test_aot_compile.py`` proves, with the installed compiler, that every declared
+specialisation has at least one candidate that compiles for sm_80 and sm_90 without spills.
+
+Per specialisation (the launch's constexprs) a :class:`Launcher`
+
+* on a GPU compiles every candidate for the device, drops those whose compiled kernel spills
+  (Triton's metadata: ``n_spills``) or does not fit (compile error, shared memory), and autotunes
+  among the rest (``triton.autotune`` keyed by the launch's shape arguments; one survivor runs
+  directly);
+* when every candidate spills, runs the least-spilling one and warns once (:class:`SpillWarning`);
+* under the interpreter runs the first candidate (there is no compiler to ask). A ``probe`` can be
+  installed to apply the same choice there; the tests do, with the ahead-of-time compiler.
+
+``VITKERN_AUTOTUNE=0`` compiles the candidates in preference order only until one fits and runs
+that one without timing the others: one compile per specialisation instead of one per candidate
+(short jobs, test suites on a GPU).
+
+The spill check compiles with the first launch's arguments, i.e. for its specialisation (pointer
+alignment, integer arguments equal to 1 or divisible by 16); later launches of the same
+constexprs reuse the choice.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Sequence
+
+import triton
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles that every softmax kernel also tries after its
+#: preferred ones: small enough to fit in registers with the compilers we have met (8 warps
+#: spread a tile's registers: with triton 3.6 on sm_90 a 32×32 fp32 PPMA dK/dV tile fits on 8
+#: and spills on 4; with triton 3.8 on sm_90 so does a 16×16 fp32 d = 128 HiLo tile, and 16×32
+#: on 8 is the one fp32 d = 64 window bias-gradient tile that fits).
+FALLBACK_TILES = ((32, 32, 4, 1), (32, 32, 8, 1), (16, 16, 4, 1), (16, 16, 8, 1), (16, 32, 8, 1))
+
+
+class SpillWarning(RuntimeWarning):
+    """Every tile candidate of a kernel spills registers on this machine: it runs, slower."""
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tiles(rows, fallback=FALLBACK_TILES) -> list:
+    """``triton.Config``s from (BLOCK_M, BLOCK_N, num_warps, num_stages) rows, preferred first,
+    then the ``fallback`` tiles not already listed."""
+    seen = list(dict.fromkeys([*map(tuple, rows), *fallback]))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in seen]
+
+
+def table_candidates(table: dict):
+    """``candidates(**constexprs)`` from a ``{(BLOCK_D, fp32?): rows}`` table of preferred tiles
+    (a missing key leaves the fallbacks: a table never limits what runs)."""
+    def candidates(*, BLOCK_D, IEEE, **_):
+        return tiles(table.get((BLOCK_D, bool(IEEE)), ()))
+    return candidates
+
+
+def capability_reason(what: str, head_dim: int, fp32: bool, max_head_dim: int, hint: str = "") -> str | None:
+    """The refusal of a head dim beyond a family's declared capability (None within it).
+
+    Declared capabilities stop where no tile candidate fits in registers for the compilers the
+    suite is run with; the refusal says so, whatever tiles a machine has."""
+    if head_dim <= max_head_dim:
+        return None
+    dtype = "float32" if fp32 else "16-bit"
+    return (f"{dtype} head_dim {head_dim} is outside the declared capability of triton {what} "
+            f"(up to {max_head_dim}: larger tiles spill registers){hint}")
+
+
+def config_name(cfg) -> str:
+    sizes = ",".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in cfg.kwargs.items())
+    return f"{sizes},w{cfg.num_warps},s{cfg.num_stages}"
+
+
+def choose(candidates: Sequence, spills: Sequence) -> tuple[list, str | None]:
+    """The candidates to tune among, from each one's probe result, and a warning (or None).
+
+    ``spills[i]``: spilled bytes of candidate i (0 = fits; None = unknown, kept), or the exception
+    its compile raised (dropped). No candidate compiles: the first error is raised. Every one
+    spills: the least-spilling one alone, with a warning.
+    """
+    fits = [c for c, s in zip(candidates, spills) if s is None or (isinstance(s, int) and s == 0)]
+    if fits:
+        return fits, None
+    spilled = [(s, i) for i, s in enumerate(spills) if isinstance(s, int)]
+    if not spilled:
+        errors = [s for s in spills if isinstance(s, BaseException)]
+        if errors:
+            raise errors[0]
+        raise ValueError("no tile candidates")
+    s, i = min(spilled)
+    best = candidates[i]
+    return [best], (f"every tile candidate spills registers on this machine; running the "
+                    f"least-spilling one ({config_name(best)}: {s} B spilled), which is slower")
+
+
+def autotuning() -> bool:
+    """False when ``VITKERN_AUTOTUNE=0``: the first candidate that fits runs, untimed."""
+    return os.environ.get("VITKERN_AUTOTUNE", "1") not in ("0", "")
+
+
+def device_spills(fn, cfg, args, constexprs) -> int | None:
+    """Spilled bytes of ``fn`` compiled for the current device with ``cfg`` and the
+    specialisation of ``args`` (the JIT cache keeps it for the launch that follows)."""
+    kernel = fn.warmup(*args, grid=(1,), **constexprs, **cfg.all_kwargs())
+    init = getattr(kernel, "_init_handles", None)
+    if init is not None:
+        init()  # loads the binary: fills n_regs / n_spills, raises OutOfResources (smem)
+    return getattr(kernel, "n_spills", None)
+
+
+Probe = Callable[[object, object, tuple, dict], "int | None"]
+
+
+class Launcher:
+    """A jit kernel and its tile candidates (see the module docstring).
+
+    ``candidates(**constexprs)`` returns ``triton.Config``s, preferred first; ``key`` names the
+    launch arguments autotuning keys on. ``probe(fn, cfg, args, constexprs)`` returns a
+    candidate's spilled bytes (default: :func:`device_spills` on a GPU, none under the
+    interpreter).
+    """
+
+    def __init__(self, fn, candidates, key, probe: Probe | None = None):
+        self.fn = fn
+        self.candidates = candidates
+        self.key = list(key)
+        self.probe = probe
+        self._kept: dict[tuple, list] = {}
+        self._tuned: dict[tuple, object] = {}
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__name__", None) or getattr(self.fn.fn, "__name__", "kernel")
+
+    def configs(self, args: tuple, constexprs: dict) -> list:
+        """The candidates kept for this specialisation (chosen on the first call)."""
+        spec = tuple(sorted(constexprs.items()))
+        kept = self._kept.get(spec)
+        if kept is None:
+            candidates = self.candidates(**constexprs)
+            probe = self.probe or (None if interpreting() else device_spills)
+            if probe is None:
+                kept = candidates[:1]
+            else:
+                results = []
+                for cfg in candidates:
+                    try:
+                        results.append(probe(self.fn, cfg, args, constexprs))
+                    except Exception as e:  # does not compile / fit here: not a candidate
+                        results.append(e)
+                    if not autotuning() and results[-1] in (0, None):
+                        candidates = candidates[:len(results)]  # first fit: stop probing
+                        break
+                kept, warning = choose(candidates, results)
+                if warning is not None:
+                    spec_text = ", ".join(f"{k}={v}" for k, v in spec)
+                    warnings.warn(f"vitkern {self.name} [{spec_text}]: {warning}", SpillWarning,
+                                  stacklevel=3)
+            self._kept[spec] = kept
+        return kept
+
+    def pick(self, args: tuple, **constexprs):
+        """The one config to run (the preferred kept candidate), for kernels whose grid or
+        buffers depend on the tile and so cannot be autotuned by ``triton.autotune``."""
+        return self.configs(args, constexprs)[0]
+
+    def __call__(self, grid, *args, **constexprs):
+        kept = self.configs(args, constexprs)
+        if len(kept) == 1 or interpreting():
+            cfg = kept[0]
+            return self.fn[grid(cfg.kwargs)](*args, **constexprs, **cfg.all_kwargs())
+        spec = tuple(sorted(constexprs.items()))
+        tuned = self._tuned.get(spec)
+        if tuned is None:
+            tuned = self._tuned[spec] = triton.autotune(configs=kept, key=self.key)(self.fn)
+        return tuned[grid](*args, **constexprs)
