@@ -12,6 +12,11 @@ The Lo-Fi forward kernel (``csrc/hilo/lofi_core.h``: in-kernel s×s pooling, key
 softmax) is run the same way. The op layer (custom ops, fake kernels, autograd, dispatch reasons)
 runs on the CPU with vitkern._C's launch replaced by the CPU build.
 
+Alignment: the CPU build checks every 16-byte vector access and shared-memory region of the
+per-thread code (``csrc/common/numeric.h``) and returns ``STATUS["misaligned"]`` where a GPU
+would fault with cudaErrorMisalignedAddress; a second build with issue 13's unrounded Hi-Fi
+window size planted (``VK_TEST_HIFI_WINDOW_ALIGN=1``) proves that the checks catch it.
+
 GPU tier (skipped without a CUDA device and a built ``vitkern._C``): the real kernels through
 ``ops.*(..., backend="cuda")``, forward and Hi-Fi gradients, fp32 / fp16 / bf16.
 """
@@ -19,9 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,51 +33,16 @@ import torch
 from conftest import HAS_CUDA, assert_close, check_against_reference
 from vitkern import reference as R
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-HOST_SRC = Path(__file__).resolve().parent / "csrc" / "hilo_host.cpp"
-
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-STATUS = {"success": 0, "invalid": 1, "dtype": 2, "shape": 3}
-
-
-class VkTensor(ctypes.Structure):
-    """csrc/common.h ``vitkern_tensor``."""
-    _fields_ = [("data", ctypes.c_void_p), ("sizes", ctypes.c_int64 * 4),
-                ("strides", ctypes.c_int64 * 4), ("dtype", ctypes.c_int32)]
-
-
-def desc(t: torch.Tensor) -> VkTensor:
-    return VkTensor(t.data_ptr(), (ctypes.c_int64 * 4)(*t.shape), (ctypes.c_int64 * 4)(*t.stride()),
-                    DTYPE_CODE.get(t.dtype, 7))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "csrc"))
+from host_twin import DTYPE_CODE, STATUS, VkTensor, build, desc, patch_cext  # noqa: E402
+from host_twin import call as _call  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # the CPU build
 # ---------------------------------------------------------------------------------------------
-def _cxx():
-    env = os.environ.get("CXX")
-    if env:
-        return env.split()
-    for name in ("g++", "c++", "clang++"):
-        if shutil.which(name):
-            return [shutil.which(name)]
-    return None
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    cxx = _cxx()
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    lib = tmp_path_factory.mktemp("vk_host") / "libvk_hilo_host.so"
-    # -Werror -Wall -Wextra: the kernel headers must be clean host C++ too. No CUDA include path:
-    # proves the per-thread program needs no CUDA header.
-    cmd = [*cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-           "-I", str(CSRC), str(HOST_SRC), "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, " ".join(cmd) + "\n" + res.stdout + res.stderr
-    so = ctypes.CDLL(str(lib))
+def _load_hilo_host(tmp_path_factory, defines=()):
+    so = build(tmp_path_factory, "hilo_host.cpp", defines)
     P = ctypes.POINTER(VkTensor)
     i64, f32, buf, n = ctypes.c_int64, ctypes.c_float, ctypes.c_char_p, ctypes.c_size_t
     so.vk_host_hifi_fwd.argtypes = [P, P, P, P, i64, i64, i64, f32, buf, n]
@@ -91,13 +59,20 @@ def host(tmp_path_factory):
                                          ctypes.POINTER(i64), buf, n]
     so.vk_host_fastdiv.argtypes = [ctypes.c_uint32, ctypes.c_uint32]
     so.vk_host_fastdiv.restype = ctypes.c_uint32
+    so.vk_host_vector_probe.argtypes = [ctypes.c_int32, i64, buf, n]
     return so
 
 
-def _call(fn, *args):
-    why = ctypes.create_string_buffer(256)
-    status = fn(*args, why, 256)
-    return status, why.value.decode()
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    return _load_hilo_host(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def host_unrounded(tmp_path_factory):
+    """The CPU build with issue 13's bug planted: Hi-Fi windows sized without rounding up to
+    16 bytes (VK_TEST_HIFI_WINDOW_ALIGN=1, csrc/hilo/hifi_core.h)."""
+    return _load_hilo_host(tmp_path_factory, ["VK_TEST_HIFI_WINDOW_ALIGN=1"])
 
 
 def host_fwd(so, q, k, v, hw, s, scale=None, o=None):
@@ -432,6 +407,81 @@ def test_host_build_geometry(host):
     assert (g["lanes"], g["nv"], g["win_threads"], g["block_threads"]) == (2, 5, 18, 256)
 
 
+# ---------------------------------------------------------------------------------------------
+# alignment: the CPU build checks every 16-byte vector access and shared-memory region
+# ---------------------------------------------------------------------------------------------
+VECTOR_OPS = ["copy16 store", "copy16 load", "load16_float", "zero_chunk", "store_chunk_float",
+              "gather_chunk"]  # vk_host_vector_probe's ops, in order
+
+
+@pytest.mark.parametrize("op", range(len(VECTOR_OPS)), ids=VECTOR_OPS)
+def test_host_build_checks_vector_alignment(host, op):
+    """Each 16-byte move of csrc/common/numeric.h refuses an address that is not a multiple of
+    16 (the GPU's cudaErrorMisalignedAddress) and takes every aligned one."""
+    for offset in (0, 16, 32):
+        assert _call(host.vk_host_vector_probe, op, offset) == (0, ""), offset
+    for offset in (2, 4, 8, 12):
+        st, why = _call(host.vk_host_vector_probe, op, offset)
+        assert st == STATUS["misaligned"], (offset, why)
+        assert why.startswith("misaligned 16-byte vector") and "needs 16-byte alignment" in why, why
+        assert f"is {offset} mod 16" in why, why
+
+
+def _hifi_window_smem(backward, s, d, esize):
+    """Shared-memory bytes of one Hi-Fi window: 2 / 4 [s²][d] arrays (+ fp32 p, ds [s²][s²]
+    rows), rounded up to 16 bytes so that every window of a block starts 16-byte aligned."""
+    nk = s * s
+    size = (4 if backward else 2) * nk * d * esize + (2 * nk * nk * 4 if backward else 0)
+    return -(-size // 16) * 16
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+def test_host_build_hifi_windows_are_16_byte_aligned(host, dtype, backward):
+    """Every window's shared-memory region is a multiple of 16 bytes, for every s and head dim
+    class (s = 1, 3 backward: nk = 1, 9 make the p / ds rows an odd multiple of 8 bytes)."""
+    vec = 16 // torch.empty(0, dtype=dtype).element_size()
+    for s in (1, 2, 3, 4):
+        for d in (vec, 3 * vec, 5 * vec, 8 * vec, 16 * vec):
+            q = torch.empty(1, 2, (2 * s) * (2 * s + 1), d, dtype=dtype)
+            if _call(host.vk_host_hifi_supported, DTYPE_CODE[dtype], d, s, int(backward))[0]:
+                continue  # over the shared-memory limit
+            g = geometry(host, q, (2 * s, 2 * s + 1), s, backward)
+            per_window = g["smem"] // g["wpb"]
+            assert g["smem"] == g["wpb"] * per_window
+            assert per_window == _hifi_window_smem(backward, s, d, q.element_size()), (s, d)
+            assert per_window % 16 == 0, (s, d, per_window)
+
+
+# Issue 13: (6×9 map, s = 3, d = 24) and (3×5, s = 1, d = 16) -- the backward of every odd window
+# of a block started 8 bytes off a 16-byte boundary (cudaErrorMisalignedAddress on a GPU).
+MISALIGNED_CASES = [(1, 2, 6, 9, 3, None, 24), (1, 2, 3, 5, 1, None, 16)]
+assert all(c in CASES for c in MISALIGNED_CASES)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("case", MISALIGNED_CASES, ids=_ids)
+def test_host_build_catches_unrounded_hifi_smem(host, host_unrounded, case, dtype):
+    """The bug planted back (windows sized without rounding): the alignment checks of the CPU
+    build refuse the backward launch; the fixed build runs the same case, matching the
+    reference (forward and gradients)."""
+    B, h, H, W, s, pad, d = case
+    q, k, v = (t.detach() for t in _qkv(B, h, H * W, d, dtype))
+    g = geometry(host_unrounded, q, (H, W), s, backward=True)
+    assert g["wpb"] > 1 and (g["smem"] // g["wpb"]) % 16 == 8  # really planted: odd windows off
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    st, why = _call(host_unrounded.vk_host_hifi_bwd, desc(q), desc(k), desc(v), desc(q),
+                    *map(desc, grads), H, W, s, d ** -0.5)
+    assert st == STATUS["misaligned"], why
+    assert why.startswith("misaligned Hi-Fi window array: shared-memory byte offset"), why
+    assert "is 8 mod 16 (needs 16-byte alignment)" in why, why
+    # the forward's windows (k, v arrays only) are multiples of 16 bytes either way
+    assert torch.equal(host_fwd(host_unrounded, q, k, v, (H, W), s),
+                       host_fwd(host, q, k, v, (H, W), s))
+    # the fixed build: the same launch runs and matches the reference
+    test_host_build_matches_reference(host, case, dtype)
+
+
 def test_host_build_empty_batch(host):
     q = torch.empty(0, 2, 16, 16)
     o = torch.empty(0, 2, 16, 16)
@@ -559,18 +609,7 @@ class _HostModule:
 @pytest.fixture
 def host_ext(host, monkeypatch):
     """vitkern._C replaced by the CPU build (for CPU tensors)."""
-    from vitkern import _cext
-
-    mod = _HostModule(host)
-
-    def launch(entry, *args, device=None):
-        assert device is not None and device.type == "cpu"
-        status, why = getattr(mod, entry)(*args)
-        _cext.check(status, f"vitkern._C.{entry}", why)
-
-    monkeypatch.setattr(_cext, "launch", launch)
-    monkeypatch.setattr(_cext, "load", lambda require_device=True: (mod, "CPU build of vitkern._C"))
-    return mod
+    return patch_cext(monkeypatch, _HostModule(host))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dt)

@@ -5,7 +5,10 @@ CPU tier: ``tests/csrc/window_host.cpp`` compiles the kernel's per-thread progra
 orders, Swin's region mask, relative-position bias (table or dense), fp32 softmax, staging and
 output on the kernel's shared-memory layout, the grid-stride walk over windows) with g++ and runs
 whole launches on CPU tensors (fp16 and bf16: the kernel's own conversions), against
-``vitkern.reference.window``. The two tensor-core products (wmma) are the only GPU-only part.
+``vitkern.reference.window``. The two tensor-core products (wmma) are the only GPU-only part:
+the CPU build computes them tile by tile from the kernel's own tile pointers. Every 16-byte vector
+access, shared-memory region and wmma tile (32 bytes, ldm a multiple of 16 bytes) is checked for
+alignment; a misaligned one fails the launch with ``VK_STATUS_MISALIGNED``.
 
 GPU tier (skipped without a CUDA device and a built ``vitkern._C``): the real kernel through
 ``vitkern.ops.window_attention(..., backend="cuda")``.
@@ -13,10 +16,8 @@ GPU tier (skipped without a CUDA device and a built ``vitkern._C``): the real ke
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,47 +26,22 @@ import torch
 from conftest import HAS_CUDA, assert_close
 from vitkern import reference as R
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-HOST_SRC = Path(__file__).resolve().parent / "csrc" / "window_host.cpp"
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+sys.path.insert(0, str(Path(__file__).resolve().parent / "csrc"))
+from host_twin import DTYPE_CODE, VkTensor, build, desc, patch_cext  # noqa: E402
+from host_twin import call as _call  # noqa: E402
+
 PAD_ORDER = {"shift_then_pad": 0, "pad_then_shift": 1}
-
-
-class VkTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("sizes", ctypes.c_int64 * 4),
-                ("strides", ctypes.c_int64 * 4), ("dtype", ctypes.c_int32)]
-
-
-def desc(t):
-    shape, stride = [1] * (4 - t.dim()) + list(t.shape), [0] * (4 - t.dim()) + list(t.stride())
-    return VkTensor(t.data_ptr(), (ctypes.c_int64 * 4)(*shape), (ctypes.c_int64 * 4)(*stride),
-                    DTYPE_CODE.get(t.dtype, 7))
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    cxx = os.environ.get("CXX", "").split() or (
-        [shutil.which("g++") or shutil.which("c++")] if (shutil.which("g++") or shutil.which("c++")) else None)
-    if not cxx:
-        pytest.skip("no host C++ compiler")
-    lib = tmp_path_factory.mktemp("vk_win") / "libvk_window_host.so"
-    cmd = [*cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I",
-           str(CSRC), str(HOST_SRC), "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, " ".join(cmd) + "\n" + res.stdout + res.stderr
-    so = ctypes.CDLL(str(lib))
+    so = build(tmp_path_factory, "window_host.cpp")
     P, i64 = ctypes.POINTER(VkTensor), ctypes.c_int64
     so.vk_host_window_fwd.argtypes = [P, P, P, P, P, i64, i64, i64, i64, ctypes.c_int32,
                                       ctypes.c_float, ctypes.c_float, i64, ctypes.c_char_p,
                                       ctypes.c_size_t]
     so.vk_host_window_supported.argtypes = [ctypes.c_int32, i64, i64, ctypes.c_char_p, ctypes.c_size_t]
     return so
-
-
-def _call(fn, *args):
-    why = ctypes.create_string_buffer(256)
-    return fn(*args, why, 256), why.value.decode()
 
 
 def effective(hw, window_size, shift):
@@ -200,18 +176,7 @@ class _HostModule:
 
 @pytest.fixture
 def host_ext(host, monkeypatch):
-    from vitkern import _cext
-
-    mod = _HostModule(host)
-
-    def launch(entry, *args, device=None):
-        assert device is not None and device.type == "cpu"
-        status, why = getattr(mod, entry)(*args)
-        _cext.check(status, f"vitkern._C.{entry}", why)
-
-    monkeypatch.setattr(_cext, "launch", launch)
-    monkeypatch.setattr(_cext, "load", lambda require_device=True: (mod, "CPU build"))
-    return mod
+    return patch_cext(monkeypatch, _HostModule(host))
 
 
 def test_op_layer_through_host_build(host_ext):

@@ -1,6 +1,7 @@
-/* Element types, conversions, 16-byte vector moves and fast integer division, shared by the
- * kernels of csrc/ -- written once for the device (nvcc) and for the host (g++: the CPU test
- * builds run the same per-thread code on CPU memory, see tests/test_csrc_hilo.py).
+/* Element types, conversions, 16-byte vector moves, alignment checks and fast integer
+ * division, shared by the kernels of csrc/ -- written once for the device (nvcc) and for the host
+ * (g++: the CPU test builds run the same per-thread code on CPU memory, see
+ * tests/test_csrc_hilo.py).
  *
  * C++ only. Under nvcc the 16-bit types are CUDA's __half / __nv_bfloat16; in a host-only build
  * (no CUDA headers at all) they are 2-byte structs with software round-to-nearest-even
@@ -9,6 +10,7 @@
 #define VITKERN_COMMON_NUMERIC_H_
 
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "common.h"
@@ -19,11 +21,78 @@
 #define VK_HDI __host__ __device__ __forceinline__
 #define VK_UNROLL _Pragma("unroll")
 #else
+#include <stdexcept>  /* vk::MisalignedAccess of the host build's alignment checks */
 #define VK_HDI inline
 #define VK_UNROLL
 #endif
 
 namespace vk {
+
+/* x rounded up to a multiple of a (a > 0; x >= 0). */
+VK_HDI constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+/* ---------------------------------------------------------------------------------------- */
+/* alignment checks of the host build                                                         */
+/* ---------------------------------------------------------------------------------------- */
+/* A GPU faults (cudaErrorMisalignedAddress) on an 8- or 16-byte vector load / store whose address
+ * is not a multiple of its width (wmma tiles: 32 bytes); a CPU does not care, so the CPU test
+ * builds would run a misaligned layout without noticing. In those builds (no nvcc: the kernels'
+ * headers reach the host compiler only in tests/csrc/hilo_host.cpp and window_host.cpp) every
+ * vector move below and every shared-memory region the per-thread programs compute checks its
+ * alignment and throws vk::MisalignedAccess, which the test builds' entry points return as
+ * VK_STATUS_MISALIGNED with the message. Under nvcc the checks compile to nothing: the device
+ * code is unchanged. Any new vector access (8 or 16 bytes, global or shared) must check too.
+ *
+ *   VK_ASSERT_ALIGNED(ptr, width, what)   address of ptr (global, shared or local) % width == 0
+ *   VK_ASSERT_SMEM_ALIGNED(base, ptr, width, what)
+ *                                         (ptr - base) % width == 0 for a region or row of the
+ *                                         shared memory at `base` (a block's dynamic shared
+ *                                         memory: its base is aligned, so on the GPU only these
+ *                                         offsets decide the alignment) */
+#if defined(__CUDACC__)
+#define VK_ALIGN_CHECKS 0
+#define VK_ASSERT_ALIGNED(ptr, width, what) ((void)0)
+#define VK_ASSERT_SMEM_ALIGNED(base, ptr, width, what) ((void)0)
+#else
+#define VK_ALIGN_CHECKS 1
+
+struct MisalignedAccess : std::runtime_error {
+  explicit MisalignedAccess(const char* msg) : std::runtime_error(msg) {}
+};
+
+[[noreturn]] inline void misaligned(const char* what, const char* kind, uint64_t value, int width,
+                                    const char* file, int line) {
+  const char* base = file;  /* the file name only: the message must fit a 256-byte `why` */
+  for (const char* c = file; *c; ++c) {
+    if (*c == '/' || *c == '\\') base = c + 1;
+  }
+  char buf[256];
+  snprintf(buf, sizeof buf, "misaligned %s: %s %llu is %llu mod %d (needs %d-byte alignment) "
+           "[%s:%d]", what, kind, (unsigned long long)value,
+           (unsigned long long)(value % (uint64_t)width), width, width, base, line);
+  throw MisalignedAccess(buf);
+}
+
+inline void check_aligned(const void* ptr, int width, const char* what, const char* file,
+                          int line) {
+  const uintptr_t a = (uintptr_t)ptr;
+  if (a % (uintptr_t)width != 0) misaligned(what, "address", a, width, file, line);
+}
+
+inline void check_smem_aligned(const void* base, const void* ptr, int width, const char* what,
+                               const char* file, int line) {
+  const intptr_t off = (const unsigned char*)ptr - (const unsigned char*)base;
+  if (off < 0 || off % width != 0) {
+    misaligned(what, "shared-memory byte offset", (uint64_t)off, width, file, line);
+  }
+}
+
+#define VK_ASSERT_ALIGNED(ptr, width, what) \
+  ::vk::check_aligned((const void*)(ptr), (width), (what), __FILE__, __LINE__)
+#define VK_ASSERT_SMEM_ALIGNED(base, ptr, width, what) \
+  ::vk::check_smem_aligned((const void*)(base), (const void*)(ptr), (width), (what), __FILE__, \
+                           __LINE__)
+#endif
 
 #if defined(__CUDACC__)
 typedef __half half_t;
@@ -113,6 +182,8 @@ VK_HDI void copy16(T* dst, const T* src) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #else
+  VK_ASSERT_ALIGNED(dst, 16, "16-byte vector store (copy16)");
+  VK_ASSERT_ALIGNED(src, 16, "16-byte vector load (copy16)");
   memcpy(dst, src, 16);
 #endif
 }
@@ -125,6 +196,7 @@ VK_HDI void load16_float(const T* src, float* out) {
   const uint4 raw = *reinterpret_cast<const uint4*>(src);
   const T* e = reinterpret_cast<const T*>(&raw);
 #else
+  VK_ASSERT_ALIGNED(src, 16, "16-byte vector load (load16_float)");
   T e[n];
   memcpy(e, src, 16);
 #endif
@@ -176,6 +248,7 @@ VK_HDI void zero_chunk(T* dst /* contiguous, aligned */) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
 #else
+  VK_ASSERT_ALIGNED(dst, 16, "16-byte vector store (zero_chunk)");
   memset(dst, 0, 16);  /* +0.0 is all-zero bits in every supported type */
 #endif
 }

@@ -50,6 +50,20 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kTargetBlockThreads = 256;
 constexpr int64_t kSmemLimit = 48 * 1024;  /* static limit: no opt-in attribute needed */
 
+/* Alignment of each window's shared-memory region: its arrays are moved in 16-byte vectors
+ * (copy16, zero_chunk, load16_float), so window w_local must start at a multiple of 16 bytes.
+ * VK_TEST_HIFI_WINDOW_ALIGN plants another value in the CPU test build only (1: the unrounded
+ * size of issue 13, which put every odd window of s = 1, 3 backward blocks 8 bytes off), to prove
+ * that the host build's alignment checks catch a misaligned layout. */
+#if defined(VK_TEST_HIFI_WINDOW_ALIGN)
+#if defined(__CUDACC__)
+#error "VK_TEST_HIFI_WINDOW_ALIGN is a CPU test-build switch"
+#endif
+constexpr int64_t kWindowAlign = VK_TEST_HIFI_WINDOW_ALIGN;
+#else
+constexpr int64_t kWindowAlign = 16;
+#endif
+
 /* Everything a kernel needs, by value (a few hundred bytes of kernel parameters). */
 struct Params {
   void* ptr[kNumSlots];
@@ -67,6 +81,16 @@ struct Params {
 /* ---------------------------------------------------------------------------------------- */
 /* host: validation and launch geometry (shared by the CUDA launcher and the CPU test build)  */
 /* ---------------------------------------------------------------------------------------- */
+
+/* Shared-memory bytes of one window (see smem_tensor / smem_rows): 2 (forward: k, v) or 4
+ * (backward: q, k, v, dO) [nk][d] arrays of the dtype, then (backward) the fp32 p and ds rows
+ * [nk][nk], rounded up to kWindowAlign: the next window of the block starts aligned (nk = 1, 9
+ * make the rows an odd multiple of 8 bytes). The one formula of supported() and make_params(). */
+inline int64_t window_smem_bytes(int backward, int64_t nk, int64_t d, int64_t esize) {
+  const int64_t arrays = (backward ? 4 : 2) * nk * d * esize;
+  const int64_t rows = backward ? 2 * nk * nk * 4 : 0;
+  return align_up(arrays + rows, kWindowAlign);
+}
 
 /* Shape-class check: can the kernels take (dtype, head_dim, window_size)? Fills `why`. */
 inline vitkern_status supported(int32_t dtype, int64_t d, int64_t s, int backward, char* why,
@@ -87,7 +111,7 @@ inline vitkern_status supported(int32_t dtype, int64_t d, int64_t s, int backwar
     return fail(why, n, VK_STATUS_UNSUPPORTED_SHAPE, buf);
   }
   const int64_t nk = s * s;
-  const int64_t smem = (backward ? 4 : 2) * nk * d * esize + (backward ? 2 * nk * nk * 4 : 0);
+  const int64_t smem = window_smem_bytes(backward, nk, d, esize);
   if (smem > kSmemLimit) {
     snprintf(buf, sizeof buf, "head_dim %lld with window_size %lld needs %lld B of shared memory "
              "per window (> %lld) in the CUDA Hi-Fi %s kernel", (long long)d, (long long)s,
@@ -153,8 +177,7 @@ inline vitkern_status make_params(Params* p, const vitkern_tensor* const* t, int
   p->log2_lanes = log2_lanes;
   p->nv = (int32_t)(nvec / lanes);
   p->win_threads = p->nk * lanes;
-  p->smem_per_window = (backward ? 4 : 2) * (int64_t)p->nk * d * esize +
-                       (backward ? 2 * (int64_t)p->nk * p->nk * 4 : 0);
+  p->smem_per_window = window_smem_bytes(backward, p->nk, d, esize);
   int64_t wpb = kTargetBlockThreads / p->win_threads;
   if (wpb < 1) wpb = 1;
   while (wpb > 1 && wpb * p->smem_per_window > kSmemLimit) --wpb;
@@ -233,18 +256,23 @@ VK_HDI int64_t lane_channel(const Params& p, int lane, int t) {
 
 VK_HDI bool vec_ok(const Params& p, int slot) { return (p.vec_mask >> slot) & 1u; }
 
-/* Shared-memory layout of one window: `ntensors` arrays [nk][d] of T, then (backward) the fp32
- * probability and score-gradient rows [nk][nk] each. */
+/* Shared-memory layout of one window (p.smem_per_window bytes from w_local · smem_per_window):
+ * `ntensors` arrays [nk][d] of T (16-byte vectors), then (backward) the fp32 probability and
+ * score-gradient rows [nk][nk] each (4-byte accesses). The CPU build checks that the arrays and
+ * the rows start 16-byte aligned. */
 template <class T>
 VK_HDI T* smem_tensor(unsigned char* smem, const Params& p, int w_local, int which) {
-  return reinterpret_cast<T*>(smem + (int64_t)w_local * p.smem_per_window) +
-         (int64_t)which * p.nk * p.d;
+  T* a = reinterpret_cast<T*>(smem + (int64_t)w_local * p.smem_per_window) +
+       (int64_t)which * p.nk * p.d;
+  VK_ASSERT_SMEM_ALIGNED(smem, a, 16, "Hi-Fi window array");
+  return a;
 }
 
 VK_HDI float* smem_rows(unsigned char* smem, const Params& p, int w_local, int which /*0: p, 1: ds*/) {
-  return reinterpret_cast<float*>(smem + (int64_t)w_local * p.smem_per_window +
-                                  4 * (int64_t)p.nk * p.d * vk_dtype_size(p.dtype)) +
-         (int64_t)which * p.nk * p.nk;
+  unsigned char* rows = smem + (int64_t)w_local * p.smem_per_window +
+                        4 * (int64_t)p.nk * p.d * vk_dtype_size(p.dtype);
+  VK_ASSERT_SMEM_ALIGNED(smem, rows, 16, "Hi-Fi window p / ds rows");
+  return reinterpret_cast<float*>(rows) + (int64_t)which * p.nk * p.nk;  /* fp32, read singly */
 }
 
 /* Phase 1: copy this thread's channel vectors of its token from the tensors `slots[0..n)` into

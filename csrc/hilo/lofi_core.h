@@ -177,6 +177,16 @@ VK_HDI bool vec_ok(const Params& p, int slot) { return (p.vec_mask >> slot) & 1u
 /* Whether lane `lane` owns real channels (else it is a padding lane of d < dp: idle). */
 VK_HDI bool lane_has_channels(const Params& p, int lane) { return lane * kChannelsPerLane < p.d; }
 
+/* Shared memory of a block: the chunk's pooled keys [kKeyChunk][dp], then its values
+ * [kKeyChunk][dp], fp32, read and written as single floats. The CPU build checks that both
+ * regions start 16-byte aligned (dp is a multiple of 16 channels: every row does too). */
+template <class F /* float or const float */>
+VK_HDI F* smem_values(F* smem, const Params& p) {
+  F* values = smem + (int64_t)kKeyChunk * p.dp;
+  VK_ASSERT_SMEM_ALIGNED(smem, values, 16, "Lo-Fi value rows");
+  return values;
+}
+
 /* Per-thread running state across key chunks. */
 struct State {
   float q[kChannelsPerLane];
@@ -244,7 +254,7 @@ VK_HDI void stage_item(const Params& p, int64_t b, int64_t h, int64_t j0, int it
     }
   }
   float* kd = smem + (int64_t)j * p.dp + ch;
-  float* vd = smem + (int64_t)kKeyChunk * p.dp + (int64_t)j * p.dp + ch;
+  float* vd = smem_values(smem, p) + (int64_t)j * p.dp + ch;
   VK_UNROLL
   for (int e = 0; e < V; ++e) {
     kd[e] = ks[e] * p.inv_pool2;
@@ -281,7 +291,7 @@ VK_HDI void update(const Params& p, const Thread& th, State& st, const float* sm
   st.l *= alpha;
   VK_UNROLL
   for (int c = 0; c < kChannelsPerLane; ++c) st.acc[c] *= alpha;
-  const float* vbase = smem + (int64_t)kKeyChunk * p.dp + (int64_t)th.lane * kChannelsPerLane;
+  const float* vbase = smem_values(smem, p) + (int64_t)th.lane * kChannelsPerLane;
   VK_UNROLL
   for (int j = 0; j < kKeyChunk; ++j) {
     const float pj = exp2f(sc[j] - m_new);

@@ -58,11 +58,12 @@ vk_window_fwd_kernel(const Params p) {
           for (int kk = 0; kk < kHeadDim / 16; ++kk) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-            wmma::load_matrix_sync(a, Q + mt * 16 * kLdQKV + kk * 16, kLdQKV);
-            wmma::load_matrix_sync(b, K + nt * 16 * kLdQKV + kk * 16, kLdQKV);
+            wmma::load_matrix_sync(a, wmma_tile(Q, mt, kk, kLdQKV), kLdQKV);
+            wmma::load_matrix_sync(b, wmma_tile(K, nt, kk, kLdQKV), kLdQKV);
             wmma::mma_sync(acc, a, b, acc);
           }
-          wmma::store_matrix_sync(S + nt * 16, acc, G::kLdS, wmma::mem_row_major);
+          wmma::store_matrix_sync(wmma_tile(S, 0, nt, G::kLdS), acc, G::kLdS,
+                                  wmma::mem_row_major);
         }
       }
       __syncthreads();
@@ -79,11 +80,12 @@ vk_window_fwd_kernel(const Params p) {
           for (int kk = 0; kk < G::kTiles; ++kk) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-            wmma::load_matrix_sync(a, P + kk * 16, G::kLdP);
-            wmma::load_matrix_sync(b, V + kk * 16 * kLdQKV + nt * 16, kLdQKV);
+            wmma::load_matrix_sync(a, wmma_tile(P, 0, kk, G::kLdP), G::kLdP);
+            wmma::load_matrix_sync(b, wmma_tile(V, kk, nt, kLdQKV), kLdQKV);
             wmma::mma_sync(acc, a, b, acc);
           }
-          wmma::store_matrix_sync(S + nt * 16, acc, G::kLdS, wmma::mem_row_major);
+          wmma::store_matrix_sync(wmma_tile(S, 0, nt, G::kLdS), acc, G::kLdS,
+                                  wmma::mem_row_major);
         }
       }
       __syncthreads();

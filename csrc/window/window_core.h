@@ -212,20 +212,44 @@ VK_HDI int region(const Params& p, int64_t rp, int64_t cp) {
 
 VK_HDI bool vec_ok(const Params& p, int t) { return (p.vec_mask >> t) & 1u; }
 
-/* Shared memory of a block: Q, K, V [NP][kLdQKV] (dtype), then per warp S [16][kLdS] (fp32) and
- * P [16][kLdP] (dtype). */
+/* wmma::load_matrix_sync / store_matrix_sync take a 256-bit aligned tile pointer and a row
+ * stride (ldm) that is a multiple of 16 bytes. */
+constexpr int kWmmaAlign = 32;
+
+/* Shared memory of a block (its base is __align__(128)): Q, K, V [NP][kLdQKV] (dtype), then per
+ * warp S [16][kLdS] (fp32) and P [16][kLdP] (dtype). Every region holds wmma tiles: the CPU
+ * build checks that each starts kWmmaAlign-aligned. */
 template <int WS, class T>
 VK_HDI T* smem_qkv(unsigned char* smem, int which) {
-  return reinterpret_cast<T*>(smem) + (int64_t)which * Geo<WS>::kNP * kLdQKV;
+  T* a = reinterpret_cast<T*>(smem) + (int64_t)which * Geo<WS>::kNP * kLdQKV;
+  VK_ASSERT_SMEM_ALIGNED(smem, a, kWmmaAlign, "window Q / K / V tiles");
+  return a;
 }
 template <int WS>
 VK_HDI float* smem_s(unsigned char* smem, int warp) {
-  return reinterpret_cast<float*>(smem + Geo<WS>::kQKVBytes + (int64_t)warp * Geo<WS>::kWarpBytes);
+  float* a = reinterpret_cast<float*>(smem + Geo<WS>::kQKVBytes +
+                                      (int64_t)warp * Geo<WS>::kWarpBytes);
+  VK_ASSERT_SMEM_ALIGNED(smem, a, kWmmaAlign, "window S / O tile of a warp");
+  return a;
 }
 template <int WS, class T>
 VK_HDI T* smem_p(unsigned char* smem, int warp) {
-  return reinterpret_cast<T*>(smem + Geo<WS>::kQKVBytes + (int64_t)warp * Geo<WS>::kWarpBytes +
+  T* a = reinterpret_cast<T*>(smem + Geo<WS>::kQKVBytes + (int64_t)warp * Geo<WS>::kWarpBytes +
                               16 * (int64_t)Geo<WS>::kLdS * 4);
+  VK_ASSERT_SMEM_ALIGNED(smem, a, kWmmaAlign, "window P tile of a warp");
+  return a;
+}
+
+/* The 16×16 tile (row tile r, column tile c) of a row-major shared array with row stride ldm
+ * elements: the pointer window.cu hands to wmma (a col_major operand is the same memory read
+ * transposed). The CPU build, which replaces the products by loops over these tiles, checks the
+ * tile pointer and ldm against wmma's alignment rules. */
+template <class E>
+VK_HDI E* wmma_tile(E* base, int r, int c, int ldm) {
+  E* tile = base + (r * 16 * ldm + c * 16);
+  VK_ASSERT_ALIGNED(tile, kWmmaAlign, "wmma tile pointer");
+  VK_ASSERT_SMEM_ALIGNED(base, base + ldm, 16, "wmma row stride (ldm)");
+  return tile;
 }
 
 /* Stage work item `item` (tensor, slot, 16-byte vector) of window w into shared memory. */

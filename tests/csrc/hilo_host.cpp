@@ -6,29 +6,31 @@
 // geometry, same template specialisations, the same phase functions per thread -- and replaces
 // only the GPU glue: each barrier becomes "all threads of the block finish the phase", the
 // warp-shuffle sum over a token's lanes becomes the same butterfly over a host array, shared
-// memory a host buffer.
-#include <stdlib.h>
-
+// memory a host buffer. Every 16-byte vector access and shared-memory region of the per-thread
+// code checks its alignment here (csrc/common/numeric.h): a launch that would fault with
+// cudaErrorMisalignedAddress on the GPU returns VK_STATUS_MISALIGNED.
 #include <vector>
 
 #include "hilo/hifi_core.h"
 #include "hilo/lofi_core.h"
+#include "host_twin.h"
 
 namespace {
 
 using namespace vk;
 using namespace vk::hifi;
+using vk_host::guarded;
+
+// kernels' `extern __shared__ uint4`: a 16-byte aligned base
+constexpr size_t kSmemBaseAlign = 16;
 
 struct Block {
   std::vector<Thread> th;
+  vk_host::SharedMemory mem;
   unsigned char* smem;
-  Block(int threads, int64_t smem_bytes) : th((size_t)threads) {
-    const size_t bytes = (size_t)((smem_bytes + 15) / 16 * 16 + 16);
-    smem = static_cast<unsigned char*>(aligned_alloc(16, bytes));
-    memset(smem, 0xff, bytes);  // garbage (NaN patterns): every read must be of a staged value
-  }
+  Block(int threads, int64_t smem_bytes)
+      : th((size_t)threads), mem(smem_bytes, kSmemBaseAlign), smem(mem.ptr) {}
   explicit Block(const Params& p) : Block(p.block_threads, p.smem_bytes) {}
-  ~Block() { free(smem); }
 };
 
 // The shuffle sum: every thread gets the sum of its token's `lanes` partials (the xor butterfly
@@ -131,7 +133,7 @@ void run_lofi(const lofi::Params& p) {
       lofi::init_state<T>(p, th[t], st[t]);
     }
     for (int64_t j0 = 0; j0 < p.M; j0 += kKeyChunk) {
-      memset(blk.smem, 0xff, (size_t)p.smem_bytes);  // a stale chunk must never be read
+      blk.mem.poison();  // a stale chunk must never be read
       for (int t = 0; t < threads; ++t) {
         for (int it = t; it < items; it += threads) lofi::stage_item<T>(p, th[t].b, th[t].h, j0, it, smem);
       }
@@ -158,13 +160,15 @@ int vk_host_lofi_fwd(const vitkern_tensor* q, const vitkern_tensor* k, const vit
   lofi::Params p;
   VK_CHECK(lofi::make_params(&p, q, k, v, o, H, W, s, kv_pooled, scale, why, n));
   if (p.grid == 0) return VK_STATUS_SUCCESS;
-  switch (p.dtype) {
-    case VK_DTYPE_FP32: run_lofi<float>(p); break;
-    case VK_DTYPE_FP16: run_lofi<half_t>(p); break;
-    case VK_DTYPE_BF16: run_lofi<bf16_t>(p); break;
-    default: return VK_STATUS_UNSUPPORTED_DTYPE;
-  }
-  return VK_STATUS_SUCCESS;
+  return guarded(why, n, [&]() -> int {
+    switch (p.dtype) {
+      case VK_DTYPE_FP32: run_lofi<float>(p); break;
+      case VK_DTYPE_FP16: run_lofi<half_t>(p); break;
+      case VK_DTYPE_BF16: run_lofi<bf16_t>(p); break;
+      default: return VK_STATUS_UNSUPPORTED_DTYPE;
+    }
+    return VK_STATUS_SUCCESS;
+  });
 }
 
 // Lo-Fi launch geometry of a call: lanes, dp (padded row width), qt, block_threads, smem_bytes,
@@ -191,7 +195,7 @@ int vk_host_hifi_fwd(const vitkern_tensor* q, const vitkern_tensor* k, const vit
   const vitkern_tensor* t[4] = {q, k, v, o};
   Params p;
   VK_CHECK(make_params(&p, t, 0, H, W, s, scale, why, n));
-  return run(p);
+  return guarded(why, n, [&] { return run(p); });
 }
 
 int vk_host_hifi_bwd(const vitkern_tensor* q, const vitkern_tensor* k, const vitkern_tensor* v,
@@ -201,7 +205,7 @@ int vk_host_hifi_bwd(const vitkern_tensor* q, const vitkern_tensor* k, const vit
   const vitkern_tensor* t[7] = {q, k, v, dout, dq, dk, dv};
   Params p;
   VK_CHECK(make_params(&p, t, 1, H, W, s, scale, why, n));
-  return run(p);
+  return guarded(why, n, [&] { return run(p); });
 }
 
 // Launch geometry of a call: lanes, nv, win_threads, wpb, block_threads, smem_bytes, grid,
@@ -231,5 +235,30 @@ void vk_host_from_bf16(const uint16_t* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_float(bf16_t{in[i]});
 }
 uint32_t vk_host_fastdiv(uint32_t n, uint32_t d) { return fastdiv(n, make_fastdiv(d)); }
+
+// The alignment checks of the vector moves themselves: `op` (0: copy16 store, 1: copy16 load,
+// 2: load16_float, 3: zero_chunk, 4: store_chunk_float, 5: gather_chunk) on fp16 data at byte
+// `offset` of a 64-byte aligned buffer (the other operand aligned). VK_STATUS_MISALIGNED and the
+// message when the check fires.
+int vk_host_vector_probe(int32_t op, int64_t offset, char* why, size_t n) {
+  if (op < 0 || op > 5 || offset < 0 || offset > 32 || offset % 2 != 0) {
+    return fail(why, n, VK_STATUS_INVALID_ARGUMENT, "op in [0, 5], even offset in [0, 32]");
+  }
+  vk_host::SharedMemory mem(128, 64);
+  half_t* at = reinterpret_cast<half_t*>(mem.ptr + offset);
+  half_t* aligned = reinterpret_cast<half_t*>(mem.ptr + 64);
+  return guarded(why, n, [&] {
+    float x[8] = {0.0f};
+    switch (op) {
+      case 0: copy16(at, aligned); break;
+      case 1: copy16(aligned, at); break;
+      case 2: load16_float(at, x); break;
+      case 3: zero_chunk(at); break;
+      case 4: store_chunk_float(at, 1, true, x); break;
+      default: gather_chunk(aligned, at, 1, true); break;
+    }
+    return (int)VK_STATUS_SUCCESS;
+  });
+}
 
 }  // extern "C"

@@ -2,13 +2,11 @@
 // tests/test_csrc_window.py (ctypes; host C++ compiler, no CUDA). A launch runs exactly as in
 // window.cu -- same make_params(), the same grid-stride walk over windows, the same staging,
 // softmax and output phases per thread on the same shared-memory layout -- except for the GPU
-// glue: the two wmma products of a query tile are loops over the same shared-memory tiles (fp32
-// accumulation), the shuffle between a row's two lanes is a sum / max of both, barriers are
-// phase boundaries.
-#include <stdlib.h>
-
-#include <vector>
-
+// glue: the two wmma products of a query tile are loops over the same 16×16 shared-memory tiles
+// (wmma_tile: the pointers window.cu hands to wmma, alignment-checked; fp32 accumulation), the
+// shuffle between a row's two lanes is a sum / max of both, barriers are phase boundaries. A
+// misaligned vector access or tile returns VK_STATUS_MISALIGNED (csrc/common/numeric.h).
+#include "host_twin.h"
 #include "window/window_core.h"
 
 namespace {
@@ -16,12 +14,35 @@ namespace {
 using namespace vk;
 using namespace vk::win;
 
+constexpr size_t kSmemBaseAlign = 128;  // window.cu: extern __shared__ __align__(128)
+
+// wmma::mma_sync on 16×16 tiles: acc += A B, A row-major (stride lda), B row-major or col-major
+// (stride ldb), as loaded by load_matrix_sync from the same pointers.
+template <class T>
+void mma_tile(float (&acc)[16][16], const T* a, int lda, const T* b, int ldb, bool b_col_major) {
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) {
+      float sum = acc[i][j];
+      for (int k = 0; k < 16; ++k) {
+        sum += to_float(a[i * lda + k]) * to_float(b_col_major ? b[j * ldb + k] : b[k * ldb + j]);
+      }
+      acc[i][j] = sum;
+    }
+  }
+}
+
+// wmma::store_matrix_sync(dst, acc, ldm, mem_row_major)
+void store_tile(float* dst, int ldm, const float (&acc)[16][16]) {
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) dst[i * ldm + j] = acc[i][j];
+  }
+}
+
 template <int WS, class T>
 void run(const Params& p, int grid) {
   using G = Geo<WS>;
-  const size_t bytes = (size_t)(G::kSmemBytes + 15) / 16 * 16;
-  unsigned char* smem = static_cast<unsigned char*>(aligned_alloc(16, bytes));
-  memset(smem, 0xff, bytes);  // NaN garbage: every value read must have been written
+  vk_host::SharedMemory mem(G::kSmemBytes, kSmemBaseAlign);
+  unsigned char* smem = mem.ptr;
   const T* Q = smem_qkv<WS, T>(smem, 0);
   const T* K = smem_qkv<WS, T>(smem, 1);
   const T* V = smem_qkv<WS, T>(smem, 2);
@@ -38,14 +59,14 @@ void run(const Params& p, int grid) {
           if (mt >= G::kTiles) continue;
           float* S = smem_s<WS>(smem, warp);
           T* P = smem_p<WS, T>(smem, warp);
-          for (int rr = 0; rr < 16; ++rr) {  // wmma: S = Q_tile K^T
-            for (int j = 0; j < G::kNP; ++j) {
-              float acc = 0.0f;
-              for (int c = 0; c < kHeadDim; ++c) {
-                acc += to_float(Q[(mt * 16 + rr) * kLdQKV + c]) * to_float(K[j * kLdQKV + c]);
-              }
-              S[rr * G::kLdS + j] = acc;
+          float acc[16][16];
+          for (int nt = 0; nt < G::kTiles; ++nt) {  // wmma: S = Q_tile K^T
+            memset(acc, 0, sizeof acc);
+            for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+              mma_tile(acc, wmma_tile(Q, mt, kk, kLdQKV), kLdQKV, wmma_tile(K, nt, kk, kLdQKV),
+                       kLdQKV, true);
             }
+            store_tile(wmma_tile(S, 0, nt, G::kLdS), G::kLdS, acc);
           }
           float m[32], l[32];
           for (int lane = 0; lane < 32; ++lane) {
@@ -59,14 +80,13 @@ void run(const Params& p, int grid) {
             row_probs<WS, T>(mt * 16 + (lane >> 1), lane & 1, l[lane] + l[lane ^ 1],
                              S + (lane >> 1) * G::kLdS, P + (lane >> 1) * G::kLdP);
           }
-          for (int rr = 0; rr < 16; ++rr) {  // wmma: O = P V into S's space
-            for (int c = 0; c < kHeadDim; ++c) {
-              float acc = 0.0f;
-              for (int j = 0; j < G::kNP; ++j) {
-                acc += to_float(P[rr * G::kLdP + j]) * to_float(V[j * kLdQKV + c]);
-              }
-              S[rr * G::kLdS + c] = acc;
+          for (int nt = 0; nt < kHeadDim / 16; ++nt) {  // wmma: O = P V into S's space
+            memset(acc, 0, sizeof acc);
+            for (int kk = 0; kk < G::kTiles; ++kk) {
+              mma_tile(acc, wmma_tile(P, 0, kk, G::kLdP), G::kLdP, wmma_tile(V, kk, nt, kLdQKV),
+                       kLdQKV, false);
             }
+            store_tile(wmma_tile(S, 0, nt, G::kLdS), G::kLdS, acc);
           }
           for (int lane = 0; lane < 32; ++lane) {
             write_row<WS, T>(p, w, mt * 16 + (lane >> 1), lane & 1, S + (lane >> 1) * G::kLdS);
@@ -75,7 +95,6 @@ void run(const Params& p, int grid) {
       }
     }
   }
-  free(smem);
 }
 
 template <int WS>
@@ -105,12 +124,14 @@ int vk_host_window_fwd(const vitkern_tensor* q, const vitkern_tensor* k, const v
   VK_CHECK(make_params(&p, q, k, v, o, bias, H, W, ws, shift, pad_order, mask_value, scale,
                        max_blocks, why, n));
   if (p.grid == 0) return VK_STATUS_SUCCESS;
-  if (ws == 7) {
-    run_dtype<7>(p, p.grid);
-  } else {
-    run_dtype<12>(p, p.grid);
-  }
-  return VK_STATUS_SUCCESS;
+  return vk_host::guarded(why, n, [&] {
+    if (ws == 7) {
+      run_dtype<7>(p, p.grid);
+    } else {
+      run_dtype<12>(p, p.grid);
+    }
+    return (int)VK_STATUS_SUCCESS;
+  });
 }
 
 }  // extern "C"
