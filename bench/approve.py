@@ -1,6 +1,6 @@
 """Approve CUDA C++ kernels for ``backend="auto"`` from a GPU-tier run (writes vitkern/cuda_auto.json).
 
-    python -m vitkern.bench.approve --junit OUT/pytest-gpu.xml OUT/<device>-<date>.json [--write]
+    python -m vitkern.bench.approve --junit OUT/junit-hilo.xml [--junit ...] OUT/<device>-<date>.json [--write]
 
 A (kernel, compute capability, dtype) is approved when, on that GPU:
 
@@ -43,9 +43,11 @@ RULE = (f"a (kernel, compute capability, dtype) is listed only when the GPU test
         f"-m vitkern.bench.approve")
 
 
-def tier_verdicts(junit: Path) -> dict[str, str]:
-    """kernel -> '' when its GPU tests passed (and the whole tier did), else the reason."""
-    cases = ET.parse(junit).getroot().iter("testcase")
+def tier_verdicts(junit) -> dict[str, str]:
+    """kernel -> '' when its GPU tests passed (and the whole tier did), else the reason.
+    ``junit``: one pytest JUnit report or a list of them (the tier writes one per family)."""
+    reports = [junit] if isinstance(junit, (str, Path)) else list(junit)
+    cases = [tc for r in reports for tc in ET.parse(r).getroot().iter("testcase")]
     status: dict[str, list[str]] = defaultdict(list)
     broken = []
     for tc in cases:
@@ -99,7 +101,7 @@ def speed_verdicts(results: list[dict]) -> dict[tuple[str, str, str], dict]:
     return out
 
 
-def approve(junit: Path, result_files: list[Path]) -> tuple[list[dict], list[str]]:
+def approve(junit, result_files: list[Path]) -> tuple[list[dict], list[str]]:
     """The approved entries and one line per (kernel, capability, dtype) verdict."""
     tier = tier_verdicts(junit)
     results = []
@@ -144,7 +146,8 @@ def _torch_dtype(name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vitkern.bench.approve", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="bench results JSON files of the GPU run")
-    p.add_argument("--junit", type=Path, required=True, help="pytest --junitxml report of the GPU run")
+    p.add_argument("--junit", type=Path, action="append", required=True,
+                   help="a pytest --junitxml report of the GPU run (repeat: one per family)")
     p.add_argument("--write", action="store_true", help="write vitkern/cuda_auto.json")
     args = p.parse_args(argv)
     approved, lines = approve(args.junit, args.results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -37,6 +38,22 @@ def _poisoned(fn):
         return out
 
     return wrapper
+
+
+def pytest_collection_modifyitems(config, items):
+    """``VITKERN_TEST_LIMIT=N`` keeps the first N collected tests (the GPU tier's rehearsal)."""
+    limit = int(os.environ.get("VITKERN_TEST_LIMIT", "0") or 0)
+    if 0 < limit < len(items):
+        config.hook.pytest_deselected(items=items[limit:])
+        del items[limit:]
+
+
+def pytest_runtest_setup(item):
+    """``VITKERN_TEST_DEADLINE=<unix time>``: tests not started by then are skipped, so a GPU-tier
+    stage that runs out of time still ends its session and writes its JUnit report."""
+    deadline = float(os.environ.get("VITKERN_TEST_DEADLINE", "0") or 0)
+    if deadline and time.time() > deadline:
+        pytest.skip("GPU tier: this stage's time is spent")
 
 
 @pytest.fixture(autouse=True)
