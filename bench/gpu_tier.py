@@ -54,12 +54,17 @@ FAMILIES = {
 #: the rest of the suite (stage 6); the ahead-of-time compiles are not GPU work
 REST = ["tests/test_window_nn.py", "tests/test_tokens.py", "tests/test_integrations.py",
         "tests/test_bench.py", "tests/test_csrc_build.py"]
-#: one small case per kernel for the sanitizer: (label, pytest node selection)
+#: the sanitizer's cases: (label, test file, -k expression); the first matching test runs (one
+#: small case per kernel family: forward and backward of each Triton family, each CUDA kernel)
 SANITIZE = [
-    ("triton", ["tests/test_hilo.py", "-k", "test_triton_hilo and 3x5 and bfloat16"]),
-    ("cuda-hifi", ["tests/test_csrc_hilo.py", "-k", "test_cuda_hifi"]),
-    ("cuda-lofi", ["tests/test_csrc_hilo.py", "-k", "test_cuda_lofi"]),
-    ("cuda-window", ["tests/test_csrc_window.py", "-k", "test_cuda_window"]),
+    ("hilo", "tests/test_hilo.py", "test_triton_hilo and s3 and float16"),
+    ("window", "tests/test_window.py", "test_triton_window and float16"),
+    ("token", "tests/test_token.py", "test_triton_token_attention and float16"),
+    ("linear", "tests/test_linear.py", "test_triton_linear_attention and float16"),
+    ("ppma", "tests/test_ppma.py", "test_triton_ppma_attention and float16"),
+    ("cuda-hifi", "tests/test_csrc_hilo.py", "test_cuda_hifi_matches_reference"),
+    ("cuda-lofi", "tests/test_csrc_hilo.py", "test_cuda_lofi_matches_reference"),
+    ("cuda-window", "tests/test_csrc_window.py", "test_cuda_window"),
 ]
 #: tests per family in the rehearsal (the interpreter is slow; the point is that every stage
 #: starts, honours its timeout and budget, and writes its files)
@@ -163,16 +168,16 @@ class Tier:
         tool = shutil.which("compute-sanitizer")
         if tool is None:
             return "skipped (no compute-sanitizer)", ""
-        per = timeout / (len(SANITIZE) + 1)
-        results = {}
-        for label, sel in SANITIZE:
-            results[f"memcheck-{label}"] = self.run(
-                f"sanitizer-memcheck-{label}", [tool, "--tool", "memcheck", "--error-exitcode", "1",
-                                                self.python, "-m", "pytest", "-q", "-x", *sel], per)
-        results["racecheck-cuda-hifi"] = self.run(
-            "sanitizer-racecheck-cuda-hifi", [tool, "--tool", "racecheck", "--error-exitcode", "1",
-                                              self.python, "-m", "pytest", "-q", "-x",
-                                              *SANITIZE[1][1]], per)
+        runs = [("memcheck", *case) for case in SANITIZE]
+        runs += [("racecheck", *case) for case in SANITIZE if case[0].startswith("cuda")]
+        env = dict(self.env, VITKERN_TEST_LIMIT="1")  # one small case each
+        end, results = time.monotonic() + timeout, {}
+        for i, (tool_name, label, path, select) in enumerate(runs):
+            results[f"{tool_name}-{label}"] = self.run(
+                f"sanitizer-{tool_name}-{label}",
+                [tool, "--tool", tool_name, "--error-exitcode", "1", self.python, "-m", "pytest",
+                 "-q", "-p", "no:cacheprovider", path, "-k", select],
+                (end - time.monotonic()) / (len(runs) - i), env)
         bad = [k for k, r in results.items() if r != "passed"]
         return ("passed" if not bad else f"failed ({', '.join(bad)})"), ""
 

@@ -40,8 +40,10 @@ def _poisoned(fn):
     return wrapper
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
 def pytest_collection_modifyitems(config, items):
-    """``VITKERN_TEST_LIMIT=N`` keeps the first N collected tests (the GPU tier's rehearsal)."""
+    """``VITKERN_TEST_LIMIT=N`` keeps the first N selected tests (the GPU tier's rehearsal and
+    sanitizer cases)."""
     limit = int(os.environ.get("VITKERN_TEST_LIMIT", "0") or 0)
     if 0 < limit < len(items):
         config.hook.pytest_deselected(items=items[limit:])
