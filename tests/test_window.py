@@ -354,6 +354,33 @@ def test_active_windows_grads_only_through_kept_windows():
         assert g[:, :, keep].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_out_overlapping_an_input_or_itself_is_refused(backend):
+    """out= sharing memory with an input (exact aliasing included) or with itself raises: the
+    kernel would overwrite what it still reads (the Triton backend used to return a wrong answer
+    silently with out one token into q's storage)."""
+    B, h, H, W, d = 1, 2, 4, 4, 8
+    kw = dict(hw=(H, W), window_size=2, backend=backend)
+    buf = _t(B, h, H * W + 1, d)
+    q, k, v = buf[:, :, :-1], _t(B, h, H * W, d), _t(B, h, H * W, d)
+    with torch.no_grad():
+        for out, name in ((buf[:, :, 1:], "q"), (q, "q"), (v, "v")):  # shifted, exact, exact
+            with pytest.raises(ValueError, match=f"out shares memory with {name}"):
+                window_attention(q, k, v, out=out, **kw)
+        big = _t(B * h * H * W * d)  # a bias table at the start of out's storage
+        table, out = big[: 9 * h].view(9, h), big.view(B, h, H * W, d)
+        with pytest.raises(ValueError, match="out shares memory with rel_pos_bias"):
+            window_attention(q, k, v, rel_pos_bias=table, out=out, **kw)
+        with pytest.raises(ValueError, match="out overlaps itself"):
+            window_attention(q, k, v, out=_t(1, 1, 1, d).expand(B, h, H * W, d), **kw)
+        # separate memory, including a disjoint slice of the same buffer, is fine
+        pair = _t(2, B, h, H * W, d)
+        res = window_attention(pair[0], k, v, out=pair[1], **kw)
+        assert res.data_ptr() == pair[1].data_ptr()
+        assert_close(res, W_ref.window_attention(pair[0].double(), k.double(), v.double(),
+                                                 hw=(H, W), window_size=2))
+
+
 def test_out_refuses_autograd():
     x = _t(1, 2, 16, 8).requires_grad_()
     with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):

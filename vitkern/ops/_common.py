@@ -81,6 +81,33 @@ def on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _byte_span(t: Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses the elements of ``t`` occupy."""
+    extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def check_out_overlap(op: str, out: Tensor, **inputs) -> None:
+    """Refuse an ``out=`` that overlaps itself (a broadcast view) or shares memory with an input:
+    the kernels write ``out`` while they still read the inputs, so any overlap, exact aliasing
+    included, could give a wrong answer. Spans are compared conservatively (two views that
+    interleave without touching the same element are refused too)."""
+    if out.numel() == 0 or torch.compiler.is_compiling():  # traced: no addresses to compare
+        return
+    if any(st == 0 and n > 1 for n, st in zip(out.shape, out.stride())) or \
+            torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"{op}: out overlaps itself (a broadcast or expanded view); pass a "
+                         "tensor whose elements are distinct memory")
+    lo, hi = _byte_span(out)
+    for name, t in inputs.items():
+        if t is None or t.numel() == 0 or t.device != out.device:
+            continue
+        tlo, thi = _byte_span(t)
+        if lo < thi and tlo < hi:
+            raise ValueError(f"{op}: out shares memory with {name}; the kernel would overwrite "
+                             f"{name} while reading it. Pass a separate out tensor (or none)")
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd will want gradients of any of ``tensors`` (None entries ignored)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

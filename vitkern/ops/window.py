@@ -11,7 +11,8 @@ gradient is returned in the bias's dtype. The CUDA C++ backend (inference only; 
 ``active_windows`` (SparseViT): the kernels walk only the listed windows (a (B, K) int32 id list
 read in the kernel, no gathered copy); the other tokens' outputs are zeros, or, with ``out=``,
 left as they are in ``out`` (``vitkern::window_fwd_out``, an in-place op without autograd, like
-every PyTorch ``out=`` function).
+every PyTorch ``out=`` function). ``out`` must not share memory with an input or overlap itself
+(a ``ValueError`` says which): the kernel writes it while it still reads them.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from torch import Tensor
 
 from vitkern.reference import window as ref
 
-from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, is_int, lse_empty, needs_grad,
-                      on_device, select_backend)
+from ._common import (bhnd_empty, check_hw, check_out_overlap, check_qkv, check_scale, is_int,
+                      lse_empty, needs_grad, on_device, select_backend)
 
 __all__ = ["window_attention"]
 
@@ -100,6 +101,8 @@ def _check(op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale,
         active = _check_active(op, active_windows, B, (H, W), (wh, ww), q.device)
     if out is not None:
         _check_out(op, out, q, k, v, rel_pos_bias)
+        check_out_overlap(op, out, q=q, k=k, v=v, rel_pos_bias=rel_pos_bias,
+                          active_windows=active_windows)
     return H, W, (wh, ww), (sh, sw), check_scale(op, scale, d), float(mask_value), active
 
 
