@@ -236,6 +236,25 @@ def test_patch_reuses_parameter_objects():
     assert type(model.blocks[1]).__name__ == "Block"
 
 
+@pytest.mark.parametrize("patch", [dict(token_drop=dict(keep_rate=0.5, layers=[0, 2])),
+                                   dict(token_merge=2)], ids=["drop", "merge"])
+def test_patch_keeps_the_parameter_order(patch):
+    """named_parameters() in the original order (with qk_norm and scale_norm parameters inside
+    the attention): an optimizer state saved before patching lines up after it."""
+    model = _vit(qk_norm=True, scale_attn_norm=True)
+    before = [(n, p.shape) for n, p in model.named_parameters()]
+    opt = torch.optim.Adam(model.parameters())
+    model(_images()).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    patch_model(model, **patch)
+    assert [(n, p.shape) for n, p in model.named_parameters()] == before
+    opt = torch.optim.Adam(model.parameters())
+    opt.load_state_dict(state)
+    model(_images()).sum().backward()
+    opt.step()  # shapes line up: no error
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_patch_evit_matches_explicit_evit(fuse):
     """keep 0.5 at blocks 1, 3: the patched model equals EViT written with explicit attention

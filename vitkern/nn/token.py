@@ -49,9 +49,9 @@ class TokenAttention(nn.Module):
                  scale: float, q_norm: nn.Module, k_norm: nn.Module, norm: nn.Module,
                  gate: Optional[nn.Module], proj_drop: nn.Module, backend: str = "auto"):
         super().__init__()
-        self.qkv, self.proj = qkv, proj
-        self.q_norm, self.k_norm, self.norm, self.gate = q_norm, k_norm, norm, gate
-        self.proj_drop = proj_drop
+        # timm's registration order, so that named_parameters() (an optimizer's state) line up
+        self.qkv, self.q_norm, self.k_norm, self.norm = qkv, q_norm, k_norm, norm
+        self.gate, self.proj, self.proj_drop = gate, proj, proj_drop
         self.num_heads, self.head_dim = num_heads, head_dim
         self.attn_dim = num_heads * head_dim
         self.scale = scale
@@ -124,9 +124,12 @@ class TokenBlock(nn.Module):
         super().__init__()
         if mode not in ("drop", "merge"):
             raise ValueError(f"TokenBlock: mode must be 'drop' or 'merge', got {mode!r}")
-        for name in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
-            setattr(self, name, getattr(block, name))
-        self.attn = attn
+        # the block's own child order, so that named_parameters() (an optimizer's state saved
+        # before patching) line up with the original model's
+        needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+        children = [n for n, _ in block.named_children() if n in needed]
+        for name in children + [n for n in needed if n not in children]:
+            setattr(self, name, attn if name == "attn" else getattr(block, name))
         self.mode, self.keep, self.fuse, self.order = mode, keep, fuse, order
         self.r, self.prop_attn, self.class_token = r, prop_attn, class_token
         self.state = {} if state is None else state
