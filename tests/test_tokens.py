@@ -341,10 +341,23 @@ def test_patch_triton_backend_matches_reference():
     (dict(token_merge=-1), "r must be an int >= 0"),
     (dict(token_drop=1.5), r"keep rate must lie in \(0, 1\]"),
     (dict(token_drop=dict(keep_rate=0.5, order="random")), "order must be 'score'"),
+    (dict(token_drop=1), r"token_drop=1 is ambiguous.*dict\(keep_rate=1\)"),
 ])
 def test_patch_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         patch_model(_vit(), **kwargs)
+
+
+def test_patch_drop_with_pooled_head_needs_opt_in():
+    """global_pool='avg' pools whatever tokens are left: EViT changes what the head sees."""
+    model = _vit(global_pool="avg")
+    with pytest.raises(ValueError, match="global_pool='avg' changes what the head sees"):
+        patch_model(model, token_drop=0.5)
+    patch_model(model, token_drop=dict(keep_rate=0.5, allow_pool=True))
+    assert model(_images()).shape == (2, 10)
+    counted = _vit()
+    patch_model(counted, token_drop=dict(keep_rate=1, layers=[1]))  # the explicit count form
+    assert counted(_images()).shape == (2, 10)
 
 
 def test_patch_drop_needs_a_class_token():

@@ -90,8 +90,11 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
     * ``token_drop``: EViT. A keep rate (float), or a dict with ``keep_rate`` (float rate or int
       count of image tokens), ``layers`` (block indices; default depth//4, depth//2,
       3·depth//4: EViT's 3, 6, 9 for 12 blocks), ``fuse`` (EViT's fused token of the dropped
-      ones, default True), ``order`` ("score", EViT's, or "index"). Needs a class token. With
-      keep rate 1.0 nothing is dropped and the logits equal the unpatched model's.
+      ones, default True), ``order`` ("score", EViT's, or "index"), ``allow_pool`` (accept a
+      model whose head pools tokens, ``global_pool != "token"``: it then pools the kept ones;
+      refused by default). Needs a class token. With keep rate 1.0 nothing is dropped and the
+      logits equal the unpatched model's. A bare int is refused as ambiguous (``1`` would keep
+      one token): use a float rate or ``dict(keep_rate=count)``.
     * ``token_merge``: ToMe. ``r`` (int, tokens merged away per block), or a dict with ``r``,
       ``layers`` (default every block) and ``prop_attn`` (proportional attention, log(size)
       key bias, default True).
@@ -160,13 +163,22 @@ def _patch_tokens(model: nn.Module, token_drop, token_merge, backend: str,
     depth = len(blocks)
     n_prefix = model.num_prefix_tokens
     if token_drop is not None:
-        opts = _as_options(token_drop, "keep_rate", {"keep_rate", "layers", "fuse", "order"},
-                           "token_drop")
+        if isinstance(token_drop, int) and not isinstance(token_drop, bool):
+            raise ValueError(f"patch_model: token_drop={token_drop} is ambiguous: pass a keep "
+                             f"rate as a float (1.0 keeps every token) or a count of image "
+                             f"tokens as token_drop=dict(keep_rate={token_drop})")
+        opts = _as_options(token_drop, "keep_rate",
+                           {"keep_rate", "layers", "fuse", "order", "allow_pool"}, "token_drop")
         keep = opts.get("keep_rate", 1.0)
         layers = _layers(opts, depth, (depth // 4, depth // 2, 3 * depth // 4))
         if n_prefix != 1 or getattr(model, "cls_token", None) is None:
             raise ValueError(f"patch_model: token_drop (EViT) needs exactly one class token "
                              f"first; this model has {n_prefix} prefix token(s)")
+        pool = getattr(model, "global_pool", "token")
+        if pool not in ("token", "") and not opts.get("allow_pool", False):
+            raise ValueError(f"patch_model: token_drop with global_pool={pool!r} changes what the "
+                             f"head sees (it pools the kept and fused tokens only, not every "
+                             f"token); pass token_drop=dict(..., allow_pool=True) to accept that")
         kw = dict(mode="drop", keep=keep, fuse=opts.get("fuse", True),
                   order=opts.get("order", "score"))
         from vitkern import tokens
