@@ -12,16 +12,18 @@ submission so the tier never rots.
 Stages (estimates for one H100 / for the rehearsal, seconds):
 
 1. ``build``: install without network, ``vitkern._C`` for sm_90 only, ``python -m vitkern info``;
-2. ``correctness``: one pytest process per family (a fault in one cannot hide the others'
-   results), on CUDA in fp32 / fp16 / bf16, JUnit per family; tiles probed first-fit
-   (``VITKERN_AUTOTUNE=0``: one compile per specialisation);
+2. ``correctness``: one pytest process per family, side by side (a fault in one cannot hide the
+   others' results; Triton compiles one kernel per core), on CUDA in bf16 (what the CPU cannot
+   test), JUnit per family; tiles probed first-fit (``VITKERN_AUTOTUNE=0``: one compile per
+   specialisation);
 3. ``sanitizer``: ``compute-sanitizer`` memcheck (and racecheck for the CUDA C++ kernels) on one
    small case per kernel;
 4. ``bench``: ``python -m vitkern.bench --quick`` per family, bf16, forward and forward+backward,
    JSON written after each family;
 5. ``approve``: ``python -m vitkern.bench.approve --write`` on what ran (which CUDA C++ kernels
    ``auto`` may pick; ``vitkern/cuda_auto.json``, copied to OUT_DIR; the rehearsal only prints);
-6. ``suite``: with whatever budget is left, the rest of the test suite on CUDA, family by family.
+6. ``suite``: with whatever budget is left, the rest of the test suite and every family in every
+   dtype on CUDA (compiles of stage 2 are cached).
 
 It ends with one summary line per stage (``passed`` / ``failed`` / ``timeout`` / ``skipped``,
 seconds), also written to ``OUT_DIR/summary.txt`` and ``summary.json`` after every stage. This
@@ -107,29 +109,45 @@ class Tier:
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
 
-    def run(self, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> str:
-        """Run ``cmd`` (log: OUT/<name>.log) within ``timeout`` and the budget; returns
-        passed / failed / timeout."""
+    def run_many(self, jobs: dict, timeout: float) -> dict:
+        """Run ``{name: (cmd, env)}`` side by side (one log each: OUT/<name>.log), all within
+        ``timeout`` and the budget; returns ``{name: passed / failed (exit N) / timeout}``."""
         limit = max(1.0, min(timeout, self.left()))
-        with open(self.out / f"{name}.log", "w") as log:
+        end, procs, results = time.monotonic() + limit, {}, {}
+        for name, (cmd, env) in jobs.items():
+            log = open(self.out / f"{name}.log", "w")
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
+            procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=log,
+                                            stderr=subprocess.STDOUT), log)
+        for name, (proc, log) in procs.items():
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=env or self.env, stdout=log,
-                                      stderr=subprocess.STDOUT, timeout=limit)
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
+                results[name] = ("passed" if proc.returncode == 0
+                                 else f"failed (exit {proc.returncode})")
             except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
                 log.write(f"\n[gpu_tier] timeout after {limit:.0f} s\n")
-                return "timeout"
-        return "passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                results[name] = "timeout"
+            log.close()
+        return results
 
-    def pytest(self, name: str, files: list[str], timeout: float, extra=()) -> str:
-        """One pytest process; tests not started 15 s before its limit are skipped (see
-        tests/conftest.py), so the session still ends and writes its JUnit report."""
-        junit = self.out / f"junit-{name}.xml"
+    def run(self, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> str:
+        """One command (log: OUT/<name>.log) within ``timeout`` and the budget."""
+        return self.run_many({name: (cmd, env)}, timeout)[name]
+
+    def pytest_job(self, name: str, files: list[str], timeout: float, env=None) -> tuple:
+        """(cmd, env) of one pytest process with a JUnit report; tests not started 15 s before
+        its limit are skipped (tests/conftest.py), so the session still ends and writes it."""
         limit = min(timeout, self.left())
-        env = dict(self.env, VITKERN_TEST_DEADLINE=str(time.time() + max(1.0, limit - 15)))
-        return self.run(name, [self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                               f"--junitxml={junit}", *files, *extra], timeout, env)
+        env = dict(env or self.env, VITKERN_TEST_DEADLINE=str(time.time() + max(1.0, limit - 15)))
+        return [self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                f"--junitxml={self.out / f'junit-{name}.xml'}", *files], env
+
+    def pytest(self, name: str, files: list[str], timeout: float) -> str:
+        cmd, env = self.pytest_job(name, files, timeout)
+        return self.run(name, cmd, timeout, env)
 
     def gpu_available(self) -> bool:
         code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
@@ -157,9 +175,13 @@ class Tier:
         return status, ""
 
     def stage_correctness(self, timeout: float) -> tuple[str, str]:
-        end, results = time.monotonic() + timeout, {}
-        for i, (fam, files) in enumerate(FAMILIES.items()):  # the time left, shared fairly
-            results[fam] = self.pytest(fam, files, (end - time.monotonic()) / (len(FAMILIES) - i))
+        # every family in its own process, side by side: Triton compiles one kernel per core,
+        # and a fault in one family cannot hide the others' results. On the GPU bf16 only (what
+        # the CPU cannot test; every dtype is another compile of each specialisation): the
+        # suite stage runs every dtype with what budget is left.
+        env = dict(self.env) if self.rehearse else dict(self.env, VITKERN_TEST_DTYPES="bfloat16")
+        results = self.run_many({fam: self.pytest_job(fam, files, timeout, env)
+                                 for fam, files in FAMILIES.items()}, timeout)
         bad = {f: r for f, r in results.items() if r != "passed"}
         detail = ", ".join(f"{f}: {r}" for f, r in results.items())
         return ("passed" if not bad else f"failed ({len(bad)} of {len(results)} families)"), detail
@@ -213,7 +235,8 @@ class Tier:
         return status, ""
 
     def stage_suite(self, timeout: float) -> tuple[str, str]:
-        return self.pytest("suite", REST, timeout), ""
+        files = REST + [f for files in FAMILIES.values() for f in files]  # every dtype now
+        return self.pytest("suite", files, timeout), ""
 
     # ---------------------------------------------------------------------------- driver
     def main(self) -> int:

@@ -23,6 +23,11 @@ import pytest  # noqa: E402
 KERNEL_DEVICES = [("cpu", torch.float32), ("cpu", torch.float16)]
 if HAS_CUDA:
     KERNEL_DEVICES = [("cuda", dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+#: ``VITKERN_TEST_DTYPES=bfloat16[,float32...]``: only these (the GPU tier's first pass: bf16 is
+#: what the CPU cannot test, and each dtype is another compile of every kernel specialisation)
+if os.environ.get("VITKERN_TEST_DTYPES"):
+    _wanted = set(os.environ["VITKERN_TEST_DTYPES"].split(","))
+    KERNEL_DEVICES = [(dev, dt) for dev, dt in KERNEL_DEVICES if str(dt).split(".")[-1] in _wanted]
 
 
 def _called_from_vitkern(depth: int = 2) -> bool:
