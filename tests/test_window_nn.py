@@ -319,6 +319,28 @@ def test_patched_swinv2_tiny_matches_timm():
         assert_close(a, b, name=name, rtol32=1e-4)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_set_input_size_after_patching(version):
+    """timm's documented way to change resolution keeps working on a patched model (it calls
+    set_window_size on the replaced attention) and gives the unpatched model's logits."""
+    import timm.models.swin_transformer_v2 as swin2
+
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+               num_heads=(2, 4), num_classes=5)
+    model = (swin.SwinTransformer if version == 1 else swin2.SwinTransformerV2)(**cfg).eval()
+    patched = copy.deepcopy(model)
+    assert not patch_model(patched).left
+    for m in (model, patched):
+        m.set_input_size((40, 48), window_size=5)
+    assert patched.layers[0].blocks[0].attn.window_size == (5, 5)
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        assert_close(patched(x), model(x).double(), rtol32=1e-4)
+    state = {k: v for k, v in model.state_dict().items()}
+    assert patched.state_dict().keys() == state.keys()
+
+
 # --------------------------------------------------------------------------------------------
 # the benchmark module (CPU smoke run: tiny shape, few repetitions)
 # --------------------------------------------------------------------------------------------

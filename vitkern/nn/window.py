@@ -118,6 +118,27 @@ class WindowAttention(nn.Module):
         return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
                 f"backend={self.backend!r}")
 
+    def set_window_size(self, window_size) -> None:
+        """timm's ``set_window_size`` (called by ``set_input_size``): a new window, the bias
+        table resized as timm resizes it (``timm.layers.resize_rel_pos_bias_table``, so timm
+        must be installed) and the index rebuilt."""
+        window_size = _pair(window_size)
+        if window_size == self.window_size:
+            return
+        from timm.layers import resize_rel_pos_bias_table
+
+        wh, ww = window_size
+        old = self.relative_position_bias_table
+        with torch.no_grad():
+            table = resize_rel_pos_bias_table(old, new_window_size=window_size,
+                                              new_bias_shape=((2 * wh - 1) * (2 * ww - 1),
+                                                              self.num_heads),
+                                              old_window_size=self.window_size)
+        self.relative_position_bias_table = nn.Parameter(table, requires_grad=old.requires_grad)
+        self.window_size, self.window_area = window_size, wh * ww
+        self.register_buffer("relative_position_index", _rel_index(wh, ww).to(table.device),
+                             persistent=False)
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, shift_size=0,
                 active_windows: Optional[Tensor] = None) -> Tensor:
         if self.training and self.attn_drop.p > 0:
@@ -291,6 +312,20 @@ class WindowAttentionV2(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
                 f"backend={self.backend!r}")
+
+    def set_window_size(self, window_size) -> None:
+        """timm's ``set_window_size`` (called by ``set_input_size``): a new window; the
+        coordinate table and index are rebuilt (the CPB MLP maps any window)."""
+        window_size = _pair(window_size)
+        if window_size == self.window_size:
+            return
+        coords = self.relative_coords_table
+        self.window_size = window_size
+        self.register_buffer("relative_coords_table", _v2_coords_table(
+            window_size, self.pretrained_window_size).to(coords.device, coords.dtype),
+            persistent=False)
+        self.register_buffer("relative_position_index", _rel_index(*window_size).to(
+            coords.device), persistent=False)
 
     def bias_table(self) -> Tensor:
         """Swin V2's ((2wh-1)(2ww-1), heads) bias table 16·σ(cpb_mlp(relative_coords_table))."""
