@@ -1,6 +1,7 @@
 """vitkern.tokens against straightforward per-image definitions of EViT and ToMe (from the spec)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -360,9 +361,47 @@ def test_patch_drop_with_pooled_head_needs_opt_in():
     assert counted(_images()).shape == (2, 10)
 
 
+def test_evit_select_keeps_every_prefix_token():
+    g = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(2, 11, 4, generator=g), torch.rand(2, 11, generator=g)
+    scores[:, :3] = -1.0  # prefix scores are ignored, however low
+    out, keep_idx = tok.evit_select(x, scores, 0.5, num_prefix=3)
+    assert keep_idx.shape == (2, 3 + 4) and (keep_idx[:, :3] == torch.arange(3)).all()
+    assert torch.equal(out[:, :3], x[:, :3]) and out.shape == (2, 3 + 4 + 1, 4)
+
+
+@pytest.mark.parametrize("kind", ["registers", "distilled"])
+def test_patch_drop_keeps_every_prefix_token(kind):
+    """ViTs with register tokens (DINOv2-reg style) or a distillation token (DeiT distilled):
+    every prefix token is kept, the importance is the class token's attention."""
+    if kind == "registers":
+        model = _vit(reg_tokens=4)
+    else:
+        torch.manual_seed(0)
+        model = timm.models.deit.VisionTransformerDistilled(
+            img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10).eval()
+    n_prefix = model.num_prefix_tokens
+    assert n_prefix == (5 if kind == "registers" else 2)
+    same = copy.deepcopy(model)
+    patch_model(same, token_drop=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(same(_images()), model(_images()), rtol=1e-5, atol=1e-5)
+    seen = []
+    outs = {}
+    for backend in ("reference", "triton"):
+        m = copy.deepcopy(model)
+        patch_model(m, token_drop=dict(keep_rate=0.5, layers=[1]), backend=backend)
+        hook = m.blocks[2].register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape))
+        with torch.no_grad():
+            outs[backend] = m(_images())
+        hook.remove()
+    assert seen[0][1] == n_prefix + 8 + 1  # prefix, ceil(0.5 * 16) image tokens, fused
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-4)
+
+
 def test_patch_drop_needs_a_class_token():
     model = _vit(class_token=False, global_pool="avg")
-    with pytest.raises(ValueError, match="needs exactly one class token"):
+    with pytest.raises(ValueError, match="needs a class token first"):
         patch_model(model, token_drop=0.5)
     patch_model(model, token_merge=2)  # ToMe works without one
     assert model(_images()).shape == (2, 10)

@@ -100,24 +100,26 @@ def evit_fuse(x: Tensor, scores: Tensor, drop_idx: Tensor) -> Tensor:
 
 
 def evit_select(x: Tensor, scores: Tensor, keep: Union[int, float], *, fuse: bool = True,
-                order: str = "score") -> tuple[Tensor, Tensor]:
+                order: str = "score", num_prefix: int = 1) -> tuple[Tensor, Tensor]:
     """EViT's token reorganisation after a block's attention residual.
 
-    Keeps the CLS token (index 0) and the ``keep`` most attended image tokens (count or rate of
-    the N - 1 image tokens, ``ceil(rate · (N - 1))``); with ``fuse`` the rest are summed into one
-    extra token appended last, weighted by their CLS attention (:func:`evit_fuse`).
+    Keeps the ``num_prefix`` prefix tokens (CLS first, then e.g. a distillation token or
+    register tokens) and the ``keep`` most attended image tokens (count or rate of the
+    N - num_prefix image tokens, ``ceil(rate · (N - num_prefix))``); with ``fuse`` the rest are
+    summed into one extra token appended last, weighted by their CLS attention
+    (:func:`evit_fuse`).
 
     Args:
-        x: (B, N, C) tokens, CLS first.
-        scores: (B, N) CLS attention of every token (column 0, the CLS self-weight, is
-            ignored), e.g. ``token_attention(..., return_importance="cls")[1]``.
+        x: (B, N, C) tokens, the prefix tokens first.
+        scores: (B, N) CLS attention of every token (the prefix columns are ignored), e.g.
+            ``token_attention(..., return_importance="cls")[1]``.
 
     Returns:
-        (x_new (B, 1 + k (+ 1), C), keep_idx (B, 1 + k)). When every image token is kept
-        (keep rate 1) x is returned unchanged (no fused token), as EViT does.
+        (x_new (B, num_prefix + k (+ 1), C), keep_idx (B, num_prefix + k)). When every image
+        token is kept (keep rate 1) x is returned unchanged (no fused token), as EViT does.
     """
     N = x.shape[1]
-    keep_idx, drop_idx = topk_tokens(scores, keep, num_prefix=1, order=order)
+    keep_idx, drop_idx = topk_tokens(scores, keep, num_prefix=num_prefix, order=order)
     if drop_idx.shape[1] == 0:
         return x, keep_idx
     out = gather_tokens(x, keep_idx)

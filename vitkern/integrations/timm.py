@@ -94,7 +94,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
       model whose head pools tokens, ``global_pool != "token"``: it then pools the kept ones;
       refused by default). Needs a class token. With keep rate 1.0 nothing is dropped and the
       logits equal the unpatched model's. A bare int is refused as ambiguous (``1`` would keep
-      one token): use a float rate or ``dict(keep_rate=count)``.
+      one token): use a float rate or ``dict(keep_rate=count)``. Every prefix token (class,
+      distillation, register tokens) is kept; the importance is the class token's attention.
     * ``token_merge``: ToMe. ``r`` (int, tokens merged away per block), or a dict with ``r``,
       ``layers`` (default every block) and ``prop_attn`` (proportional attention, log(size)
       key bias, default True).
@@ -171,16 +172,19 @@ def _patch_tokens(model: nn.Module, token_drop, token_merge, backend: str,
                            {"keep_rate", "layers", "fuse", "order", "allow_pool"}, "token_drop")
         keep = opts.get("keep_rate", 1.0)
         layers = _layers(opts, depth, (depth // 4, depth // 2, 3 * depth // 4))
-        if n_prefix != 1 or getattr(model, "cls_token", None) is None:
-            raise ValueError(f"patch_model: token_drop (EViT) needs exactly one class token "
-                             f"first; this model has {n_prefix} prefix token(s)")
+        if n_prefix < 1 or getattr(model, "cls_token", None) is None:
+            raise ValueError(f"patch_model: token_drop (EViT) needs a class token first (the "
+                             f"importance is its attention); this model has none "
+                             f"({n_prefix} prefix token(s))")
         pool = getattr(model, "global_pool", "token")
         if pool not in ("token", "") and not opts.get("allow_pool", False):
             raise ValueError(f"patch_model: token_drop with global_pool={pool!r} changes what the "
                              f"head sees (it pools the kept and fused tokens only, not every "
                              f"token); pass token_drop=dict(..., allow_pool=True) to accept that")
+        # every prefix token (class, distillation, registers) is kept; importance from the
+        # class token, EViT's rule
         kw = dict(mode="drop", keep=keep, fuse=opts.get("fuse", True),
-                  order=opts.get("order", "score"))
+                  order=opts.get("order", "score"), num_prefix=n_prefix)
         from vitkern import tokens
 
         tokens.keep_count(1, keep)  # raises for a bad keep rate / count now, not at forward

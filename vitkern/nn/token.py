@@ -110,8 +110,9 @@ class TokenBlock(nn.Module):
     """timm ViT ``Block`` that drops (EViT) or merges (ToMe) tokens after its attention.
 
     mode "drop": the attention also returns the CLS importance; after the attention residual
-    the CLS token and ``keep`` of the image tokens are kept (:func:`vitkern.tokens.evit_select`,
-    ``fuse`` adds EViT's fused token), then the MLP runs on the kept tokens.
+    the ``num_prefix`` prefix tokens (CLS first) and ``keep`` of the image tokens are kept
+    (:func:`vitkern.tokens.evit_select`, ``fuse`` adds EViT's fused token), then the MLP runs on
+    the kept tokens.
     mode "merge": ToMe; ``r`` tokens merged away by bipartite soft matching on the head-averaged
     keys, sizes tracked across blocks in ``state`` (shared by the model's merge blocks; the
     first one resets it), and with ``prop_attn`` the attention adds log(size) per key.
@@ -120,7 +121,7 @@ class TokenBlock(nn.Module):
     def __init__(self, block: nn.Module, attn: TokenAttention, *, mode: str,
                  keep: Union[int, float] = 1.0, fuse: bool = True, order: str = "score",
                  r: int = 0, prop_attn: bool = True, class_token: bool = True,
-                 state: Optional[dict] = None, first: bool = False):
+                 state: Optional[dict] = None, first: bool = False, num_prefix: int = 1):
         super().__init__()
         if mode not in ("drop", "merge"):
             raise ValueError(f"TokenBlock: mode must be 'drop' or 'merge', got {mode!r}")
@@ -131,6 +132,7 @@ class TokenBlock(nn.Module):
         for name in children + [n for n in needed if n not in children]:
             setattr(self, name, attn if name == "attn" else getattr(block, name))
         self.mode, self.keep, self.fuse, self.order = mode, keep, fuse, order
+        self.num_prefix = num_prefix
         self.r, self.prop_attn, self.class_token = r, prop_attn, class_token
         self.state = {} if state is None else state
         self.first = first
@@ -147,7 +149,8 @@ class TokenBlock(nn.Module):
         if self.mode == "drop":
             a, imp, _ = self.attn.forward_tokens(self.norm1(x), importance="cls")
             x = x + self.drop_path1(self.ls1(a))
-            x, _ = tokens.evit_select(x, imp, self.keep, fuse=self.fuse, order=self.order)
+            x, _ = tokens.evit_select(x, imp, self.keep, fuse=self.fuse, order=self.order,
+                                      num_prefix=self.num_prefix)
         else:
             if self.first:
                 self.state["size"] = None
