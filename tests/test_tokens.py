@@ -399,6 +399,18 @@ def test_patch_drop_keeps_every_prefix_token(kind):
     torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-4)
 
 
+def test_patch_report_says_why_attention_is_left():
+    model = _vit()
+    report = patch_model(model, token_drop=dict(keep_rate=0.5, layers=[1]))
+    left = {name: why for name, _, why in report.left}
+    assert set(left) == {"blocks.0.attn", "blocks.2.attn", "blocks.3.attn"}
+    assert all(why.startswith("kept on purpose") and "SDPA" in why for why in left.values())
+    xcit = timm.create_model("xcit_nano_12_p16_224", pretrained=False)
+    left = {name: why for name, _, why in patch_model(xcit).left}
+    assert set(left) == {"cls_attn_blocks.0", "cls_attn_blocks.1"}
+    assert all("class attention" in why for why in left.values())
+
+
 def test_patch_drop_needs_a_class_token():
     model = _vit(class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="needs a class token first"):

@@ -66,6 +66,19 @@ def _replacements() -> dict[str, type]:
     return table
 
 
+#: timm attention classes left alone on purpose -> what the user needs to know
+_SDPA_IS_RIGHT = ("kept on purpose: plain softmax attention over all tokens, which PyTorch's "
+                  "fused SDPA already serves; vitkern replaces it in the blocks that drop or "
+                  "merge tokens (patch_model(..., token_drop= / token_merge=))")
+_LEFT_BY_DESIGN = {
+    "timm.layers.attention.Attention": _SDPA_IS_RIGHT,
+    "timm.models.vision_transformer.Attention": _SDPA_IS_RIGHT,
+    "timm.models.xcit.ClassAttentionBlock": (
+        "kept on purpose: XCiT's class attention (one query, the class token, per image) is "
+        "already cheap and runs PyTorch's SDPA; its XCA blocks are the ones vitkern replaces"),
+}
+
+
 def _looks_like_attention(module: nn.Module) -> bool:
     name = type(module).__name__
     return "Attention" in name or name in ("XCA",)
@@ -113,7 +126,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
         cls = table.get(path)
         if cls is None:
             if _looks_like_attention(module) and not path.startswith("vitkern."):
-                report.left.append((name, path, "no vitkern module for this class"))
+                report.left.append((name, path, _LEFT_BY_DESIGN.get(
+                    path, "no vitkern module for this class")))
             continue
         try:
             new = cls.from_timm(module, backend=backend)
