@@ -106,11 +106,55 @@ def test_patched_block_runs_the_triton_kernel(H, W, ws, s, monkeypatch):
     _compare(out, ref_out, _grads(out, patched, xa), _grads(ref_out, blk, xb))
 
 
-def test_attn_dropout_in_training_is_refused():
-    m = W_nn.WindowAttention(32, num_heads=2, window_size=4, attn_drop=0.1)
-    with pytest.raises(RuntimeError, match="attn_drop=0.1 in training mode"):
+def test_attn_dropout_in_training_runs_unfused_on_windows():
+    """The fused op has no dropout on the probabilities: in training the module applies it on
+    partitioned windows (timm's math) and refuses the map form, saying why; eval is fused."""
+    m = W_nn.WindowAttention(32, num_heads=2, window_size=4, attn_drop=0.5)
+    with pytest.raises(RuntimeError, match="attn_drop=0.5 in training mode.*partitioned"):
         m(torch.randn(1, 8, 8, 32))
-    m.eval()(torch.randn(1, 8, 8, 32))
+    windows = torch.randn(4, 16, 32)
+    torch.manual_seed(0)
+    a = m(windows)
+    torch.manual_seed(1)
+    assert not torch.equal(a, m(windows))  # dropout is applied
+    m.eval()
+    m(torch.randn(1, 8, 8, 32))
+    assert torch.equal(m(windows), m(windows))
+
+
+def test_patching_the_model_object_itself():
+    """A timm block passed as the model is patched in place (its class switch) without making it
+    its own child; a bare attention module cannot be replaced in place and is reported."""
+    blk = _block(8, 8, 4, 2, dtype=torch.float32)
+    patch_model(blk)
+    assert "" not in dict(blk.named_children()) and blk.eval() is blk
+    attn = swin.WindowAttention(32, num_heads=2, window_size=4)
+    rep = patch_model(attn)
+    assert not rep.replaced and rep.left[0][0] == "<model>" and "from_timm" in rep.left[0][2]
+
+
+def test_patched_block_with_attention_dropout():
+    """attn_drop_rate > 0 is patched: eval runs fused and equals timm; training takes timm's own
+    (unfused) path through the vitkern module's eager math, with dropout."""
+    blk = _block(8, 8, 4, 2, attn_drop=0.3, dtype=torch.float32)
+    ref = copy.deepcopy(blk)
+    rep = patch_model(blk)
+    assert len(rep.replaced) == 2 and not rep.left, str(rep)
+    assert type(blk).__name__ == "FusedSwinTransformerBlock"
+    x = torch.randn(2, 8, 8, 32)
+    blk.eval(), ref.eval()
+    with torch.no_grad():
+        assert_close(blk(x), ref(x).double(), rtol32=1e-5)
+    blk.train()
+    calls = []
+    blk.attn.register_forward_hook(lambda mod, a, out: calls.append(a[0].shape))
+    torch.manual_seed(0)
+    y = blk(x)
+    y.sum().backward()
+    assert calls == [(2 * 4, 16, 32)]  # partitioned windows: timm's path, not the map
+    torch.manual_seed(1)
+    assert not torch.equal(y.detach(), blk(x).detach())
+    assert blk.attn.relative_position_bias_table.grad is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,14 +194,6 @@ def test_patched_swin_tiny_matches_timm(mode, monkeypatch):
     grads = torch.autograd.grad(out, pparams, g)
     for (name, _), a, b in zip(sorted(model.named_parameters()), grads, ref_grads):
         assert_close(a, b, name=name, rtol32=1e-4)
-
-
-def test_patch_report_explains_what_is_left():
-    bad = _block(8, 8, 4, 2, attn_drop=0.1)
-    rep = patch_model(bad)
-    assert not rep.replaced and len(rep.left) == 2
-    assert all("attn_drop=0.1" in why for _, _, why in rep.left)
-    assert type(bad) is swin.SwinTransformerBlock
 
 
 @pytest.mark.parametrize("H,W,kw", [

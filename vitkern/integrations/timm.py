@@ -85,6 +85,9 @@ def _looks_like_attention(module: nn.Module) -> bool:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:  # the model itself, patched in place (a Swin block's class switch)
+        assert new is model
+        return
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -133,6 +136,10 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
             new = cls.from_timm(module, backend=backend)
         except UnsupportedModule as exc:
             report.left.append((name, path, str(exc)))
+            continue
+        if not name and new is not model:
+            report.left.append(("<model>", path, f"the model is this module itself, which cannot "
+                                f"be replaced in place: use {cls.__name__}.from_timm(model)"))
             continue
         _set_submodule(model, name, new)
         report.replaced.append((name, path, _class_path(new)))

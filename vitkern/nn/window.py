@@ -48,8 +48,10 @@ class WindowAttention(nn.Module):
     """Swin window attention (W-MSA / SW-MSA) with relative position bias, timm-compatible.
 
     ``WindowAttention(dim, num_heads, head_dim=None, window_size=7, qkv_bias=True, attn_drop=0.,
-    proj_drop=0., backend="auto")``; ``attn_drop`` must stay 0 while training (the fused kernels
-    have no dropout on attention probabilities; eval mode ignores it, as timm does).
+    proj_drop=0., backend="auto")``. The fused op has no dropout on attention probabilities: with
+    ``attn_drop > 0`` in training the module runs timm's eager math on partitioned windows (a
+    patched timm block passes those, unfused, in training; eval mode is fused, as timm ignores
+    dropout there).
 
     ``forward(x, mask=None, *, shift_size=0, active_windows=None)``:
 
@@ -88,13 +90,8 @@ class WindowAttention(nn.Module):
 
     @classmethod
     def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttention":
-        """A vitkern module sharing ``module``'s submodules, parameters and buffers (no copies).
-        Raises ``UnsupportedModule`` for what the op cannot reproduce."""
-        from vitkern.integrations.timm import UnsupportedModule
-
-        why = _attn_unsupported(module)
-        if why:
-            raise UnsupportedModule(why)
+        """A vitkern module sharing ``module``'s submodules, parameters and buffers (no
+        copies)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.dim = module.dim
@@ -141,11 +138,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, shift_size=0,
                 active_windows: Optional[Tensor] = None) -> Tensor:
-        if self.training and self.attn_drop.p > 0:
-            raise RuntimeError(f"WindowAttention: attn_drop={self.attn_drop.p} in training mode "
-                               "is not supported by the fused op (no dropout on attention "
-                               "probabilities); set it to 0 or call eval()")
         if x.dim() == 4:
+            _refuse_dropout_on_map(self)
             if mask is not None:
                 raise ValueError("WindowAttention: pass shift_size, not a mask, with a (B, H, W, "
                                  "C) map (the op builds Swin's shift mask itself)")
@@ -155,7 +149,7 @@ class WindowAttention(nn.Module):
                              f"{self.window_area}, C) windows, got {tuple(x.shape)}")
         if active_windows is not None:
             raise ValueError("WindowAttention: active_windows needs the (B, H, W, C) map")
-        if mask is not None:
+        if mask is not None or _dropout_active(self):
             return self._forward_windows_eager(x, mask)
         return self._attend(x, self.window_size, (0, 0))
 
@@ -194,16 +188,14 @@ class WindowAttention(nn.Module):
         o = F.linear(o.transpose(1, 2).reshape(B, N, -1), self.proj.weight, proj_bias)
         return self.proj_drop(o)
 
-    def _forward_windows_eager(self, x: Tensor, mask: Tensor) -> Tensor:
-        """timm's math on partitioned windows with an explicit (nW, N, N) mask."""
+    def _forward_windows_eager(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """timm's math on partitioned windows with an explicit (nW, N, N) mask (or none), and
+        dropout on the probabilities."""
         B_, N, C = x.shape
         q, k, v = _split_heads(self.qkv(x), self.num_heads, self.head_dim)
         idx = self.relative_position_index.reshape(-1)
         bias = self.relative_position_bias_table[idx].reshape(N, N, -1).permute(2, 0, 1)
-        attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-        nw = mask.shape[0]
-        attn = (attn.view(-1, nw, self.num_heads, N, N) + mask[None, :, None]).view(
-            -1, self.num_heads, N, N)
+        attn = _add_shift_mask((q * self.scale) @ k.transpose(-2, -1) + bias, mask)
         o = self.attn_drop(attn.softmax(-1)) @ v
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B_, N, -1)))
 
@@ -216,13 +208,27 @@ def _rel_index(wh: int, ww: int) -> Tensor:
             + (cc[:, None] - cc[None, :] + ww - 1))
 
 
-def _attn_unsupported(module: nn.Module) -> Optional[str]:
-    """Why a timm Swin V1 WindowAttention cannot be served (None when it can)."""
-    p = module.attn_drop.p
-    if p:
-        return (f"attn_drop={p}: the fused op has no dropout on attention probabilities (set "
-                "attn_drop_rate=0)")
-    return None
+def _dropout_active(module: nn.Module) -> bool:
+    """Dropout on the attention probabilities is due: the fused op has none, so the module runs
+    timm's eager math on partitioned windows instead."""
+    return module.training and module.attn_drop.p > 0
+
+
+def _refuse_dropout_on_map(module: nn.Module) -> None:
+    if _dropout_active(module):
+        raise RuntimeError(
+            f"{type(module).__name__}: attn_drop={module.attn_drop.p} in training mode: the "
+            "fused op has no dropout on attention probabilities, so this module applies it only "
+            "on partitioned (B*nW, ws*ws, C) windows (a patched timm block passes those in "
+            "training); call eval() for the fused path on the map")
+
+
+def _add_shift_mask(attn: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """(B·nW, heads, N, N) logits plus timm's (nW, N, N) shift mask, if any."""
+    if mask is None:
+        return attn
+    nw, heads, n = mask.shape[0], attn.shape[1], attn.shape[-1]
+    return (attn.view(-1, nw, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
 
 
 class WindowAttentionV2(nn.Module):
@@ -282,11 +288,6 @@ class WindowAttentionV2(nn.Module):
     @classmethod
     def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttentionV2":
         """A vitkern module sharing ``module``'s submodules, parameters and buffers."""
-        from vitkern.integrations.timm import UnsupportedModule
-
-        why = _attn_unsupported(module)  # (qkv_bias_separate: qkv(x) + bias is the same math)
-        if why:
-            raise UnsupportedModule(why)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.dim = module.dim
@@ -345,11 +346,9 @@ class WindowAttentionV2(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, shift_size=0,
                 active_windows: Optional[Tensor] = None) -> Tensor:
-        if self.training and self.attn_drop.p > 0:
-            raise RuntimeError(f"WindowAttentionV2: attn_drop={self.attn_drop.p} in training "
-                               "mode is not supported by the fused op; set it to 0 or eval()")
         wh, ww = self.window_size
         if x.dim() == 4:
+            _refuse_dropout_on_map(self)
             if mask is not None:
                 raise ValueError("WindowAttentionV2: pass shift_size, not a mask, with a map")
             B, H, W, C = x.shape
@@ -361,12 +360,13 @@ class WindowAttentionV2(nn.Module):
                              f"{self.window_area}, C) windows, got {tuple(x.shape)}")
         if active_windows is not None:
             raise ValueError("WindowAttentionV2: active_windows needs the (B, H, W, C) map")
-        if mask is not None:
+        if mask is not None or _dropout_active(self):
             return self._forward_windows_eager(x, mask)
         return self._attend(x, self.window_size, (0, 0), False, None)
 
-    def _forward_windows_eager(self, x: Tensor, mask: Tensor) -> Tensor:
-        """timm's Swin V2 math on partitioned windows with an explicit (nW, N, N) mask."""
+    def _forward_windows_eager(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """timm's Swin V2 math on partitioned windows with an explicit (nW, N, N) mask (or
+        none), and dropout on the probabilities."""
         B_, N, C = x.shape
         bias, proj_bias = self._qkv_bias(False)
         q, k, v = _split_heads(F.linear(x, self.qkv.weight, bias), self.num_heads,
@@ -374,10 +374,8 @@ class WindowAttentionV2(nn.Module):
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         idx = self.relative_position_index.reshape(-1)
-        attn = attn + self.bias_table()[idx].reshape(N, N, -1).permute(2, 0, 1)
-        nw = mask.shape[0]
-        attn = (attn.view(-1, nw, self.num_heads, N, N) + mask[None, :, None]).view(
-            -1, self.num_heads, N, N)
+        attn = _add_shift_mask(attn + self.bias_table()[idx].reshape(N, N, -1).permute(2, 0, 1),
+                               mask)
         o = self.attn_drop(attn.softmax(-1)) @ v
         return self.proj_drop(F.linear(o.transpose(1, 2).reshape(B_, N, C), self.proj.weight,
                                        proj_bias))
@@ -436,8 +434,8 @@ def _fused_block_class(name: str):
             """The block's attention on the full (B, H, W, C) map with the block's (timm-clamped)
             window and shift: no roll / pad / partition copies, the op does them by index math
             (timm's own path when ``attn`` is not a vitkern module)."""
-            if not isinstance(self.attn, attn_cls):
-                return base._attn(self, x)
+            if not isinstance(self.attn, attn_cls) or _dropout_active(self.attn):
+                return base._attn(self, x)  # training with attention dropout: unfused
             return self.attn(x, shift_size=self.shift_size)
 
         cls = type(name, (base,), {
@@ -464,12 +462,6 @@ class SwinBlockPatch:
 
     @classmethod
     def from_timm(cls, block: nn.Module, *, backend: str = "auto") -> nn.Module:
-        from vitkern.integrations.timm import UnsupportedModule
-
-        attn_cls = _FUSED_SPECS[cls.fused][2]
-        why = None if isinstance(block.attn, attn_cls) else _attn_unsupported(block.attn)
-        if why:
-            raise UnsupportedModule(why)
         block.__class__ = _fused_block_class(cls.fused)
         return block
 
