@@ -1,7 +1,6 @@
 """vitkern.tokens against straightforward per-image definitions of EViT and ToMe (from the spec)."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

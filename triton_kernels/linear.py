@@ -858,14 +858,18 @@ def split_plan(t: torch.Tensor, bh: int, n: int, block_m: int) -> tuple[int, int
 def _launch(launcher: Launcher, plan, **constexprs):
     """Launch ``launcher``'s kernel with the candidate it picks for ``constexprs``; returns the
     third item of ``plan(tile)`` = (grid, runtime args, result), ``tile`` a candidate's sizes.
-    The grid, and the buffers sized by it, depend on the tile: ``plan`` builds them for the
-    preferred candidate (on a GPU the pick compiles the candidates with those args), and again
-    only when another candidate is picked."""
-    first = launcher.candidates(**constexprs)[0].kwargs
-    grid, args, result = plan(first)
-    cfg = launcher.pick(args, **constexprs)
-    if cfg.kwargs != first:
-        grid, args, result = plan(cfg.kwargs)
+    The grid, and the buffers sized by it, depend on the tile: only on the first call on a GPU,
+    when the pick compiles the candidates, are they also planned for the preferred one."""
+    probed = {}
+
+    def probe_args():  # the preferred candidate's arguments, for the spill check
+        tile = launcher.candidates(**constexprs)[0].kwargs
+        probed["plan"] = (tile, plan(tile))
+        return probed["plan"][1][1]
+
+    cfg = launcher.pick(probe_args, **constexprs)
+    tile, planned = probed.get("plan", (None, None))
+    grid, args, result = planned if tile == cfg.kwargs else plan(cfg.kwargs)
     launcher.fn[grid](*args, **constexprs, **cfg.all_kwargs())
     return result
 

@@ -144,8 +144,10 @@ class Launcher:
     def name(self) -> str:
         return getattr(self.fn, "__name__", None) or getattr(self.fn.fn, "__name__", "kernel")
 
-    def configs(self, args: tuple, constexprs: dict) -> list:
-        """The candidates kept for this specialisation (chosen on the first call)."""
+    def configs(self, args, constexprs: dict) -> list:
+        """The candidates kept for this specialisation (chosen on the first call). ``args``:
+        the launch's runtime arguments, or a function returning them, called only when the
+        candidates are probed (the first call on a GPU)."""
         spec = tuple(sorted(constexprs.items()))
         kept = self._kept.get(spec)
         if kept is None:
@@ -154,6 +156,7 @@ class Launcher:
             if probe is None:
                 kept = candidates[:1]
             else:
+                args = args() if callable(args) else args
                 results = []
                 for cfg in candidates:
                     try:
@@ -171,7 +174,7 @@ class Launcher:
             self._kept[spec] = kept
         return kept
 
-    def pick(self, args: tuple, **constexprs):
+    def pick(self, args, **constexprs):
         """The one config to run (the preferred kept candidate), for kernels whose grid or
         buffers depend on the tile and so cannot be autotuned by ``triton.autotune``."""
         return self.configs(args, constexprs)[0]
