@@ -94,31 +94,31 @@ def test_gather_scatter_keep_order_and_roundtrip():
 # --------------------------------------------------------------------------------------------
 
 
-def tome_spec(x, metric, r, size, class_token):
+def tome_spec(x, metric, r, size, num_prefix):
     """ToMe bipartite soft matching + size-weighted merge as the spec states it, per image:
-    A = even positions, B = odd; each A token's best B partner by cosine similarity (CLS never
-    merged); the r A tokens with the best matches merge into their partners (sums weighted by
-    size); output [kept A tokens (by position with CLS, else by decreasing score), all B]."""
+    A = even positions, B = odd; each A token's best B partner by cosine similarity; the r A
+    tokens with the best matches merge into their partners (sums weighted by size); output
+    [kept A tokens (by position with CLS, else by decreasing score), all B]. ToMe protects one
+    class token; more prefix tokens (registers, distillation) are protected the same way: never
+    merged, kept first in order, the other tokens keeping the A / B split of their positions."""
     B, N, C = x.shape
-    r = min(r, (N - int(class_token)) // 2)
+    p = num_prefix
+    r = min(r, (N - p) // 2)
     if r <= 0:  # nothing to merge: ToMe leaves the tokens as they are
         return x, size
     outs, sizes = [], []
     for b in range(B):
         m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
-        A, Bs = list(range(0, N, 2)), list(range(1, N, 2))
+        A, Bs = list(range(p + p % 2, N, 2)), list(range(p + 1 - p % 2, N, 2))
         best = {}
         for a in A:
-            if class_token and a == 0:
-                best[a] = (-math.inf, None)
-                continue
             sims = [(m[a] @ m[bb]).item() for bb in Bs]
             j = max(range(len(Bs)), key=lambda t: sims[t])
             best[a] = (sims[j], Bs[j])
         ranked = sorted(A, key=lambda a: -best[a][0])
         merged, kept = ranked[:r], ranked[r:]
-        if class_token:
-            kept = sorted(kept)
+        if p:
+            kept = list(range(p)) + sorted(kept)
         acc = {bb: (x[b, bb] * size[b, bb], size[b, bb].clone()) for bb in Bs}
         for a in merged:
             t = best[a][1]
@@ -130,19 +130,20 @@ def tome_spec(x, metric, r, size, class_token):
     return torch.stack(outs), torch.stack(sizes)
 
 
-@pytest.mark.parametrize("N,r,class_token", [(17, 5, True), (16, 3, False), (11, 20, True),
-                                             (9, 0, True)])
-def test_tome_merge_matches_spec(N, r, class_token):
+@pytest.mark.parametrize("N,r,num_prefix", [(17, 5, 1), (16, 3, 0), (11, 20, 1), (17, 5, 2),
+                                            (16, 4, 5), (9, 3, 3), (4, 1, 4), (9, 0, 1)])
+def test_tome_merge_matches_spec(N, r, num_prefix):
     x = _rand(2, N, 6)
     metric = _rand(2, N, 4, seed=1)
     size = _rand(2, N, 1, seed=2).abs() + 1.0  # sizes carried from earlier layers
-    out, new_size = tok.tome_merge(x, metric, r, size, class_token=class_token)
-    ref, ref_size = tome_spec(x, metric, r, size, class_token)
+    # ToMe's own form (class_token) for 0 or 1 prefix token, num_prefix beyond
+    how = dict(class_token=bool(num_prefix)) if num_prefix <= 1 else dict(num_prefix=num_prefix)
+    out, new_size = tok.tome_merge(x, metric, r, size, **how)
+    ref, ref_size = tome_spec(x, metric, r, size, num_prefix)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(new_size, ref_size, rtol=1e-12, atol=1e-12)
-    assert out.shape[1] == N - min(r, (N - int(class_token)) // 2)
-    if class_token:
-        torch.testing.assert_close(out[:, 0], x[:, 0])  # CLS untouched, first
+    assert out.shape[1] == N - min(r, (N - num_prefix) // 2)
+    torch.testing.assert_close(out[:, :num_prefix], x[:, :num_prefix])  # prefix untouched, first
     torch.testing.assert_close(new_size.sum(1), size.sum(1))  # no patch lost or counted twice
 
 
@@ -196,8 +197,9 @@ def _images(n=2, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _attn_probs(attn, x, key_bias=None):
-    """timm Attention computed explicitly: (out, probabilities (B, h, N, N), keys (B, h, N, d))."""
+def _attn_probs(attn, x, key_bias=None, drop=None):
+    """timm Attention computed explicitly: (out, probabilities (B, h, N, N), keys (B, h, N, d));
+    ``drop`` is applied to the probabilities (attention dropout)."""
     B, N, C = x.shape
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -205,6 +207,8 @@ def _attn_probs(attn, x, key_bias=None):
     if key_bias is not None:
         logits = logits + key_bias[:, None, None, :]
     p = logits.softmax(-1)
+    if drop is not None:
+        p = drop(p)
     out = attn.proj(attn.norm((p @ v).transpose(1, 2).reshape(B, N, -1)))
     return out, p, k
 
@@ -281,6 +285,47 @@ def test_patch_evit_matches_explicit_evit(fuse):
     assert seen == ([1 + 5 + 1] if fuse else [1 + 4])
 
 
+class FixedDropout(torch.nn.Module):
+    """Dropout with a mask fixed by the input's shape: training runs become comparable."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        g = torch.Generator().manual_seed(x.shape[-1])
+        return x * (torch.rand(x.shape, generator=g) >= self.p) / (1 - self.p)
+
+
+def test_patch_drop_with_attention_dropout():
+    """attn_drop_rate > 0: patched; eval is fused and equals the original, training runs the
+    eager math with dropout on the probabilities and EViT's importance after dropout."""
+    model = _vit(attn_drop_rate=0.25)
+    patched = copy.deepcopy(model)
+    report = patch_model(patched, token_drop=dict(keep_rate=1.0))
+    assert len(report.replaced) == 3 and not [r for r in report.left if "dropout" in r[2]]
+    with torch.no_grad():
+        torch.testing.assert_close(patched(_images()), model(_images()), rtol=1e-5, atol=1e-5)
+    layers, keep = (1, 3), 0.5
+    for blk in model.blocks:  # the blocks left to timm take its eager path, with this dropout
+        blk.attn.attn_drop, blk.attn.fused_attn = FixedDropout(0.25), False
+
+    def block_fn(i, blk, x):
+        a, p, _ = _attn_probs(blk.attn, blk.norm1(x), drop=blk.attn.attn_drop)
+        x = x + a
+        if i in layers:
+            x = evit_spec(x, p[:, :, 0, :].mean(1), keep, True)
+        return x + blk.mlp(blk.norm2(x))
+
+    model.train()
+    ref = _manual_forward(model, _images(), block_fn)
+    patch_model(model, token_drop=dict(keep_rate=keep, layers=layers))
+    out = model(_images())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(model.blocks[1].attn.qkv.weight.grad).all()
+
+
 def test_patch_evit_trains_through_the_cls_importance():
     model = _vit().train()
     patch_model(model, token_drop=dict(keep_rate=0.5, layers=[1]))
@@ -302,7 +347,7 @@ def test_patch_tome_matches_explicit_tome(prop_attn):
         x = x + a
         if size is None:
             size = torch.ones_like(x[..., :1])
-        x, state["size"] = tome_spec(x, k.mean(1), r, size, True)
+        x, state["size"] = tome_spec(x, k.mean(1), r, size, 1)
         return x + blk.mlp(blk.norm2(x))
 
     with torch.no_grad():
@@ -369,16 +414,21 @@ def test_evit_select_keeps_every_prefix_token():
     assert torch.equal(out[:, :3], x[:, :3]) and out.shape == (2, 3 + 4 + 1, 4)
 
 
+def _prefixed_vit(kind):
+    """The small ViT with 4 register tokens (DINOv2-reg style, 5 prefix tokens) or a DeiT
+    distillation token (2 prefix tokens)."""
+    if kind == "registers":
+        return _vit(reg_tokens=4)
+    torch.manual_seed(0)
+    return timm.models.deit.VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10).eval()
+
+
 @pytest.mark.parametrize("kind", ["registers", "distilled"])
 def test_patch_drop_keeps_every_prefix_token(kind):
     """ViTs with register tokens (DINOv2-reg style) or a distillation token (DeiT distilled):
     every prefix token is kept, the importance is the class token's attention."""
-    if kind == "registers":
-        model = _vit(reg_tokens=4)
-    else:
-        torch.manual_seed(0)
-        model = timm.models.deit.VisionTransformerDistilled(
-            img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10).eval()
+    model = _prefixed_vit(kind)
     n_prefix = model.num_prefix_tokens
     assert n_prefix == (5 if kind == "registers" else 2)
     same = copy.deepcopy(model)
@@ -396,6 +446,33 @@ def test_patch_drop_keeps_every_prefix_token(kind):
         hook.remove()
     assert seen[0][1] == n_prefix + 8 + 1  # prefix, ceil(0.5 * 16) image tokens, fused
     torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["registers", "distilled"])
+def test_patch_merge_keeps_every_prefix_token(kind):
+    """ToMe on ViTs with register tokens or a distillation token: the prefix tokens are never
+    merged and stay first (the distilled head reads tokens 0 and 1), the others are matched as
+    ToMe does; equal to ToMe written out with explicit attention probabilities."""
+    model = _prefixed_vit(kind)
+    n_prefix, r, state = model.num_prefix_tokens, 3, {}
+
+    def block_fn(i, blk, x):
+        size = state.get("size") if i else None
+        a, _, k = _attn_probs(blk.attn, blk.norm1(x), None if size is None else size.log()[..., 0])
+        x = x + a
+        x, state["size"] = tome_spec(x, k.mean(1), r, torch.ones_like(x[..., :1])
+                                     if size is None else size, n_prefix)
+        return x + blk.mlp(blk.norm2(x))
+
+    with torch.no_grad():
+        ref = _manual_forward(model, _images(), block_fn)
+        outs = {}
+        for backend in ("reference", "triton"):
+            m = copy.deepcopy(model)
+            patch_model(m, token_merge=r, backend=backend)
+            outs[backend] = m(_images())
+    torch.testing.assert_close(outs["reference"], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["triton"], ref, rtol=1e-4, atol=1e-4)
 
 
 def test_patch_report_says_why_attention_is_left():

@@ -378,6 +378,101 @@ def test_set_input_size_after_patching(version):
 
 
 # --------------------------------------------------------------------------------------------
+# timm's swinv2_cr: cosine attention, a dense meta-MLP position bias, a k bias of its own
+# --------------------------------------------------------------------------------------------
+
+swin2cr = pytest.importorskip("timm.models.swin_transformer_v2_cr")
+
+
+def _block_cr(H, W, ws, s, *, C=32, h=2, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    blk = swin2cr.SwinTransformerV2CrBlock(C, h, (H, W), (ws, ws), shift_size=(s, s),
+                                           init_values=None, **kw).to(dtype)
+    with torch.no_grad():  # make every term matter
+        a = blk.attn
+        a.qkv.bias.normal_()
+        a.logit_scale.copy_(torch.tensor([0.5, 6.0]))  # one head over the clamp
+        a.meta_mlp.fc2.weight.normal_()
+    return blk.eval()
+
+
+@pytest.mark.parametrize("H,W,ws,s", [(8, 8, 4, 2), (8, 12, 4, 2), (8, 8, 8, 0), (9, 11, 4, 2)])
+def test_cr_patched_block_matches_timm(H, W, ws, s):
+    """Divisible maps are fused (full map into the op); a padded one keeps timm's path (its pad
+    keys normalize(b_k) have no exact fold), and the patched block says so."""
+    blk = _block_cr(H, W, ws, s)
+    patched = copy.deepcopy(blk)
+    report = patch_model(patched, backend="reference")
+    assert type(patched).__name__ == "FusedSwinTransformerV2CrBlock" and not report.left
+    assert isinstance(patched.attn, W_nn.WindowAttentionV2Cr)
+    assert patched.attn.fuses((H, W)) == (H % ws == 0 and W % ws == 0)
+    calls = []
+    hook = patched.attn.register_forward_pre_hook(lambda m, a: calls.append(a[0].dim()))
+    x = torch.randn(2, H, W, 32, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref_out = patched(xa), blk(xb)
+    hook.remove()
+    assert calls == [4 if patched.attn.fuses((H, W)) else 3]  # the map, or timm's windows
+    _compare(out, ref_out, _grads(out, patched, xa), _grads(ref_out, blk, xb))
+    if s and H % ws == 0 and W % ws == 0:  # timm's module interface, partitioned windows + mask
+        xw = swin2cr.window_partition(torch.roll(x, (-s, -s), (1, 2)), (ws, ws)).reshape(
+            -1, ws * ws, 32)
+        assert_close(patched.attn(xw, mask=blk.attn_mask), blk.attn(xw, mask=blk.attn_mask))
+
+
+def test_cr_state_dict_and_parameter_order_match_timm():
+    t = swin2cr.WindowMultiHeadAttention(32, 2, (4, 4), meta_hidden_dim=24)
+    v = W_nn.WindowAttentionV2Cr(32, 2, 4, meta_hidden_dim=24)
+    assert [(k, x.shape) for k, x in v.named_parameters()] == [
+        (k, x.shape) for k, x in t.named_parameters()]
+    v.load_state_dict(t.state_dict(), strict=True)
+    assert torch.equal(v.relative_coordinates_log, t.relative_coordinates_log)
+    shared = W_nn.WindowAttentionV2Cr.from_timm(t)
+    assert [id(p) for p in shared.parameters()] == [id(p) for p in t.parameters()]
+    x = torch.randn(3, 16, 32)
+    assert_close(v.eval()(x), t.eval()(x))  # eval: the meta MLP has dropout
+
+
+def test_cr_patched_block_runs_the_triton_kernel():
+    blk = _block_cr(8, 12, 4, 2)  # fp64: the reference
+    patched = copy.deepcopy(blk).float()
+    patch_model(patched, backend="triton")
+    x = torch.randn(2, 8, 12, 32, dtype=torch.float64)
+    xa, xb = x.float().requires_grad_(), x.clone().requires_grad_()
+    out, ref_out = patched(xa), blk(xb)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _compare(out, ref_out, torch.autograd.grad(out, [xa, *patched.parameters()], g.float()),
+             torch.autograd.grad(ref_out, [xb, *blk.parameters()], g))
+
+
+def test_patched_swinv2_cr_model_matches_timm_and_resizes():
+    """A small swinv2_cr model: every block patched, the logits and gradients equal, and
+    set_input_size after patching (the window changes, the meta MLP's coordinates follow)."""
+    torch.manual_seed(0)
+    model = swin2cr.SwinTransformerV2Cr(img_size=32, patch_size=4, window_size=4, embed_dim=16,
+                                        depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()
+    patched = copy.deepcopy(model)
+    report = patch_model(patched)
+    assert len(report.replaced) == 2 * 4 and not report.left, str(report)
+    assert [n for n, _ in patched.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x = torch.randn(2, 3, 32, 32)
+    out, ref_out = patched(x), model(x)
+    assert_close(out.detach(), ref_out.detach(), rtol32=1e-4)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    params = [p for _, p in model.named_parameters()]
+    for (name, _), a, b in zip(model.named_parameters(),
+                               torch.autograd.grad(out, list(patched.parameters()), g),
+                               torch.autograd.grad(ref_out, params, g)):
+        assert_close(a, b, name=name, rtol32=1e-4)
+    for m in (model, patched):
+        m.set_input_size((40, 48), window_size=5)
+    assert patched.stages[0].blocks[0].attn.window_size == (5, 5)
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        assert_close(patched(x), model(x).double(), rtol32=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
 # the benchmark module (CPU smoke run: tiny shape, few repetitions)
 # --------------------------------------------------------------------------------------------
 

@@ -138,15 +138,17 @@ def _identity_merge(x: Tensor, mode: str = "mean") -> Tensor:
     return x
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, *,
-                            class_token: bool = True) -> Callable[..., Tensor]:
+def bipartite_soft_matching(metric: Tensor, r: int, *, class_token: bool = True,
+                            num_prefix: Optional[int] = None) -> Callable[..., Tensor]:
     """ToMe's bipartite soft matching: a function that merges ``r`` tokens away.
 
     Tokens alternate between set A (even positions) and set B (odd positions). Each A token is
     matched to its most similar B token (cosine similarity of ``metric``); the ``r`` A tokens
     with the most similar match are merged into their partners, the other A tokens are kept.
-    The CLS token (position 0, in A) is never merged. At most half of the unprotected tokens
-    can go: r is clamped to (N - class_token) // 2.
+    The ``num_prefix`` prefix tokens (default ``int(class_token)``: ToMe's CLS token; more for
+    register or distillation tokens) are never merged and stay first, in order; the others keep
+    the A / B split of their positions, so one prefix token is exactly ToMe's class-token rule.
+    At most half of the other tokens can go: r is clamped to (N - num_prefix) // 2.
 
     Args:
         metric: (B, N, c) similarity features (ToMe: the keys averaged over heads).
@@ -154,33 +156,39 @@ def bipartite_soft_matching(metric: Tensor, r: int, *,
 
     Returns:
         ``merge(x, mode="mean") -> (B, N - r, C)`` for any (B, N, C) tensor: output order is
-        [kept A tokens (by position with a CLS token, else by decreasing match score), then all
-        B tokens in order], each B token reduced with the A tokens merged into it (``mode`` as in
-        ``Tensor.scatter_reduce``: "sum", "mean", "amax", ...).
+        [prefix tokens, kept A tokens (by position with a prefix, else by decreasing match
+        score), then all B tokens in order], each B token reduced with the A tokens merged into
+        it (``mode`` as in ``Tensor.scatter_reduce``: "sum", "mean", "amax", ...).
     """
     B, N, _ = metric.shape
-    r = min(int(r), (N - int(class_token)) // 2)
+    p = int(class_token) if num_prefix is None else int(num_prefix)
+    if not 0 <= p <= N:
+        raise ValueError(f"num_prefix={p} out of range for N={N}")
+    r = min(int(r), (N - p) // 2)
     if r <= 0:
         return _identity_merge
+    a_first = p % 2  # A = even positions: the first token after the prefix is in A iff p is even
+
+    def split(x: Tensor) -> tuple[Tensor, Tensor]:
+        rest = x[:, p:]
+        return (rest[:, 1::2], rest[:, ::2]) if a_first else (rest[:, ::2], rest[:, 1::2])
+
     with torch.no_grad():
-        unit = metric / metric.norm(dim=-1, keepdim=True)
-        sim = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # (B, |A|, |B|)
-        if class_token:
-            sim[:, 0, :] = float("-inf")
-        best, partner = sim.max(dim=-1)
+        unit_a, unit_b = split(metric / metric.norm(dim=-1, keepdim=True))
+        best, partner = (unit_a @ unit_b.transpose(1, 2)).max(dim=-1)  # over B, for each A
         rank = best.argsort(dim=-1, descending=True, stable=True)[..., None]
         merged, kept = rank[:, :r], rank[:, r:]
         target = partner[..., None].gather(1, merged)
-        if class_token:
+        if p:
             kept = kept.sort(dim=1).values
 
     def merge(x: Tensor, mode: str = "mean") -> Tensor:
-        a, b = x[:, ::2], x[:, 1::2]
+        a, b = split(x)
         c = x.shape[-1]
         keep_a = a.gather(1, kept.expand(-1, -1, c))
         src = a.gather(1, merged.expand(-1, -1, c))
         b = b.scatter_reduce(1, target.expand(-1, -1, c), src, reduce=mode)
-        return torch.cat([keep_a, b], dim=1)
+        return torch.cat([x[:, :p], keep_a, b], dim=1)
 
     return merge
 
@@ -200,10 +208,12 @@ def merge_wavg(merge: Callable[..., Tensor], x: Tensor,
 
 
 def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None, *,
-               class_token: bool = True) -> tuple[Tensor, Tensor]:
+               class_token: bool = True,
+               num_prefix: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """One ToMe step: match on ``metric`` (B, N, c), merge ``r`` tokens of x (B, N, C) with
-    size-weighted averages. Returns (x, size)."""
-    return merge_wavg(bipartite_soft_matching(metric, r, class_token=class_token), x, size)
+    size-weighted averages, the prefix tokens untouched. Returns (x, size)."""
+    merge = bipartite_soft_matching(metric, r, class_token=class_token, num_prefix=num_prefix)
+    return merge_wavg(merge, x, size)
 
 
 # --------------------------------------------------------------------------------------------

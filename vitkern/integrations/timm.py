@@ -114,7 +114,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
       distillation, register tokens) is kept; the importance is the class token's attention.
     * ``token_merge``: ToMe. ``r`` (int, tokens merged away per block), or a dict with ``r``,
       ``layers`` (default every block) and ``prop_attn`` (proportional attention, log(size)
-      key bias, default True).
+      key bias, default True). Prefix tokens are never merged and stay first.
 
     The chosen blocks become :class:`vitkern.nn.token.TokenBlock` (the timm block's own
     submodules and parameters) with :class:`vitkern.nn.token.TokenAttention`; ``report.tokens``
@@ -218,11 +218,9 @@ def _patch_tokens(model: nn.Module, token_drop, token_merge, backend: str,
         if not isinstance(r, int) or isinstance(r, bool) or r < 0:
             raise ValueError(f"patch_model: token_merge r must be an int >= 0, got {r!r}")
         layers = _layers(opts, depth, range(depth))
-        if n_prefix > 1:
-            raise ValueError(f"patch_model: token_merge (ToMe) supports at most one class "
-                             f"token; this model has {n_prefix} prefix tokens")
-        kw = dict(mode="merge", r=r, prop_attn=opts.get("prop_attn", True),
-                  class_token=n_prefix == 1, state={})
+        # every prefix token (class, distillation, registers) is kept out of the matching
+        kw = dict(mode="merge", r=r, prop_attn=opts.get("prop_attn", True), state={},
+                  num_prefix=n_prefix)
         what = f"ToMe merge: r={r}, prop_attn={kw['prop_attn']}"
     first = True
     for i in layers:

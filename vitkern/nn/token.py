@@ -42,15 +42,21 @@ class TokenAttention(nn.Module):
 
     Build it with :meth:`from_timm` (shares the timm module's submodules and parameters).
     ``forward(x)`` (B, N, C) -> (B, N, C) is a drop-in; :meth:`forward_tokens` adds the token
-    options.
+    options. ``token_attention`` has no dropout on the attention probabilities: in training
+    with ``attn_drop.p > 0`` the module computes timm's eager attention instead (N×N
+    probabilities, dropout applied, the importance taken after dropout as EViT's code does);
+    in eval, or with p = 0, it is fused.
     """
 
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int,
                  scale: float, q_norm: nn.Module, k_norm: nn.Module, norm: nn.Module,
-                 gate: Optional[nn.Module], proj_drop: nn.Module, backend: str = "auto"):
+                 gate: Optional[nn.Module], proj_drop: nn.Module, backend: str = "auto",
+                 attn_drop: Optional[nn.Module] = None):
         super().__init__()
         # timm's registration order, so that named_parameters() (an optimizer's state) line up
-        self.qkv, self.q_norm, self.k_norm, self.norm = qkv, q_norm, k_norm, norm
+        self.qkv, self.q_norm, self.k_norm = qkv, q_norm, k_norm
+        self.attn_drop = nn.Dropout(0.0) if attn_drop is None else attn_drop
+        self.norm = norm
         self.gate, self.proj, self.proj_drop = gate, proj, proj_drop
         self.num_heads, self.head_dim = num_heads, head_dim
         self.attn_dim = num_heads * head_dim
@@ -60,10 +66,7 @@ class TokenAttention(nn.Module):
     @classmethod
     def from_timm(cls, module: nn.Module, backend: str = "auto") -> "TokenAttention":
         """From a ``timm.layers.attention.Attention`` (timm's ViT attention), reusing its
-        submodules. Attention dropout is refused (token_attention has none)."""
-        p = getattr(getattr(module, "attn_drop", None), "p", 0.0)
-        if p:
-            raise _unsupported(f"attention dropout p={p} is not supported by token_attention")
+        submodules (its ``attn_drop`` too: see the class docstring)."""
         for name in ("qkv", "proj", "num_heads", "head_dim", "scale"):
             if not hasattr(module, name):
                 raise _unsupported(f"not a timm ViT Attention (no {name!r})")
@@ -71,7 +74,8 @@ class TokenAttention(nn.Module):
                   getattr(module, "q_norm", nn.Identity()),
                   getattr(module, "k_norm", nn.Identity()),
                   getattr(module, "norm", nn.Identity()), getattr(module, "gate", None),
-                  getattr(module, "proj_drop", nn.Identity()), backend=backend)
+                  getattr(module, "proj_drop", nn.Identity()), backend=backend,
+                  attn_drop=getattr(module, "attn_drop", None))
         return new.train(module.training)
 
     def extra_repr(self) -> str:
@@ -96,32 +100,55 @@ class TokenAttention(nn.Module):
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, read in place
         q, k = self.q_norm(q), self.k_norm(k)
-        res = token_attention(q, k, v, key_bias=key_bias, return_importance=importance,
-                              scale=self.scale, backend=self.backend)
-        o, imp = res if importance is not None else (res, None)
+        if self.training and self.attn_drop.p > 0:
+            o, imp = self._eager(q, k, v, key_bias, importance)
+        else:
+            res = token_attention(q, k, v, key_bias=key_bias, return_importance=importance,
+                                  scale=self.scale, backend=self.backend)
+            o, imp = res if importance is not None else (res, None)
         out = self.norm(o.transpose(1, 2).reshape(B, N, self.attn_dim))
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()
         out = self.proj_drop(self.proj(out))
         return out, imp, (k.mean(1) if metric else None)
 
+    def _eager(self, q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor],
+               importance: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
+        """timm's eager attention with dropout on the (B, h, N, N) probabilities; the importance
+        as ``token_attention`` defines it, from the dropped probabilities (EViT's code)."""
+        logits = (q * self.scale) @ k.transpose(-1, -2)
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, :]
+        p = self.attn_drop(logits.softmax(-1))
+        imp = None
+        if importance == "cls":
+            imp = p[:, :, 0, :].mean(1)
+        elif importance == "colsum":
+            imp = p.detach().sum(-2).mean(1)
+        elif importance is not None:
+            raise ValueError(f"importance must be None, 'cls' or 'colsum', got {importance!r}")
+        return p @ v, imp
+
 
 class TokenBlock(nn.Module):
     """timm ViT ``Block`` that drops (EViT) or merges (ToMe) tokens after its attention.
 
+    The ``num_prefix`` prefix tokens (class, distillation, register tokens; 0 for none) are
+    always kept, first and in order.
     mode "drop": the attention also returns the CLS importance; after the attention residual
-    the ``num_prefix`` prefix tokens (CLS first) and ``keep`` of the image tokens are kept
+    the prefix tokens and ``keep`` of the image tokens are kept
     (:func:`vitkern.tokens.evit_select`, ``fuse`` adds EViT's fused token), then the MLP runs on
     the kept tokens.
     mode "merge": ToMe; ``r`` tokens merged away by bipartite soft matching on the head-averaged
-    keys, sizes tracked across blocks in ``state`` (shared by the model's merge blocks; the
-    first one resets it), and with ``prop_attn`` the attention adds log(size) per key.
+    keys (:func:`vitkern.tokens.bipartite_soft_matching`), sizes tracked across blocks in
+    ``state`` (shared by the model's merge blocks; the first one resets it), and with
+    ``prop_attn`` the attention adds log(size) per key.
     """
 
     def __init__(self, block: nn.Module, attn: TokenAttention, *, mode: str,
                  keep: Union[int, float] = 1.0, fuse: bool = True, order: str = "score",
-                 r: int = 0, prop_attn: bool = True, class_token: bool = True,
-                 state: Optional[dict] = None, first: bool = False, num_prefix: int = 1):
+                 r: int = 0, prop_attn: bool = True, state: Optional[dict] = None,
+                 first: bool = False, num_prefix: int = 1):
         super().__init__()
         if mode not in ("drop", "merge"):
             raise ValueError(f"TokenBlock: mode must be 'drop' or 'merge', got {mode!r}")
@@ -133,7 +160,7 @@ class TokenBlock(nn.Module):
             setattr(self, name, attn if name == "attn" else getattr(block, name))
         self.mode, self.keep, self.fuse, self.order = mode, keep, fuse, order
         self.num_prefix = num_prefix
-        self.r, self.prop_attn, self.class_token = r, prop_attn, class_token
+        self.r, self.prop_attn = r, prop_attn
         self.state = {} if state is None else state
         self.first = first
 
@@ -158,7 +185,7 @@ class TokenBlock(nn.Module):
             bias = size.log()[..., 0] if (self.prop_attn and size is not None) else None
             a, _, metric = self.attn.forward_tokens(self.norm1(x), key_bias=bias, metric=True)
             x = x + self.drop_path1(self.ls1(a))
-            merge = tokens.bipartite_soft_matching(metric, self.r, class_token=self.class_token)
+            merge = tokens.bipartite_soft_matching(metric, self.r, num_prefix=self.num_prefix)
             if merge is not tokens._identity_merge:
                 x, size = tokens.merge_wavg(merge, x, size)
                 self.state["size"] = size

@@ -5,6 +5,8 @@
   ``relative_position_index`` buffer is recomputed). Called on the whole (B, H, W, C) map with the
   block's shift, it does roll / pad / partition / mask inside the op (no copies); called like
   timm's module on partitioned (B·nW, N, C) windows it gives timm's result too.
+* :class:`WindowAttentionV2` / :class:`WindowAttentionV2Cr` — timm's Swin V2 and ``swinv2_cr``
+  window attention (cosine attention, continuous position bias), the same way.
 * Patching: timm's ``SwinTransformerBlock._attn`` rolls, pads and partitions around ``self.attn``.
   :func:`vitkern.integrations.timm.patch_model` replaces each ``WindowAttention`` by the module
   above and, through the ``SwinTransformerBlock`` entry of :data:`TIMM_REPLACEMENTS`, switches each
@@ -31,8 +33,8 @@ from torch import Tensor, nn
 from vitkern.ops.window import window_attention
 from vitkern.reference import window as ref
 
-__all__ = ["WindowAttention", "WindowAttentionV2", "SparseSwinBlock", "window_scores",
-           "keep_windows", "TIMM_REPLACEMENTS"]
+__all__ = ["WindowAttention", "WindowAttentionV2", "WindowAttentionV2Cr", "SparseSwinBlock",
+           "window_scores", "keep_windows", "TIMM_REPLACEMENTS"]
 
 
 def _pair(x) -> tuple[int, int]:
@@ -157,6 +159,10 @@ class WindowAttention(nn.Module):
         B, H, W, C = x.shape
         o = self._attend(x.reshape(B, H * W, C), (H, W), _pair(shift_size), active_windows)
         return o.reshape(B, H, W, C)
+
+    def fuses(self, hw) -> bool:
+        """Every map takes the fused path (padding folds exactly, see :meth:`_folded_biases`)."""
+        return True
 
     def _folded_biases(self, padded: bool):
         """(qkv bias, proj bias) to use with the op: timm's, or for a padded map the fold."""
@@ -333,6 +339,22 @@ class WindowAttentionV2(nn.Module):
         return 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(
             -1, self.num_heads))
 
+    fuses = WindowAttention.fuses
+
+    def _gain(self) -> Tensor:
+        """(heads, 1, 1) cosine-logit gain exp(min(logit_scale, ln 100))."""
+        return torch.clamp(self.logit_scale, max=math.log(100.0)).exp().reshape(-1, 1, 1)
+
+    def _op_bias(self) -> Tensor:
+        """The bias as the op takes it: the table (indexed the Swin way inside the op)."""
+        return self.bias_table()
+
+    def _window_bias(self) -> Tensor:
+        """The (heads, N, N) bias of one window (the eager path)."""
+        n = self.window_area
+        idx = self.relative_position_index.reshape(-1)
+        return self.bias_table()[idx].reshape(n, n, -1).permute(2, 0, 1)
+
     def _qkv_bias(self, padded: bool):
         """(qkv bias, proj bias): for a padded map b_v is folded into proj (see WindowAttention;
         k_bias is a zero buffer in Swin V2, so pad keys are 0 in timm too)."""
@@ -372,10 +394,7 @@ class WindowAttentionV2(nn.Module):
         q, k, v = _split_heads(F.linear(x, self.qkv.weight, bias), self.num_heads,
                                self.head_dim)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        idx = self.relative_position_index.reshape(-1)
-        attn = _add_shift_mask(attn + self.bias_table()[idx].reshape(N, N, -1).permute(2, 0, 1),
-                               mask)
+        attn = _add_shift_mask(attn * self._gain() + self._window_bias(), mask)
         o = self.attn_drop(attn.softmax(-1)) @ v
         return self.proj_drop(F.linear(o.transpose(1, 2).reshape(B_, N, C), self.proj.weight,
                                        proj_bias))
@@ -385,14 +404,126 @@ class WindowAttentionV2(nn.Module):
         bias, proj_bias = self._qkv_bias(padded)
         q, k, v = _split_heads(F.linear(x, self.qkv.weight, bias), self.num_heads,
                                self.head_dim)
-        gain = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (heads, 1, 1)
-        q = F.normalize(q, dim=-1) * gain.to(q.dtype)
+        q = F.normalize(q, dim=-1) * self._gain().to(q.dtype)
         k = F.normalize(k, dim=-1)
         o = window_attention(q, k, v, hw=hw, window_size=self.window_size, shift=shift,
-                             rel_pos_bias=self.bias_table(), active_windows=active_windows,
+                             rel_pos_bias=self._op_bias(), active_windows=active_windows,
                              scale=1.0, clamp=None, backend=self.backend)
         o = F.linear(o.transpose(1, 2).reshape(B, N, C), self.proj.weight, proj_bias)
         return self.proj_drop(o)
+
+
+class WindowAttentionV2Cr(WindowAttentionV2):
+    """timm's ``swin_transformer_v2_cr.WindowMultiHeadAttention`` (the ``swinv2_cr_*`` models):
+    Swin V2's cosine attention with ``logit_scale`` (heads,), a ``qkv`` with its own bias, and a
+    dense (heads, N, N) position bias from the ``meta_mlp`` over log-spaced relative
+    coordinates (the non-persistent ``relative_coordinates_log`` buffer). Built with
+    :meth:`from_timm` (shares every parameter and buffer); ``forward`` as
+    :class:`WindowAttentionV2`.
+
+    A map not divisible by the window is not fused: timm pads x with zeros before ``qkv``, so
+    its pad keys are ``normalize(b_k)``, which cosine attention does not let fold away (V1 and
+    V2 fold it: a dot-product shift, or a zero k bias). The patched block then runs timm's own
+    path (:meth:`fuses`).
+
+    ``WindowAttentionV2Cr(dim, num_heads, window_size, drop_attn=0., drop_proj=0.,
+    meta_hidden_dim=384, sequential_attn=False, backend="auto")``: timm's constructor and
+    ``state_dict`` (``logit_scale`` starts at ln 10 as in timm).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size, drop_attn: float = 0.0,
+                 drop_proj: float = 0.0, meta_hidden_dim: int = 384,
+                 sequential_attn: bool = False, *, backend: str = "auto"):
+        nn.Module.__init__(self)
+        self.dim, self.num_heads = dim, num_heads
+        self.window_size = _pair(window_size)
+        self.sequential_attn = sequential_attn  # stored, unused, as in timm
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.attn_drop = nn.Dropout(drop_attn)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop_proj)
+        self.meta_mlp = _MetaMlp(meta_hidden_dim, num_heads)
+        self.logit_scale = nn.Parameter(torch.full((num_heads,), math.log(10.0)))
+        self.register_buffer("relative_coordinates_log", _cr_coords_log(self.window_size),
+                             persistent=False)
+
+    @classmethod
+    def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttentionV2Cr":
+        """A vitkern module sharing ``module``'s submodules, parameters and buffers."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim = module.in_features
+        new.window_size = _pair(module.window_size)
+        new.num_heads = module.num_heads
+        new.sequential_attn = module.sequential_attn
+        new.backend = backend
+        # timm's registration order: qkv, attn_drop, proj, proj_drop, meta_mlp, logit_scale
+        new.qkv, new.attn_drop = module.qkv, module.attn_drop
+        new.proj, new.proj_drop = module.proj, module.proj_drop
+        new.meta_mlp, new.logit_scale = module.meta_mlp, module.logit_scale
+        new.register_buffer("relative_coordinates_log", module.relative_coordinates_log,
+                            persistent=False)
+        return new.train(module.training)
+
+    @property
+    def in_features(self) -> int:  # timm's name for dim
+        return self.dim
+
+    def set_window_size(self, window_size) -> None:
+        """timm's ``set_window_size``: a new window, its coordinates rebuilt (the meta MLP maps
+        any window)."""
+        window_size = _pair(window_size)
+        if window_size == self.window_size:
+            return
+        old = self.relative_coordinates_log
+        self.window_size = window_size
+        self.register_buffer("relative_coordinates_log", _cr_coords_log(window_size).to(
+            old.device, old.dtype), persistent=False)
+
+    def fuses(self, hw) -> bool:
+        """Whether a map of size ``hw`` takes the fused path (see the class docstring)."""
+        return hw[0] % self.window_size[0] == 0 and hw[1] % self.window_size[1] == 0
+
+    def _op_bias(self) -> Tensor:
+        return self._window_bias()
+
+    def _window_bias(self) -> Tensor:
+        """The meta MLP's (heads, N, N) bias, as timm computes it (once per call)."""
+        n = self.window_area
+        return self.meta_mlp(self.relative_coordinates_log).transpose(0, 1).reshape(
+            self.num_heads, n, n)
+
+    def _qkv_bias(self, padded: bool):
+        if padded:
+            raise ValueError("WindowAttentionV2Cr: a map not divisible by the window is not "
+                             "fused (timm's pad keys normalize(b_k) have no exact fold); the "
+                             "patched timm block runs its own path there")
+        return self.qkv.bias, self.proj.bias
+
+
+class _MetaMlp(nn.Module):
+    """swinv2_cr's meta network: 2 -> hidden (ReLU, dropout 0.125) -> heads; timm's ``Mlp``
+    submodule names, so checkpoints load."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(2, hidden), nn.ReLU(), nn.Dropout(0.125)
+        self.fc2 = nn.Linear(hidden, heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop1(self.act(self.fc1(x))))
+
+
+def _cr_coords_log(window_size) -> Tensor:
+    """swinv2_cr's (N·N, 2) signed log(1 + |Δ|) relative coordinates of every pair of a window's
+    tokens (row-major pairs, as its meta MLP expects)."""
+    wh, ww = window_size
+    hh, cc = torch.meshgrid(torch.arange(wh, dtype=torch.float32),
+                            torch.arange(ww, dtype=torch.float32), indexing="ij")
+    coords = torch.stack([hh.reshape(-1), cc.reshape(-1)])
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).reshape(-1, 2)
+    return torch.sign(rel) * torch.log1p(rel.abs())
 
 
 def _v2_coords_table(window_size, pretrained_window_size) -> Tensor:
@@ -411,12 +542,16 @@ def _v2_coords_table(window_size, pretrained_window_size) -> Tensor:
 
 
 _FUSED_CLASSES: dict = {}
-#: fused block class name -> (timm module, timm block class, vitkern attention class)
+#: fused block class name -> (timm module, timm block class, vitkern attention class, the
+#: block's method that rolls, pads and partitions around its attention)
 _FUSED_SPECS = {
     "FusedSwinTransformerBlock": ("timm.models.swin_transformer", "SwinTransformerBlock",
-                                  WindowAttention),
+                                  WindowAttention, "_attn"),
     "FusedSwinTransformerV2Block": ("timm.models.swin_transformer_v2", "SwinTransformerV2Block",
-                                    WindowAttentionV2),
+                                    WindowAttentionV2, "_attn"),
+    "FusedSwinTransformerV2CrBlock": ("timm.models.swin_transformer_v2_cr",
+                                      "SwinTransformerV2CrBlock", WindowAttentionV2Cr,
+                                      "_shifted_window_attn"),
 }
 
 
@@ -427,22 +562,24 @@ def _fused_block_class(name: str):
     if cls is None:
         import importlib
 
-        mod_name, base_name, attn_cls = _FUSED_SPECS[name]
+        mod_name, base_name, attn_cls, method = _FUSED_SPECS[name]
         base = getattr(importlib.import_module(mod_name), base_name)
+        timm_path = getattr(base, method)
 
         def _attn(self, x: Tensor) -> Tensor:
             """The block's attention on the full (B, H, W, C) map with the block's (timm-clamped)
             window and shift: no roll / pad / partition copies, the op does them by index math
             (timm's own path when ``attn`` is not a vitkern module)."""
-            if not isinstance(self.attn, attn_cls) or _dropout_active(self.attn):
-                return base._attn(self, x)  # training with attention dropout: unfused
+            if (not isinstance(self.attn, attn_cls) or _dropout_active(self.attn)
+                    or not self.attn.fuses(x.shape[1:3])):
+                return timm_path(self, x)  # attention dropout in training, or not fusable
             return self.attn(x, shift_size=self.shift_size)
 
         cls = type(name, (base,), {
             "__module__": __name__, "__qualname__": name,
             "__doc__": f"timm's {base_name} whose window attention takes the full map "
                        "(vitkern); same parameters and state_dict.",
-            "_attn": _attn})
+            method: _attn})
         _FUSED_CLASSES[name] = cls
     return cls
 
@@ -470,6 +607,12 @@ class SwinV2BlockPatch(SwinBlockPatch):
     """:class:`SwinBlockPatch` for timm's ``SwinTransformerV2Block``."""
 
     fused = "FusedSwinTransformerV2Block"
+
+
+class SwinV2CrBlockPatch(SwinBlockPatch):
+    """:class:`SwinBlockPatch` for timm's ``SwinTransformerV2CrBlock`` (``swinv2_cr_*``)."""
+
+    fused = "FusedSwinTransformerV2CrBlock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,4 +718,6 @@ TIMM_REPLACEMENTS = {
     "timm.models.swin_transformer.SwinTransformerBlock": SwinBlockPatch,
     "timm.models.swin_transformer_v2.WindowAttention": WindowAttentionV2,
     "timm.models.swin_transformer_v2.SwinTransformerV2Block": SwinV2BlockPatch,
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": WindowAttentionV2Cr,
+    "timm.models.swin_transformer_v2_cr.SwinTransformerV2CrBlock": SwinV2CrBlockPatch,
 }
