@@ -7,6 +7,12 @@ copy), so an optimizer built before patching keeps training the same tensors and
 ``state_dict`` keys are unchanged. Modules vitkern cannot serve are left in place and the report
 says why.
 
+The papers' own models are patched too: LITv2's ``HiLo`` (classification, detection and
+segmentation copies), PPMA's ``MambaAttentionAllDouble`` / ``MambaAttentionChunkDouble`` and
+EViT's ``Block`` / ``Attention``, recognised by class name plus layout wherever their module
+lives (:mod:`vitkern.integrations.papers`); a module named like theirs whose layout differs is
+listed in ``report.left`` with the reason.
+
 Token reduction (timm ``VisionTransformer`` only): ``patch_model(model, token_drop=0.7)`` applies
 EViT-style dropping (keep rate, at blocks depth//4, depth//2, 3·depth//4 unless ``layers`` says
 otherwise) and ``patch_model(model, token_merge=8)`` ToMe-style merging (r tokens per block);
@@ -18,7 +24,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -124,10 +130,18 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
     if token_drop is not None or token_merge is not None:
         _patch_tokens(model, token_drop, token_merge, backend, report)
     table = _replacements()
+    whole: list[str] = []  # modules replaced with their submodules (EViT blocks)
     for name, module in list(model.named_modules()):
         path = _class_path(module)
         cls = table.get(path)
         if cls is None:
+            if any(name.startswith(f"{done}.") for done in whole):
+                continue  # a submodule of one replaced above, already reported there
+            paper = _patch_paper(model, name, module, path, backend, report)
+            if paper is not None:  # one of the papers' modules: replaced, or left with a reason
+                if paper:
+                    whole.append(name)
+                continue
             if _looks_like_attention(module) and not path.startswith("vitkern."):
                 report.left.append((name, path, _LEFT_BY_DESIGN.get(
                     path, "no vitkern module for this class")))
@@ -144,6 +158,32 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
         _set_submodule(model, name, new)
         report.replaced.append((name, path, _class_path(new)))
     return report
+
+
+def _patch_paper(model: nn.Module, name: str, module: nn.Module, path: str, backend: str,
+                 report: PatchReport) -> Optional[bool]:
+    """Replace a module of the papers' own models (LITv2, PPMA, EViT), recognised by class name
+    and layout (:mod:`vitkern.integrations.papers`). None: not one of theirs; True: replaced;
+    False: theirs by name, refused in ``report.left``."""
+    from vitkern.integrations import papers  # imports this module: load it on first use
+
+    try:
+        hit = papers.replace(module, backend=backend)
+    except UnsupportedModule as exc:
+        report.left.append((name or "<model>", path, str(exc)))
+        return False
+    if hit is None:
+        return None
+    if not name:
+        report.left.append(("<model>", path, f"the model is this {hit.paper} module itself, "
+                                             f"which cannot be replaced in place"))
+        return False
+    _set_submodule(model, name, hit.new)
+    report.replaced.append((name, path, _class_path(hit.new)))
+    report.replaced += [(f"{name}.{child}", old, new) for child, old, new in hit.children]
+    if hit.tokens:
+        report.tokens.append((name, hit.tokens))
+    return True
 
 
 # --------------------------------------------------------------------------------------------

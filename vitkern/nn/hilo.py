@@ -1,6 +1,7 @@
 """Drop-in HiLo module: LITv2's ``HiLo`` parameters and semantics on vitkern's fused ops."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -10,6 +11,14 @@ from torch import Tensor, nn
 from vitkern import ops
 
 __all__ = ["HiLo"]
+
+
+def _square_side(n: int) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"HiLo: without H and W the map must be square, but N={n} tokens is not "
+                         f"a perfect square; pass H and W")
+    return side
 
 
 class HiLo(nn.Module):
@@ -25,6 +34,8 @@ class HiLo(nn.Module):
     unmasked, crop). ``backend`` is passed to the ops.
 
     ``forward(x, H, W)``: x (B, N, C) with N = H·W in raster order -> (B, N, C).
+    ``forward(x)`` without H and W takes a square map H = W = sqrt(N), as LITv2's classification
+    HiLo does (a ValueError when N is not a perfect square).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
@@ -63,9 +74,13 @@ class HiLo(nn.Module):
         return (f"dim={self.dim}, hi_heads={self.h_heads}, lo_heads={self.l_heads}, "
                 f"window_size={self.ws}, pad={self.pad}")
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+    def forward(self, x: Tensor, H: Optional[int] = None, W: Optional[int] = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"HiLo: x must be (B, N, {self.dim}), got {tuple(x.shape)}")
+        if H is None and W is None:  # LITv2 classification: forward(x) on a square map
+            H = W = _square_side(x.shape[1])
+        elif H is None or W is None:
+            raise ValueError("HiLo: pass both H and W, or neither for a square map")
         if x.shape[1] != H * W:
             raise ValueError(f"HiLo: x has N={x.shape[1]} tokens but H*W={H * W}")
         parts = []
@@ -113,8 +128,13 @@ class HiLo(nn.Module):
                                pad=self.pad, kv_pooled=self.ws > 1, backend=self.backend)
         return self.l_proj(o.transpose(1, 2).reshape(B, N, self.l_dim))
 
-    def flops(self, H: int, W: int) -> int:
-        """Multiply-accumulates of projections and attention matmuls, as LITv2's helper counts."""
+    def flops(self, H: int, W: Optional[int] = None) -> int:
+        """Multiply-accumulates of projections and attention matmuls, as LITv2's helper counts.
+
+        ``flops(H, W)`` for an H×W map; ``flops(N)`` (one argument) for a square map of N
+        tokens, the signature of LITv2's own ``HiLo.flops(N)`` (its blocks call it that way)."""
+        if W is None:
+            H = W = _square_side(H)
         s = self.ws
         Hp, Wp = -(-H // s) * s, -(-W // s) * s
         Np = Hp * Wp
