@@ -56,6 +56,15 @@ def bh_offset(pid_bh, n_heads, sb, sh):
 
 
 @triton.jit
+def window_span(start, n_virt, NS: tl.constexpr, BLOCK: tl.constexpr):
+    """Virtual range [lo, hi) of the windows (NS slots each) that rows [start, start + BLOCK)
+    belong to: the only keys a block-diagonal (windowed) tile meets."""
+    lo = (start // NS) * NS
+    hi = tl.minimum(((start + BLOCK - 1) // NS + 1) * NS, n_virt)
+    return lo, hi
+
+
+@triton.jit
 def tile_ptrs(base, tok, offs_d, stride_n, stride_d):
     """[len(tok), len(offs_d)] pointers of a (token, channel) tile; int64 token offsets."""
     return base + tok.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
@@ -176,6 +185,12 @@ def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def row_grid(bh: int, n: int, block: str):
+    """Launch grid of one program per (batch·head, ``block``-row tile of n rows), the tile
+    size read from the chosen config (``meta[block]``)."""
+    return lambda meta: (bh * cdiv(n, meta[block]),)
 
 
 def qk_scale_log2(scale: float) -> float:

@@ -37,11 +37,13 @@ from .attention_core import (
     mma,
     program_coords,
     qk_scale_log2,
+    row_grid,
     softmax_bwd_tile,
     softmax_finish,
     softmax_step,
     strides4,
     tile_ptrs,
+    window_span,
 )
 from .tuning import Launcher, capability_reason, table_candidates
 
@@ -60,14 +62,6 @@ def _window_tokens(idx, n_virt, n_win_w, H, W, S: tl.constexpr):
     in_range = idx < n_virt
     real = in_range & (r < H) & (c < W)
     return r * W + c, real, win, in_range
-
-
-@triton.jit
-def _window_span(start, n_virt, S: tl.constexpr, BLOCK: tl.constexpr):
-    """Virtual range [lo, hi) of the windows that rows [start, start + BLOCK) belong to."""
-    lo = (start // (S * S)) * (S * S)
-    hi = tl.minimum(((start + BLOCK - 1) // (S * S) + 1) * (S * S), n_virt)
-    return lo, hi
 
 
 @triton.jit
@@ -123,7 +117,7 @@ def _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn, skd, svn, svd
 def _span(start, n, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
     """Range of the other side that tile [start, start + BLOCK) meets: its windows, or all n."""
     if WINDOW > 0:
-        lo, hi = _window_span(start, n, WINDOW, BLOCK)
+        lo, hi = window_span(start, n, WINDOW * WINDOW, BLOCK)
     else:
         lo, hi = 0, n
     return lo, hi
@@ -469,9 +463,6 @@ def _geometry(H: int, W: int, s: int, window: bool, kv_pooled: bool) -> dict:
     return dict(n_rows=H * W, n_keys=cdiv(H, s) * gw, MH=H, MW=W, GW=gw, WINDOW=0, POOL=s)
 
 
-def _grid(bh: int, n: int, block: str):
-    return lambda meta: (bh * cdiv(n, meta[block]),)
-
 
 def _split(geo: dict):
     sizes = (geo["n_rows"], geo["n_keys"], geo["MH"], geo["MW"], geo["GW"])
@@ -485,7 +476,7 @@ def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
     b, h, n, d = q.shape
     geo = _geometry(H, W, s, window, kv_pooled)
     sizes, mode = _split(geo)
-    hilo_fwd(_grid(b * h, geo["n_rows"], "BLOCK_M"),
+    hilo_fwd(row_grid(b * h, geo["n_rows"], "BLOCK_M"),
              q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
              h, *lse.stride()[:2], n, *sizes, d, qk_scale_log2(scale),
              **mode, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
@@ -502,9 +493,9 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
     common = (h, *lse.stride()[:2], n, *sizes, d, float(scale), qk_scale_log2(scale))
     meta = dict(**mode, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    hilo_bwd_dkdv(_grid(b * h, geo["n_keys"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
+    hilo_bwd_dkdv(row_grid(b * h, geo["n_keys"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
                   *qkv, *strides4(dk), *strides4(dv), *common, **meta)
-    hilo_bwd_dq(_grid(b * h, geo["n_rows"], "BLOCK_M"), q, k, v, do, lse, delta, dq,
+    hilo_bwd_dq(row_grid(b * h, geo["n_rows"], "BLOCK_M"), q, k, v, do, lse, delta, dq,
                 *qkv, *strides4(dq), *common, **meta)
 
 

@@ -56,6 +56,7 @@ from .attention_core import (
     launch_delta,
     program_coords,
     qk_scale_log2,
+    row_grid,
     softmax_finish,
     softmax_p_ds,
     softmax_rescale,
@@ -578,7 +579,7 @@ def ppma_decays_bwd_kernel(
 DECAY_BLOCK_T = 64
 
 
-def _decay_grid(B: int, N: int, heads: int):
+def _decayrow_grid(B: int, N: int, heads: int):
     n_blocks = cdiv(N, DECAY_BLOCK_T)
     return (B * n_blocks, heads), n_blocks
 
@@ -588,7 +589,7 @@ def decays_forward(x, dt_weight, dt_bias, A_log, a, g):
     B, N, C = x.shape
     heads = a.shape[1]
     d = C // heads
-    grid, n_blocks = _decay_grid(B, N, heads)
+    grid, n_blocks = _decayrow_grid(B, N, heads)
     ppma_decays_fwd_kernel[grid](x, dt_weight.contiguous(), dt_bias, A_log, a, g, *x.stride(),
                                  heads, N, d, n_blocks, BLOCK_T=DECAY_BLOCK_T,
                                  BLOCK_D=triton.next_power_of_2(d))
@@ -600,7 +601,7 @@ def decays_backward(x, dt_weight, dt_bias, A_log, da, dg, dx):
     B, N, C = x.shape
     heads = da.shape[1]
     d = C // heads
-    grid, n_blocks = _decay_grid(B, N, heads)
+    grid, n_blocks = _decayrow_grid(B, N, heads)
     n_prog = grid[0]
     pw = x.new_empty((heads, n_prog, 2, d), dtype=torch.float32)
     pb = x.new_empty((heads, n_prog), dtype=torch.float32)
@@ -829,16 +830,13 @@ def _geometry(H: int, W: int) -> tuple[int, int]:
     return wp, H * wp
 
 
-def _grid(bh: int, n: int, block: str):
-    return lambda meta: (bh * cdiv(n, meta[block]),)
-
 
 def forward(q, k, v, pq, o, o1, lse, H: int, W: int, scale: float):
     """q, k, v (B, h, N, d) -> o (B, h, N, d), o1 (direction-1 output, fp32) and lse (B, h, 2, N)
     (base-2 log-sum-exp per direction); pq from :func:`prefix_table`."""
     b, h, n, d = q.shape
     wp, n_virt = _geometry(H, W)
-    ppma_fwd(_grid(b * h, n_virt, "BLOCK_M"), q, k, v, o, o1, lse, pq,
+    ppma_fwd(row_grid(b * h, n_virt, "BLOCK_M"), q, k, v, o, o1, lse, pq,
              *strides4(q), *strides4(k), *strides4(v), *strides4(o), *strides4(o1),
              h, n, H, W, n_virt, d, qk_scale_log2(scale),
              WP=wp, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
@@ -858,9 +856,9 @@ def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: flo
     common = (h, n, H, W, n_virt, d, float(scale), qk_scale_log2(scale))
     meta = dict(WP=wp, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    ppma_bwd_dq(_grid(b * h, n_virt, "BLOCK_M"), q, k, v, do, lse, delta, pq, dq,
+    ppma_bwd_dq(row_grid(b * h, n_virt, "BLOCK_M"), q, k, v, do, lse, delta, pq, dq,
                 gpq, gqq, *qkv, *strides4(dq), *common, **meta)
-    ppma_bwd_dkdv(_grid(b * h, n_virt, "BLOCK_N"), q, k, v, do, lse, delta, pq, dk,
+    ppma_bwd_dkdv(row_grid(b * h, n_virt, "BLOCK_N"), q, k, v, do, lse, delta, pq, dk,
                   dv, gpk, gqk, *qkv, *strides4(dk), *strides4(dv), *common, **meta)
     return gpq + gpk, gqq + gqk
 

@@ -35,11 +35,11 @@ import triton.language as tl
 
 from .attention_core import (
     block_d,
-    cdiv,
     launch_delta,
     mma,
     program_coords,
     qk_scale_log2,
+    row_grid,
     softmax_bwd_scores,
     softmax_finish,
     softmax_step,
@@ -455,9 +455,6 @@ token_colsum = Launcher(token_colsum_kernel, table_candidates(TILES["colsum"]), 
 # --------------------------------------------------------------------------------------------
 
 
-def _grid(bh: int, n: int, block: str):
-    return lambda meta: (bh * cdiv(n, meta[block]),)
-
 
 def _idx_args(keep_idx, q):
     """(pointer, strides) of keep_idx (int64), or a dummy when absent (HAS_IDX = False)."""
@@ -485,7 +482,7 @@ def forward(q, k, v, keep_idx, key_bias, cu, o, lse, scale: float, n_rows: int):
     b, h, _, d = q.shape
     idx, idx_s = _idx_args(keep_idx, q)
     bias, bias_s = _bias_args(key_bias, q)
-    token_fwd(_grid(b * h, n_rows, "BLOCK_M"),
+    token_fwd(row_grid(b * h, n_rows, "BLOCK_M"),
               q, k, v, o, lse, idx, bias, q if cu is None else cu, *strides4(q), *strides4(k),
               *strides4(v), *strides4(o), *idx_s, *bias_s, h, *lse.stride()[:2], n_rows, d,
               qk_scale_log2(scale), IEEE=q.dtype == torch.float32,
@@ -497,7 +494,7 @@ def cls_probs(q, k, keep_idx, key_bias, cu, lse, p0, scale: float, n_rows: int):
     b, h, _, d = q.shape
     idx, idx_s = _idx_args(keep_idx, q)
     bias, bias_s = _bias_args(key_bias, q)
-    token_cls_probs(_grid(b * h, n_rows, "BLOCK_N"),
+    token_cls_probs(row_grid(b * h, n_rows, "BLOCK_N"),
                     q, k, lse, idx, bias, q if cu is None else cu, p0, *strides4(q),
                     *strides4(k), *idx_s, *bias_s, h, *lse.stride()[:2], *p0.stride()[:2],
                     n_rows, d, qk_scale_log2(scale), **_flags(q, keep_idx, key_bias, cu))
@@ -508,7 +505,7 @@ def colsum(q, k, keep_idx, key_bias, cu, lse, c, scale: float, n_rows: int):
     b, h, _, d = q.shape
     idx, idx_s = _idx_args(keep_idx, q)
     bias, bias_s = _bias_args(key_bias, q)
-    token_colsum(_grid(b * h, n_rows, "BLOCK_N"),
+    token_colsum(row_grid(b * h, n_rows, "BLOCK_N"),
                  q, k, lse, idx, bias, q if cu is None else cu, c, *strides4(q), *strides4(k),
                  *idx_s, *bias_s, h, *lse.stride()[:2], *c.stride()[:2], n_rows, d,
                  qk_scale_log2(scale), IEEE=q.dtype == torch.float32,
@@ -550,10 +547,10 @@ def backward(do, q, k, v, o, lse, keep_idx, key_bias, cu, p0, g0, dq, dk, dv, db
     meta = dict(HAS_G0=g0 is not None, IEEE=q.dtype == torch.float32,
                 **_flags(q, keep_idx, key_bias, cu))
     qkvdo = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    token_bwd_dkdv(_grid(b * h, n_rows, "BLOCK_N"),
+    token_bwd_dkdv(row_grid(b * h, n_rows, "BLOCK_N"),
                    q, k, v, do, lse, delta, idx, bias, cu_t, g0_t, dk, dv, db_t, *qkvdo,
                    *strides4(dk), *strides4(dv), *idx_s, *bias_s, *g0_s, *db_s, *common, **meta)
-    token_bwd_dq(_grid(b * h, n_rows, "BLOCK_M"),
+    token_bwd_dq(row_grid(b * h, n_rows, "BLOCK_M"),
                  q, k, v, do, lse, delta, idx, bias, cu_t, g0_t, dq, *qkvdo, *strides4(dq),
                  *idx_s, *bias_s, *g0_s, *common, **meta)
 

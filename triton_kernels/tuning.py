@@ -33,6 +33,8 @@ from typing import Callable, Sequence
 
 import triton
 
+from . import interpreting
+
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles that every softmax kernel also tries after its
 #: preferred ones: small enough to fit in registers with the compilers we have met (8 warps
 #: spread a tile's registers: with triton 3.6 on sm_90 a 32×32 fp32 PPMA dK/dV tile fits on 8
@@ -43,11 +45,6 @@ FALLBACK_TILES = ((32, 32, 4, 1), (32, 32, 8, 1), (16, 16, 4, 1), (16, 16, 8, 1)
 
 class SpillWarning(RuntimeWarning):
     """Every tile candidate of a kernel spills registers on this machine: it runs, slower."""
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tiles(rows, fallback=FALLBACK_TILES) -> list:

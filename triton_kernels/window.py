@@ -56,12 +56,14 @@ from .attention_core import (
     mma,
     program_coords,
     qk_scale_log2,
+    row_grid,
     softmax_bwd_ds,
     softmax_bwd_scores,
     softmax_finish,
     softmax_step,
     strides4,
     tile_ptrs,
+    window_span,
 )
 from .tuning import Launcher, capability_reason, table_candidates
 
@@ -103,15 +105,6 @@ def _virtual(idx, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: tl.c
     tok, real, i, j, region = _tokens(win, idx % (WH * WW), in_range, GW, H, W, MH, MW, LH,
                                       LW, Hp, Wp, SH, SW, WH, WW)
     return tok, real, vwin, in_range, i, j, region
-
-
-@triton.jit
-def _window_span(start, n_virt, NS: tl.constexpr, BLOCK: tl.constexpr):
-    """Virtual range [lo, hi) of the windows (NS slots each) that rows [start, start + BLOCK)
-    belong to."""
-    lo = (start // NS) * NS
-    hi = tl.minimum(((start + BLOCK - 1) // NS + 1) * NS, n_virt)
-    return lo, hi
 
 
 @triton.jit
@@ -163,7 +156,7 @@ def window_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
+    lo, hi = window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
@@ -216,7 +209,7 @@ def window_bwd_dkdv_kernel(
     v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_n * BLOCK_N, n_virt, WH * WW, BLOCK_N)
+    lo, hi = window_span(pid_n * BLOCK_N, n_virt, WH * WW, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
@@ -272,7 +265,7 @@ def window_bwd_dq_kernel(
     delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
+    lo, hi = window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
@@ -472,9 +465,6 @@ def bias_strides(bias, wh: int, ww: int):
     return (sh, 0, ww * sq, sq, ww * sk, sk)
 
 
-def _grid(bh: int, n: int, block: str):
-    return lambda meta: (bh * cdiv(n, meta[block]),)
-
 
 def _active_args(active, lse):
     """(pointer, row stride) of the int32 (B, K) active window ids (a dummy when None)."""
@@ -491,7 +481,7 @@ def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, a
     if b * h * geo["n_virt"] == 0:
         return
     fwd_bias = bias if bias is not None else lse
-    window_fwd(_grid(b * h, geo["n_virt"], "BLOCK_M"),
+    window_fwd(row_grid(b * h, geo["n_virt"], "BLOCK_M"),
                q, k, v, o, lse, fwd_bias, _active_args(active, lse)[0],
                *strides4(q), *strides4(k), *strides4(v), *strides4(o),
                h, *lse.stride()[:2], _active_args(active, lse)[1], geo["n_virt"],
@@ -524,9 +514,9 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     meta = dict(WH=geo["WH"], WW=geo["WW"], HAS_BIAS=bias is not None,
                 HAS_ACTIVE=active is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    window_bwd_dkdv(_grid(b * h, geo["n_virt"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
+    window_bwd_dkdv(row_grid(b * h, geo["n_virt"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
                     bias_arg, aw, *qkv, *strides4(dk), *strides4(dv), *common, *logs, **meta)
-    window_bwd_dq(_grid(b * h, geo["n_virt"], "BLOCK_M"), q, k, v, do, lse, delta, dq, bias_arg,
+    window_bwd_dq(row_grid(b * h, geo["n_virt"], "BLOCK_M"), q, k, v, do, lse, delta, dq, bias_arg,
                   aw, *qkv, *strides4(dq), *common, *logs, **meta)
     if bias is None or not need_dbias:
         return None

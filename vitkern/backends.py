@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from vitkern.triton_kernels import interpreting
+
 BACKENDS = ("cuda", "triton", "reference")
 #: The order ``auto`` tries. It picks a CUDA C++ kernel only where ``vitkern/cuda_auto.json``
 #: approves it (passed the GPU test tier and measured faster than triton in a committed results
@@ -25,11 +27,6 @@ AUTO_ORDER = ("cuda", "triton", "reference")
 
 class BackendError(ValueError):
     """No backend accepts the given inputs (or the requested one refuses them)."""
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through the Triton interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _probe_triton() -> tuple[bool, str]:
