@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from vitkern.errors import BackendError
 from vitkern.triton_kernels import interpreting
 
 BACKENDS = ("cuda", "triton", "reference")
@@ -23,10 +24,6 @@ BACKENDS = ("cuda", "triton", "reference")
 #: approves it (passed the GPU test tier and measured faster than triton in a committed results
 #: file, for that GPU generation and dtype; see :mod:`vitkern.cuda_auto`); elsewhere triton.
 AUTO_ORDER = ("cuda", "triton", "reference")
-
-
-class BackendError(ValueError):
-    """No backend accepts the given inputs (or the requested one refuses them)."""
 
 
 def _probe_triton() -> tuple[bool, str]:

@@ -28,11 +28,9 @@ from typing import Optional, Union
 
 from torch import nn
 
+from vitkern.errors import UnsupportedModule
+
 __all__ = ["patch_model", "PatchReport", "UnsupportedModule"]
-
-
-class UnsupportedModule(ValueError):
-    """Raised by a ``from_timm`` that cannot reproduce the given timm module; the message says why."""
 
 
 @dataclass

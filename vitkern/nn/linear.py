@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from vitkern.errors import UnsupportedModule
 from vitkern.ops import linear as linear_ops
 
 __all__ = ["XCA", "LinearAttention", "SoftAttention", "SoftAttentionKernel", "TIMM_REPLACEMENTS"]
@@ -63,8 +64,6 @@ class XCA(nn.Module):
     @classmethod
     def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "XCA":
         """A vitkern XCA sharing ``module``'s submodules and parameters (no copies)."""
-        from vitkern.integrations.timm import UnsupportedModule
-
         p = getattr(getattr(module, "attn_drop", None), "p", 0.0)
         if p:
             raise UnsupportedModule(f"attn_drop={p} (dropout on the d×d attention map) is not "

@@ -24,17 +24,12 @@ from typing import Optional, Union
 from torch import Tensor, nn
 
 from vitkern import tokens
+from vitkern.errors import UnsupportedModule
 from vitkern.ops.token import token_attention
 
 __all__ = ["TokenAttention", "TokenBlock", "TIMM_REPLACEMENTS"]
 
 TIMM_REPLACEMENTS: dict[str, type] = {}
-
-
-def _unsupported(msg: str):
-    from vitkern.integrations.timm import UnsupportedModule
-
-    return UnsupportedModule(msg)
 
 
 class TokenAttention(nn.Module):
@@ -69,7 +64,7 @@ class TokenAttention(nn.Module):
         submodules (its ``attn_drop`` too: see the class docstring)."""
         for name in ("qkv", "proj", "num_heads", "head_dim", "scale"):
             if not hasattr(module, name):
-                raise _unsupported(f"not a timm ViT Attention (no {name!r})")
+                raise UnsupportedModule(f"not a timm ViT Attention (no {name!r})")
         new = cls(module.qkv, module.proj, module.num_heads, module.head_dim, module.scale,
                   getattr(module, "q_norm", nn.Identity()),
                   getattr(module, "k_norm", nn.Identity()),
