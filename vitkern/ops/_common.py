@@ -43,6 +43,41 @@ def check_qkv(op: str, q, k, v, layout: str = "4-D (B, heads, N, head_dim)") -> 
                          f"{v.device}")
 
 
+#: dtypes autocast casts (fp64 and integer tensors it leaves alone, as PyTorch's autocast does).
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def autocast_inputs(*tensors):
+    """``tensors`` as :func:`torch.autocast` would hand them to ``F.scaled_dot_product_attention``.
+
+    Custom ops are invisible to autocast, so the public ops apply SDPA's rule themselves: inside
+    ``torch.autocast`` for the device type of the first tensor, every fp32 / fp16 / bf16 tensor
+    is cast to the autocast dtype (a mixed fp32 / bf16 q, k, v, e.g. q after an fp32 norm on a
+    GPU, then runs in bf16 like SDPA instead of failing the same-dtype check). fp64 tensors, None
+    entries and calls outside autocast are returned unchanged. Callers pass the activations (q,
+    k, v); learned biases keep their dtype (the kernels read them in fp32, the reference adds
+    them in the compute dtype), and each input's gradient comes back in its own dtype.
+    """
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    kind = None if first is None else first.device.type
+    if kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):
+        return tensors  # (meta tensors and the like have no autocast state: asking raises)
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in AUTOCAST_ELIGIBLE else t
+                 for t in tensors)
+
+
+def autocast_off(t: Tensor):
+    """A context that turns autocast off for ``t``'s device: the reference path then computes in
+    the dtype :func:`autocast_inputs` gave its inputs, as it does outside autocast (not half in
+    fp32 where autocast would run a softmax in fp32, nor in bf16 for an ``out=`` call)."""
+    kind = t.device.type
+    if kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
 def check_hw(op: str, hw, n_tokens: int) -> tuple[int, int]:
     """``hw`` is a pair of positive ints whose product is the token count."""
     if (not isinstance(hw, (tuple, list)) or len(hw) != 2

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from vitkern.reference import token as ref
 
-from ._common import (bhnd_empty, check_qkv, check_scale, head_dim_reason, is_int, lse_empty,
-                      on_device, select_backend, triton_dtype_reason)
+from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_qkv, check_scale,
+                      head_dim_reason, is_int, lse_empty, on_device, select_backend,
+                      triton_dtype_reason)
 
 __all__ = ["token_attention"]
 
@@ -381,8 +382,14 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
     Returns:
         o in the input dtype — dense (B, heads, K, d), varlen (R, heads, d) — or (o, importance)
         with importance (B, K) / (R,) in the input dtype.
+
+    Under ``torch.autocast`` it follows ``F.scaled_dot_product_attention``: q, k, v (fp32 / fp16 /
+    bf16, mixed allowed, e.g. q, k after an fp32 ``q_norm`` / ``k_norm``) are cast to the autocast
+    dtype, which is then "the input dtype" above; ``key_bias`` keeps its dtype and gets its
+    gradient in it.
     """
     op = "token_attention"
+    q, k, v = autocast_inputs(q, k, v)
     keep_idx, cu, max_seqlen, scale = _check(op, q, k, v, keep_idx, cu_seqlens, max_seqlen,
                                              key_bias, return_importance, scale)
     needs_grad = torch.is_grad_enabled() and any(
@@ -390,9 +397,10 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
     name = _backend(op, backend, q, key_bias, needs_grad)
     varlen = cu is not None
     if name == "reference" or q.numel() == 0 or _n_keep(q, keep_idx, varlen) == 0:
-        return ref.token_attention(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
-                                   key_bias=key_bias, return_importance=return_importance,
-                                   scale=scale)
+        with autocast_off(q):
+            return ref.token_attention(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
+                                       key_bias=key_bias, return_importance=return_importance,
+                                       scale=scale)
     o, _, imp = torch.ops.vitkern.token_fwd(q, k, v, keep_idx, key_bias, cu, scale,
                                             return_importance or "", max_seqlen)
     if return_importance is None:

@@ -24,8 +24,9 @@ from torch import Tensor
 
 from vitkern.reference import window as ref
 
-from ._common import (bhnd_empty, check_hw, check_out_overlap, check_qkv, check_scale, is_int,
-                      lse_empty, needs_grad, on_device, select_backend)
+from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_out_overlap,
+                      check_qkv, check_scale, is_int, lse_empty, needs_grad, on_device,
+                      select_backend)
 
 __all__ = ["window_attention"]
 
@@ -392,16 +393,26 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
 
     Returns:
         (B, heads, N, d) in the input dtype (``out`` itself when given).
+
+    Under ``torch.autocast`` it follows ``F.scaled_dot_product_attention``: q, k, v (fp32 / fp16 /
+    bf16, mixed allowed) are cast to the autocast dtype and the output has that dtype;
+    ``rel_pos_bias`` keeps its dtype (an fp32 table is read in fp32 by the kernels) and gets its
+    gradient in it. A call with ``out=`` is not autocast-eligible (PyTorch's rule): it runs in
+    the inputs' own dtype.
     """
     op = "window_attention"
+    if out is None:  # out= calls are not autocast-eligible (PyTorch's rule for out= functions)
+        q, k, v = autocast_inputs(q, k, v)
     H, W, win, sft, scale, mask_value, active = _check(
         op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale, pad_order,
         active_windows, out, clamp)
     name = _backend(op, backend, q, win, sft, active, needs_grad(q, k, v, rel_pos_bias), out)
     if name == "reference" or q.numel() == 0:
-        o = ref.window_attention(q, k, v, hw=(H, W), window_size=win, shift=sft,
-                                 rel_pos_bias=rel_pos_bias, mask_value=mask_value, scale=scale,
-                                 pad_order=pad_order, active_windows=active, clamp=None)
+        with autocast_off(q):
+            o = ref.window_attention(q, k, v, hw=(H, W), window_size=win, shift=sft,
+                                     rel_pos_bias=rel_pos_bias, mask_value=mask_value,
+                                     scale=scale, pad_order=pad_order, active_windows=active,
+                                     clamp=None)
         if out is None:
             return o
         if active is None:
