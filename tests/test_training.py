@@ -331,11 +331,6 @@ def test_timm_grad_checkpointing_equals_plain(name):
     assert_grads_equal(got, want, f"timm grad checkpointing {name}")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "vitkern.nn.token.TokenBlock (mode='merge') carries ToMe's token sizes between blocks in a "
-    "dict shared by the model's blocks, mutated in forward; a checkpointed block recomputed in "
-    "backward reads the sizes the *last* block left there (key_bias shape error, or a wrong "
-    "gradient where shapes coincide). Fix in nn/token.py, then drop this marker."))
 @pytest.mark.parametrize("timm_switch", [False, True])
 def test_checkpoint_token_merge(timm_switch):
     """ToMe merging (token_merge) under activation checkpointing equals the plain run."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from vitkern import tokens
@@ -158,6 +159,7 @@ class TokenBlock(nn.Module):
         self.r, self.prop_attn = r, prop_attn
         self.state = {} if state is None else state
         self.first = first
+        self._size_in: Optional[Tensor] = None  # ToMe sizes the last forward consumed
 
     def extra_repr(self) -> str:
         if self.mode == "drop":
@@ -174,14 +176,26 @@ class TokenBlock(nn.Module):
             x, _ = tokens.evit_select(x, imp, self.keep, fuse=self.fuse, order=self.order,
                                       num_prefix=self.num_prefix)
         else:
-            if self.first:
-                self.state["size"] = None
-            size = self.state.get("size")
+            recompute = _in_backward()
+            if recompute:  # activation checkpointing: the sizes this block's forward consumed
+                size = self._size_in
+            else:
+                if self.first:
+                    self.state["size"] = None
+                size = self._size_in = self.state.get("size")
             bias = size.log()[..., 0] if (self.prop_attn and size is not None) else None
             a, _, metric = self.attn.forward_tokens(self.norm1(x), key_bias=bias, metric=True)
             x = x + self.drop_path1(self.ls1(a))
             merge = tokens.bipartite_soft_matching(metric, self.r, num_prefix=self.num_prefix)
             if merge is not tokens._identity_merge:
                 x, size = tokens.merge_wavg(merge, x, size)
-                self.state["size"] = size
+                if not recompute:
+                    self.state["size"] = size
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _in_backward() -> bool:
+    """Whether this forward is a recomputation inside the backward pass (activation
+    checkpointing, reentrant or not): ToMe's shared size state then holds the *last* block's
+    sizes, so a merge block reuses the sizes its own forward consumed."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
