@@ -10,6 +10,7 @@ Examples::
     python -m vitkern.bench                      # everything, auto device, default dtypes
     python -m vitkern.bench --quick --out out/   # short CPU smoke run
     python -m vitkern.bench --device cuda --dtype bf16,fp16 --cases litv2s --groups hilo,layer
+    python -m vitkern.bench --work               # counted kernel work + predicted H100 times
 """
 from __future__ import annotations
 
@@ -59,11 +60,41 @@ def _parse(argv=None) -> argparse.Namespace:
                    help="torch CPU threads for a CPU run (default 1: on a shared machine a second "
                         "busy core makes multi-threaded timings 10x noisier; 0 keeps torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", action="store_true",
+                   help="count each Triton kernel's HBM bytes, dot FLOPs, exps and launches under "
+                        "the interpreter at the headline shapes, predict H100 times (bench/work.py); "
+                        "writes <out>/work-h100-model.{json,md,png}")
+    p.add_argument("--work-ops", default=None, help="with --work: comma list of ops / families")
+    p.add_argument("--no-host", action="store_true", help="with --work: skip the host-overhead timing")
     return p.parse_args(argv)
+
+
+def _work(args, argv) -> int:
+    """``--work``: runs in a child process with ``TRITON_INTERPRET=1`` when this one was started
+    without it (the interpreter must be chosen before triton is imported)."""
+    import os
+    import subprocess
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        argv_list = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, "-m", "vitkern.bench", *argv_list], env=env).returncode
+    from . import work
+
+    t0 = time.perf_counter()
+    records, meta = work.run(Path(args.out), host=not args.no_host, ops_filter=args.work_ops)
+    work.print_table(records)
+    base = Path(args.out) / "work-h100-model"
+    for ext in (".json", ".md", ".png"):
+        print(f"wrote {base.with_suffix(ext)}")
+    print(f"elapsed {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.work:
+        return _work(args, argv)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
