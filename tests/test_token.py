@@ -664,3 +664,33 @@ def test_bench_token_smoke(one_thread):
     vk = [r for r in model_recs if r["kind"] == "vitkern"]
     assert vk and all(r["status"] == "ok" and r["images_per_s"] > 0 for r in vk)
     assert "timm" in vk[0]["speedup"]
+
+
+def test_index_values_checked_without_a_device_sync(monkeypatch):
+    """Index values (range, uniqueness, prefix sums) are checked for CPU tensors, and on a GPU
+    only with VITKERN_DEBUG=1: reading them back is a device sync an op must not do per call.
+    With the check off (as on a GPU), the call reads no tensor value back to the host."""
+    from vitkern.ops import _common
+
+    cpu, meta = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long, device="meta")
+    monkeypatch.delenv("VITKERN_DEBUG", raising=False)
+    assert _common.check_values(cpu) and not _common.check_values(meta)
+    monkeypatch.setenv("VITKERN_DEBUG", "1")
+    assert _common.check_values(meta)
+    monkeypatch.delenv("VITKERN_DEBUG")
+
+    q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
+    keep = torch.tensor([[0, 4, 2, 7], [0, 1, 8, 3]])
+    with pytest.raises(ValueError, match="out-of-range"):
+        T.token_attention(q, k, v, keep_idx=keep + 5, backend="reference")
+    monkeypatch.setattr(T, "check_values", lambda t: False)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a tensor value was read back to the host (a device sync)")
+
+    for name in ("item", "tolist", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    T.token_attention(q, k, v, keep_idx=keep, return_importance="cls", backend="reference")
+    packed = q.transpose(1, 2).reshape(18, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    T._check_varlen("token_attention", packed, packed, packed, None, cu, 5, None, None)

@@ -544,3 +544,21 @@ def test_torch_compile_fullgraph_no_recompile():
             torch.testing.assert_close(out, f(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(gt, et, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-5)
+
+
+def test_active_windows_checked_without_a_device_sync(monkeypatch):
+    """active_windows values are checked for CPU tensors (and on a GPU only with
+    VITKERN_DEBUG=1); with the check off, as on a GPU, the call reads no value back."""
+    q, k, v = (torch.randn(2, 2, 8 * 8, 8) for _ in range(3))
+    kw = dict(hw=(8, 8), window_size=4, shift=2, backend="reference")
+    with pytest.raises(ValueError, match="out-of-range ids"):
+        W_ops.window_attention(q, k, v, active_windows=torch.tensor([[0, 4], [1, 2]]), **kw)
+    monkeypatch.setattr(W_ops, "check_values", lambda t: False)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a tensor value was read back to the host (a device sync)")
+
+    for name in ("item", "tolist", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    W_ops._check_active("window_attention", torch.tensor([[0, 3], [1, 2]]), 2, (8, 8), (4, 4),
+                        q.device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Optional
 
 import torch
@@ -76,6 +77,16 @@ def autocast_off(t: Tensor):
     if kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):
         return contextlib.nullcontext()
     return torch.autocast(kind, enabled=False)
+
+
+def check_values(t: Tensor) -> bool:
+    """Whether an op validates the *values* of the index tensor ``t`` (range, uniqueness, prefix
+    sums): always for CPU tensors (free), for GPU tensors only with ``VITKERN_DEBUG=1`` (reading
+    values back is a device sync, which an op must not do on every call), never inside
+    ``torch.compile``. Invalid indices on a GPU without it are the caller's error."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("VITKERN_DEBUG", "0") not in ("", "0")
 
 
 def check_hw(op: str, hw, n_tokens: int) -> tuple[int, int]:

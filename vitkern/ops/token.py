@@ -20,8 +20,8 @@ from torch import Tensor
 from vitkern.reference import token as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_qkv, check_scale,
-                      head_dim_reason, is_int, lse_empty, on_device, select_backend,
-                      triton_dtype_reason)
+                      check_values, head_dim_reason, is_int, lse_empty, on_device,
+                      select_backend, triton_dtype_reason)
 
 __all__ = ["token_attention"]
 
@@ -85,7 +85,7 @@ def _check(op, q, k, v, keep_idx, cu_seqlens, max_seqlen, key_bias, return_impor
         if not 1 <= K <= N:
             raise ValueError(f"{op}: keep_idx keeps K={K} tokens; need 1 <= K <= N={N}")
         keep_idx = keep_idx.long()
-        if B and not torch.compiler.is_compiling():
+        if B and check_values(keep_idx):
             _check_index_values(op, keep_idx, N)
 
     if key_bias is not None:
@@ -117,7 +117,7 @@ def _check_varlen(op, q, k, v, keep_idx, cu, max_seqlen, key_bias, scale):
                     f"(T,)={(T,)} or (T, heads)={(T, h)} with cu_seqlens")
     if max_seqlen is not None and (not is_int(max_seqlen) or max_seqlen < 0):
         raise ValueError(f"{op}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    if not torch.compiler.is_compiling():
+    if check_values(cu):
         lens = cu[1:] - cu[:-1]
         first, last = int(cu[0]), int(cu[-1])
         longest = int(lens.max())
@@ -134,12 +134,15 @@ def _check_varlen(op, q, k, v, keep_idx, cu, max_seqlen, key_bias, scale):
         if keep_idx is not None and n_rows:
             _check_index_values(op, keep_idx[None], T)
     elif max_seqlen is None:
-        raise ValueError(f"{op}: inside torch.compile pass max_seqlen (an int) with cu_seqlens")
+        if torch.compiler.is_compiling():
+            raise ValueError(f"{op}: inside torch.compile pass max_seqlen (an int) with "
+                             f"cu_seqlens")
+        max_seqlen = int((cu[1:] - cu[:-1]).max())  # a device sync: pass max_seqlen to avoid it
     return keep_idx, cu.to(torch.int32), int(max_seqlen), float(scale)
 
 
 def _check_index_values(op, keep_idx: Tensor, N: int):
-    """Range and uniqueness of keep_idx (one device sync; skipped inside torch.compile)."""
+    """Range and uniqueness of keep_idx (reads values back: see ``check_values``)."""
     lo, hi = keep_idx.min().item(), keep_idx.max().item()
     if lo < 0 or hi >= N:
         raise ValueError(f"{op}: keep_idx has out-of-range indices (min {lo}, max {hi}); "
@@ -355,15 +358,17 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
             indices into the T packed tokens (distinct), row r of the output being token
             ``keep_idx[r]``; a ragged drop from a dense (B, N) map passes q as (B·N, heads, d)
             and indices b·N + j. The kernels read the kept tokens in place (no gathered copy).
-            Range and uniqueness are checked eagerly (one device sync; skipped inside
-            ``torch.compile``).
+            Range and uniqueness are checked for CPU tensors; on a GPU only with
+            ``VITKERN_DEBUG=1`` (reading values back is a device sync, which no op call does
+            by default), never inside ``torch.compile``.
         cu_seqlens: None, or (S + 1,) int32 (or int64) prefix sums over the output rows
             (flash-attn convention): sequence s owns rows cu[s]..cu[s+1]-1 and attends only
             within itself; cu[0] = 0, cu[S] = R (= T without keep_idx). Empty and single-token
             sequences are allowed (TinyDrop-style threshold dropping keeps a different number
-            of tokens per image). Checked eagerly (one sync).
+            of tokens per image). Checked as keep_idx is.
         max_seqlen: with cu_seqlens, the longest sequence (an int; it sizes the launch grid).
-            Computed from cu_seqlens when None (a device sync); required inside torch.compile.
+            Computed from cu_seqlens when None (on a GPU a device sync: pass it to avoid one);
+            required inside torch.compile.
         key_bias: dense (B, N) or (B, heads, N); varlen (T,) or (T, heads): additive logit bias
             per key, indexed by the original token (it follows keep_idx): ToMe's log(size), or
             -inf to drop a key. Differentiable. A query whose keys are all -inf gets output 0

@@ -25,8 +25,8 @@ from torch import Tensor
 from vitkern.reference import window as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_out_overlap,
-                      check_qkv, check_scale, is_int, lse_empty, needs_grad, on_device,
-                      select_backend)
+                      check_qkv, check_scale, check_values, is_int, lse_empty, needs_grad,
+                      on_device, select_backend)
 
 __all__ = ["window_attention"]
 
@@ -125,7 +125,7 @@ def _check_active(op, active_windows, B, hw, ws, device) -> Tensor:
                          f"has only {n_win} ({gh}x{gw}) windows of {ws[0]}x{ws[1]}")
     if active_windows.device != device:
         raise ValueError(f"{op}: active_windows is on {active_windows.device}, q on {device}")
-    if B and K and not torch.compiler.is_compiling():
+    if B and K and check_values(active_windows):
         lo, hi = active_windows.min().item(), active_windows.max().item()
         if lo < 0 or hi >= n_win:
             raise ValueError(f"{op}: active_windows has out-of-range ids (min {lo}, max {hi}); "
@@ -374,7 +374,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
             ceil(H/wh) × ceil(W/ww) window grid (the order of Swin's window_partition after the
             roll; see :func:`vitkern.reference.window.window_token_ids`). Only those windows are
             computed; the tokens of the others get zeros, or keep ``out``'s values when ``out``
-            is given. Gradients flow only through the kept windows (zero elsewhere).
+            is given. Gradients flow only through the kept windows (zero elsewhere). Range and
+            uniqueness are checked for CPU tensors; on a GPU only with ``VITKERN_DEBUG=1`` (a
+            device sync otherwise avoided).
         mask_value: the additive shift mask (<= 0; -100 as in every reference, -inf for a hard
             mask).
         scale: logit scale, default d**-0.5.
