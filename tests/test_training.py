@@ -29,6 +29,8 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 from vitkern.integrations.timm import patch_model  # noqa: E402
+from vitkern.ops.hilo import hilo_attention  # noqa: E402
+from vitkern.ops.ppma import ppma_attention, ppma_criss_cross_attention  # noqa: E402
 from vitkern.ops.token import token_attention  # noqa: E402
 from vitkern.ops.window import window_attention  # noqa: E402
 
@@ -493,7 +495,7 @@ def _window(q, k, v, **kw):
     return window_attention(q, k, v, hw=(4, 6), window_size=2, shift=1, **kw)
 
 
-@pytest.mark.parametrize("op", ["window", "token"])
+@pytest.mark.parametrize("op", ["window", "token", "hilo", "ppma", "ppma_criss_cross"])
 def test_op_autocast_casts_like_sdpa(op):
     """Under autocast a mixed fp32 / bf16 q, k, v (q, k after an fp32 norm on a GPU) runs in bf16
     as SDPA does, with the output in bf16 and each input's gradient in its own dtype; an fp32
@@ -503,8 +505,16 @@ def test_op_autocast_casts_like_sdpa(op):
     if op == "window":
         table = torch.randn(9, 2, generator=torch.Generator().manual_seed(4)).requires_grad_()
         fn = lambda q, k, v: _window(q, k, v, rel_pos_bias=table)  # noqa: E731
-    else:
+    elif op == "token":
         fn = lambda q, k, v: token_attention(q, k, v)  # noqa: E731
+    elif op == "hilo":
+        fn = lambda q, k, v: hilo_attention(q, k, v, hw=(4, 6), window_size=2,  # noqa: E731
+                                            num_lo_heads=1)
+    else:  # the fp32 log-decays play the bias table's part
+        table = -torch.rand(2, 2, 24, generator=torch.Generator().manual_seed(4))
+        table.requires_grad_()
+        ppma = ppma_attention if op == "ppma" else ppma_criss_cross_attention
+        fn = lambda q, k, v: ppma(q, k, v, table, table * 0.5, hw=(4, 6))  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert F.scaled_dot_product_attention(q, k, v).dtype == torch.bfloat16  # the rule
         o = fn(q, k, v)

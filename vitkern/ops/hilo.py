@@ -35,8 +35,9 @@ from torch import Tensor
 
 from vitkern.reference import hilo as ref
 
-from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, head_dim_reason, is_int,
-                      lse_empty, on_device, select_backend)
+from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_qkv,
+                      check_scale, head_dim_reason, is_int, lse_empty, on_device,
+                      select_backend)
 
 __all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
 
@@ -328,8 +329,13 @@ def hilo_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], wind
 
     Returns:
         (B, heads, N, d) in the input dtype.
+
+    Under ``torch.autocast`` every op of this family follows ``F.scaled_dot_product_attention``:
+    q, k, v (fp32 / fp16 / bf16, mixed allowed) are cast to the autocast dtype, which is then
+    the input dtype.
     """
     op = "hilo_attention"
+    q, k, v = autocast_inputs(q, k, v)
     H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad)
     heads = q.shape[1]
     if not is_int(num_lo_heads) or not 0 <= num_lo_heads <= heads:
@@ -343,6 +349,7 @@ def hifi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], wind
                    backend: str = "auto") -> Tensor:
     """Hi-Fi heads only: softmax attention inside s×s windows. Shapes as :func:`hilo_attention`."""
     op = "hifi_attention"
+    q, k, v = autocast_inputs(q, k, v)
     H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad)
     return _run(op, backend, q, k, v, H, W, s, 0, scale, pad, False)
 
@@ -357,6 +364,7 @@ def lofi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], wind
     projection, s² cheaper than projecting every token).
     """
     op = "lofi_attention"
+    q, k, v = autocast_inputs(q, k, v)
     if not isinstance(kv_pooled, bool):
         raise TypeError(f"{op}: kv_pooled must be a bool, got {type(kv_pooled).__name__}")
     H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad, kv_pooled=kv_pooled)
@@ -368,11 +376,12 @@ def _run(op, backend, q, k, v, H, W, s, n_lo, scale, pad, kv_pooled):
     name = _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad)
     if name == "reference" or q.numel() == 0:
         kw = dict(hw=(H, W), window_size=s, scale=scale, pad=pad)
-        if n_lo == 0:
-            return ref.hifi_attention(q, k, v, **kw)
-        if n_lo == q.shape[1]:
-            return ref.lofi_attention(q, k, v, kv_pooled=kv_pooled, **kw)
-        return ref.hilo_attention(q, k, v, num_lo_heads=n_lo, **kw)
+        with autocast_off(q):
+            if n_lo == 0:
+                return ref.hifi_attention(q, k, v, **kw)
+            if n_lo == q.shape[1]:
+                return ref.lofi_attention(q, k, v, kv_pooled=kv_pooled, **kw)
+            return ref.hilo_attention(q, k, v, num_lo_heads=n_lo, **kw)
     if name == "cuda":
         if n_lo == 0:  # differentiable
             return torch.ops.vitkern.hifi_cuda_fwd(q, k, v, H, W, s, scale)

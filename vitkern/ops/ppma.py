@@ -24,8 +24,9 @@ from torch import Tensor
 
 from vitkern.reference import ppma as ref
 
-from ._common import (bhnd_empty, check_hw, check_qkv, check_scale, head_dim_reason, needs_grad,
-                      on_device, select_backend, triton_dtype_reason)
+from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_qkv,
+                      check_scale, head_dim_reason, needs_grad, on_device, select_backend,
+                      triton_dtype_reason)
 
 __all__ = ["ppma_attention", "ppma_criss_cross_attention", "ppma_decays", "ppma_rope",
            "ppma_rel_pos"]
@@ -175,12 +176,18 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
     log L[(r1,c1),(r2,c2)] = Σ a along row r1 between c1 and c2 + Σ g along column c2 between
     r1 and r2 (start excluded, end included). The triton backend trains on maps up to 32
     wide (16 for fp32 head_dim > 32); forward-only calls take any width.
+
+    Under ``torch.autocast`` (both PPMA attention ops) q, k, v are cast to the autocast dtype
+    as ``F.scaled_dot_product_attention`` does; the log-decays keep their dtype.
     """
     op = "ppma_attention"
+    q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; the log-decays keep their dtype
     H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
     name = _backend(op, backend, q, W, needs_grad(q, k, v, log_decay_h, log_decay_v))
     if name == "reference" or q.numel() == 0:
-        return ref.ppma_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
+        with autocast_off(q):
+            return ref.ppma_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W),
+                                      scale=scale)
     return torch.ops.vitkern.ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
 
 
@@ -258,6 +265,7 @@ def ppma_criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Ten
     O(N·d) intermediates reach memory, never a per-row or per-column attention map.
     """
     op = "ppma_criss_cross_attention"
+    q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; the log-decays keep their dtype
     H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
     d = q.shape[-1]
 
@@ -268,8 +276,9 @@ def ppma_criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Ten
 
     name = select_backend(op, backend, q, triton=triton_reason)
     if name == "reference" or q.numel() == 0:
-        return ref.ppma_criss_cross_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W),
-                                              scale=scale)
+        with autocast_off(q):
+            return ref.ppma_criss_cross_attention(q, k, v, log_decay_h, log_decay_v,
+                                                  hw=(H, W), scale=scale)
     return torch.ops.vitkern.ppma_cc_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
 
 
