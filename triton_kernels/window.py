@@ -4,9 +4,11 @@ Geometry. Windows (wh × ww with shift (sh, sw): WH, WW constexprs and SH, SW ru
 ws² means wh·ww and s the shift of the axis at hand) are read straight from the (B, heads, N, d)
 raster map by index math: no roll, no pad, no partition copy and no materialised (nW, N, N) mask.
 Like HiLo's Hi-Fi heads, the windows of the *shifted, padded* frame (Hp×Wp) are laid end to end
-in a virtual sequence ``v = window * ws² + slot`` (windows raster over the window grid, slots
-row-major inside a window), so one 64/128-row tile packs several 49-token windows and a
-block-diagonal mask keeps them apart. A virtual index becomes a token on the fly:
+in a virtual sequence ``v = window * NS + slot`` (windows raster over the window grid, slots
+row-major inside a window, NS = ws² rounded up to a multiple of 16 by :func:`window_slots`, the
+extra slots empty), so a tile holds whole windows (Swin's 49-token windows take 64 slots: a
+64-row tile is one window) and a block-diagonal mask keeps windows apart where a tile holds
+several. A virtual index becomes a token on the fly:
 
     (window, slot) -> frame position (r', c') -> source (r, c) = ((r' + s) mod MH, (c' + s) mod MW)
 
@@ -34,7 +36,7 @@ recomputes QKᵀ and dO·Vᵀ once more; it reads q, k, v, dO once (the chunking
 at most ~256 partials per head).
 
 Active windows (SparseViT): with ``HAS_ACTIVE`` the virtual sequence lists only the K kept windows
-of each image, ``v = k * ws² + slot``, and the k-th virtual window is window ``AW[b, k]`` of the
+of each image, ``v = k * NS + slot``, and the k-th virtual window is window ``AW[b, k]`` of the
 frame (an int32 (B, K) id list read in the kernel: no gathered copy). Tokens of other windows are
 neither read nor written (the host zero-fills the outputs and gradients they would own), and the
 bias-gradient kernel sums over the B·K kept (image, window) pairs only.
@@ -92,18 +94,20 @@ def _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: t
 
 @triton.jit
 def _virtual(idx, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: tl.constexpr,
-             WW: tl.constexpr, HAS_ACTIVE: tl.constexpr):
-    """Virtual index -> (token, real?, virtual window, in range?, i, j, region). With
-    HAS_ACTIVE the k-th virtual window is window AW[k] of the frame (AW: this image's row of
-    active window ids), else window k."""
-    vwin = idx // (WH * WW)
-    in_range = idx < n_virt
+             WW: tl.constexpr, NS: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+    """Virtual index -> (token, real?, virtual window, in range?, i, j, region); NS virtual
+    slots per window, the last NS - wh·ww of them empty. With HAS_ACTIVE the k-th virtual
+    window is window AW[k] of the frame (AW: this image's row of active window ids), else
+    window k."""
+    vwin = idx // NS
+    slot = idx % NS
+    in_range = (idx < n_virt) & (slot < WH * WW)
     if HAS_ACTIVE:
         win = tl.load(AW + vwin, mask=in_range, other=0)
     else:
         win = vwin
-    tok, real, i, j, region = _tokens(win, idx % (WH * WW), in_range, GW, H, W, MH, MW, LH,
-                                      LW, Hp, Wp, SH, SW, WH, WW)
+    tok, real, i, j, region = _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp,
+                                      SH, SW, WH, WW)
     return tok, real, vwin, in_range, i, j, region
 
 
@@ -133,8 +137,8 @@ def window_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
-    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    IEEE: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
@@ -149,18 +153,18 @@ def window_fwd_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
-        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
+        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
     q_mask = real_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
+    lo, hi = window_span(pid_m * BLOCK_M, n_virt, NS, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
+            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
         kv_mask = real_n[:, None] & dmask[None, :]
         k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
         v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
@@ -183,8 +187,8 @@ def window_bwd_dkdv_kernel(
     sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
-    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    IEEE: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_n = program_coords(n_virt, BLOCK_N)
@@ -203,17 +207,17 @@ def window_bwd_dkdv_kernel(
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-        cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
+        cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
     kv_mask = real_n[:, None] & dmask[None, :]
     k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
     v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = window_span(pid_n * BLOCK_N, n_virt, WH * WW, BLOCK_N)
+    lo, hi = window_span(pid_n * BLOCK_N, n_virt, NS, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
-            rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
+            rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
         q_mask = real_m[:, None] & dmask[None, :]  # pad queries have no output: no gradient
         q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
         do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
@@ -239,8 +243,8 @@ def window_bwd_dq_kernel(
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
     n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
-    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    IEEE: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
@@ -256,7 +260,7 @@ def window_bwd_dq_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
-        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
+        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
     q_mask = real_m[:, None] & dmask[None, :]
     q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
     do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
@@ -265,11 +269,11 @@ def window_bwd_dq_kernel(
     delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = window_span(pid_m * BLOCK_M, n_virt, WH * WW, BLOCK_M)
+    lo, hi = window_span(pid_m * BLOCK_M, n_virt, NS, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, HAS_ACTIVE)
+            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
         kv_mask = real_n[:, None] & dmask[None, :]
         k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
         v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
@@ -446,8 +450,18 @@ def geometry(H: int, W: int, wh: int, ww: int, sh: int, sw: int, pad_then_shift:
     Hp, Wp = cdiv(H, wh) * wh, cdiv(W, ww) * ww
     MH, MW = (Hp, Wp) if pad_then_shift else (H, W)
     n_win = (Hp // wh) * (Wp // ww) if n_active is None else n_active
-    return dict(n_virt=n_win * wh * ww, GW=Wp // ww, H=H, W=W, MH=MH, MW=MW, LH=MH, LW=MW, Hp=Hp,
-                Wp=Wp, SH=sh, SW=sw, n_win=n_win, WH=wh, WW=ww)
+    ns = window_slots(wh * ww)
+    return dict(n_virt=n_win * ns, GW=Wp // ww, H=H, W=W, MH=MH, MW=MW, LH=MH, LW=MW, Hp=Hp,
+                Wp=Wp, SH=sh, SW=sw, n_win=n_win, WH=wh, WW=ww, NS=ns)
+
+
+def window_slots(area: int) -> int:
+    """Virtual slots per window: the window's wh·ww tokens rounded up to a multiple of 16, so
+    that a tile holds whole windows and meets only its own windows' keys (Swin's 49 -> 64: a
+    64-row tile is one window, 59 % of its QKᵀ useful, against a third when 49-token windows
+    were packed end to end and tiles straddled them). Windows of at most 16 tokens stay packed:
+    padding them would only add empty rows."""
+    return area if area <= 16 else cdiv(area, 16) * 16
 
 
 _GEO = ("GW", "H", "W", "MH", "MW", "LH", "LW", "Hp", "Wp", "SH", "SW")
@@ -487,7 +501,7 @@ def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, a
                h, *lse.stride()[:2], _active_args(active, lse)[1], geo["n_virt"],
                *(geo[x] for x in _GEO), *bias_strides(bias, geo["WH"], geo["WW"]), d,
                qk_scale_log2(scale), float(mask_value) * LOG2E, WH=geo["WH"], WW=geo["WW"],
-               HAS_BIAS=bias is not None,
+               NS=geo["NS"], HAS_BIAS=bias is not None,
                HAS_ACTIVE=active is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
 
 
@@ -515,9 +529,10 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
                 HAS_ACTIVE=active is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
     window_bwd_dkdv(row_grid(b * h, geo["n_virt"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
-                    bias_arg, aw, *qkv, *strides4(dk), *strides4(dv), *common, *logs, **meta)
+                    bias_arg, aw, *qkv, *strides4(dk), *strides4(dv), *common, *logs,
+                    NS=geo["NS"], **meta)
     window_bwd_dq(row_grid(b * h, geo["n_virt"], "BLOCK_M"), q, k, v, do, lse, delta, dq, bias_arg,
-                  aw, *qkv, *strides4(dq), *common, *logs, **meta)
+                  aw, *qkv, *strides4(dq), *common, *logs, NS=geo["NS"], **meta)
     if bias is None or not need_dbias:
         return None
     n_pairs = b * geo["n_win"]
@@ -617,6 +632,8 @@ def aot_specs(all_active: bool = False):
                                 BLOCK_D=bd)
                     if kname == "dbias":
                         meta["D_CHUNK"] = dbias_chunk(bd, dtype == "fp32")
+                    else:
+                        meta["NS"] = window_slots(49)
                     specs.append(spec_from_launcher(
                         f"window.{kname}[{dtype},D={bd}{',active' * active}]", launcher, sig,
                         const, meta))

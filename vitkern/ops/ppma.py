@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vitkern.eager import ppma as eager
 from vitkern.reference import ppma as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_qkv,
@@ -70,7 +71,7 @@ def _backend(op, backend, q, W, backward):
         # the forward alone takes any width; the backward needs whole rows per tile
         return tk.unsupported(d, q.dtype == torch.float32, W, backward=backward)
 
-    return select_backend(op, backend, q, triton=triton_reason)
+    return select_backend(op, backend, q, triton=triton_reason, eager=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +170,8 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
             (vertical), e.g. from :func:`ppma_decays`. Differentiable.
         hw: the map size (H, W).
         scale: logit scale, default d**-0.5.
-        backend: "auto", "triton", "cuda" or "reference".
+        backend: "auto", "triton", "cuda", "eager" or "reference" (``auto`` runs "eager",
+            :mod:`vitkern.eager.ppma`, for CPU tensors).
 
     Returns (B, heads, N, d):
     ½·softmax(scale·qkᵀ + log L)·v + ½·softmax(scale·qkᵀ + log Lᵀ)·v,
@@ -181,9 +183,13 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
     as ``F.scaled_dot_product_attention`` does; the log-decays keep their dtype.
     """
     op = "ppma_attention"
-    q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; the log-decays keep their dtype
+    q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; log-decays keep their dtype
     H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
     name = _backend(op, backend, q, W, needs_grad(q, k, v, log_decay_h, log_decay_v))
+    if name == "eager" and q.numel():
+        with autocast_off(q):
+            return eager.ppma_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W),
+                                        scale=scale)
     if name == "reference" or q.numel() == 0:
         with autocast_off(q):
             return ref.ppma_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W),
@@ -265,7 +271,7 @@ def ppma_criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Ten
     O(N·d) intermediates reach memory, never a per-row or per-column attention map.
     """
     op = "ppma_criss_cross_attention"
-    q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; the log-decays keep their dtype
+    q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; log-decays keep their dtype
     H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
     d = q.shape[-1]
 
