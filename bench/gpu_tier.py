@@ -54,7 +54,8 @@ FAMILIES = {
     "tuning": ["tests/test_tuning.py"],
 }
 #: the rest of the suite (stage 6); the ahead-of-time compiles are not GPU work
-REST = ["tests/test_window_nn.py", "tests/test_tokens.py", "tests/test_integrations.py",
+REST = ["tests/test_window_nn.py", "tests/test_token_nn.py", "tests/test_training.py",
+        "tests/test_integrations.py", "tests/test_papers.py", "tests/test_transformers.py",
         "tests/test_bench.py", "tests/test_csrc_build.py"]
 #: the sanitizer's cases: (label, test file, -k expression); the first matching test runs (one
 #: small case per kernel family: forward and backward of each Triton family, each CUDA kernel)
