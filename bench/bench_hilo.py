@@ -561,12 +561,16 @@ def _base_record(task: harness.Task, B: int, prov: Provider, mode: str) -> dict:
     }
 
 
-def _resolve_backend(device: torch.device) -> str | None:
+def _resolve_backend(device: torch.device, eager: bool = False) -> str | None:
     """The backend ``auto`` picks for tensors on ``device`` (by device only, as
-    ``vitkern.backends.select`` decides before any shape-specific refusal); None if unknown."""
+    ``vitkern.backends.select`` decides before any shape-specific refusal); ``eager``: whether
+    the op has a ``vitkern.eager`` module (HiLo has none: auto runs its reference on a CPU).
+    None if unknown."""
     try:
         from vitkern import backends
-        return backends.select("bench", "auto", lambda name, explicit: backends.device_reason(name, device, explicit))
+        return backends.select("bench", "auto", lambda name, explicit: (
+            "no eager module" if name == "eager" and not eager
+            else backends.device_reason(name, device, explicit)))
     except Exception:  # noqa: BLE001 - older / newer backends module
         return None
 

@@ -5,7 +5,7 @@ Groups: ``full`` (``vitkern.ops.ppma_attention``, PPMA's ``MambaAttentionAllDoub
 Providers of one (case, dtype, group) task, all on the same inputs (q, k, v (B, heads, N, d) and
 the two log-decays (B, heads, N)):
 
-* ``vitkern`` — the vitkern op (``triton`` on CUDA; ``auto`` = the reference on a CPU run), and
+* ``vitkern`` — the vitkern op (``triton`` on CUDA; ``auto`` = ``vitkern.eager`` on a CPU run), and
   any other backend asked for with ``--backends``;
 * ``ppma_original`` — PPMA's own formulation in plain PyTorch (``bench/ppma_original.py``): for
   ``full`` the fp32 N×N mask built by broadcasting, two softmaxes, averaged; for

@@ -298,7 +298,8 @@ def test_decays_bad_inputs():
 @pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch rules")
 def test_dispatch_on_cpu():
     q = _t(1, 2, 12, 16)
-    assert ops._backend("x", "auto", q, 4, True) == "reference"
+    assert ops._backend("x", "auto", q, 4, True) == "eager"  # CPU tensors: vitkern.eager.ppma
+    assert ops._backend("x", "reference", q, 4, True) == "reference"
     assert ops._backend("x", "triton", q, 4, True) == "triton"
     with pytest.raises(backends.BackendError) as info:
         x = q.double()

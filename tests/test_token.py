@@ -312,14 +312,15 @@ def test_bad_inputs_raise_clear_errors(kwargs, exc, match):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch rules")
 def test_dispatch_on_cpu():
     q = _t(1, 2, 16, 8)
-    assert T._backend("x", "auto", q, None) == "reference"
+    assert T._backend("x", "auto", q, None) == "eager"  # CPU tensors: vitkern.eager.token
+    assert T._backend("x", "reference", q, None) == "reference"
     assert T._backend("x", "triton", q, None) == "triton"
     with pytest.raises(backends.BackendError) as info:
         x = q.double()
         T.token_attention(x, x, x, backend="triton")
     msg = str(info.value)
     assert "dtype torch.float64 not supported by triton" in msg
-    assert "cuda:" in msg and "reference:" in msg
+    assert "cuda:" in msg and "eager:" in msg and "reference:" in msg
     for d in (12, 136):
         x = _t(1, 2, 16, d)
         with pytest.raises(backends.BackendError, match=f"head_dim {d} not supported by triton "

@@ -41,7 +41,8 @@ def info() -> str:
     for name, (ok, why) in backends.backend_status().items():
         lines.append(f"  {name:<9} {'yes' if ok else 'no ':<3}  {why}")
     lines.append(f"auto picks, in order: {', '.join(backends.AUTO_ORDER)} "
-                 "(CPU tensors: reference; cuda only where approved)")
+                 "(CPU tensors: eager where the op has an eager module, else reference; cuda only "
+                 "where approved)")
     lines.append(f"cuda {backends.cuda_auto_summary()}")
     return "\n".join(lines)
 

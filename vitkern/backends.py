@@ -1,9 +1,12 @@
 """Backend availability and per-call dispatch.
 
 Backends, fastest first: ``cuda`` (hand-written kernels in ``vitkern._C``; ``auto`` takes them only
-where :mod:`vitkern.cuda_auto` approves them), ``triton`` (the default GPU backend) and
-``reference`` (pure PyTorch; what ``auto`` uses for CPU tensors).
-Every op takes ``backend="auto" | "cuda" | "triton" | "reference"``; the environment variable
+where :mod:`vitkern.cuda_auto` approves them), ``triton`` (the default GPU backend), ``eager``
+(:mod:`vitkern.eager`: fast composite PyTorch, e.g. SDPA on gathered tokens; what ``auto`` uses for
+CPU tensors of the ops it covers) and ``reference`` (pure PyTorch, the definition; ``auto``'s CPU
+path for the other ops).
+Every op takes ``backend="auto" | "cuda" | "triton" | "eager" | "reference"``; an op without an
+eager module runs its reference under ``backend="eager"``. The environment variable
 ``VITKERN_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument still wins). When the chosen
 backend refuses an input, :class:`BackendError` lists every backend and its reason.
 """
@@ -19,11 +22,12 @@ import torch
 from vitkern.errors import BackendError
 from vitkern.triton_kernels import interpreting
 
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "eager", "reference")
 #: The order ``auto`` tries. It picks a CUDA C++ kernel only where ``vitkern/cuda_auto.json``
 #: approves it (passed the GPU test tier and measured faster than triton in a committed results
 #: file, for that GPU generation and dtype; see :mod:`vitkern.cuda_auto`); elsewhere triton.
-AUTO_ORDER = ("cuda", "triton", "reference")
+#: CPU tensors go to ``eager`` where the op has an eager module, else to the reference.
+AUTO_ORDER = ("cuda", "triton", "eager", "reference")
 
 
 def _probe_triton() -> tuple[bool, str]:
@@ -89,15 +93,32 @@ def reference_status() -> tuple[bool, str]:
     return True, f"pure PyTorch {torch.__version__}"
 
 
+#: What vitkern.eager covers (the other ops run their reference under backend="eager").
+EAGER_OPS = ("token_attention (SDPA on the gathered kept tokens, the CLS row alone)",
+             "ppma_attention (log-masks per block of query rows from the 1D row / column masks, "
+             "SDPA above 1024 tokens)")
+
+
+def eager_status() -> tuple[bool, str]:
+    return True, (f"composite PyTorch {torch.__version__}, any device; fast paths: "
+                  f"{'; '.join(EAGER_OPS)}; auto takes it for CPU tensors")
+
+
 def backend_status() -> dict[str, tuple[bool, str]]:
     """Backend name -> (available, human-readable reason)."""
-    return {"cuda": cuda_status(), "triton": triton_status(), "reference": reference_status()}
+    return {"cuda": cuda_status(), "triton": triton_status(), "eager": eager_status(),
+            "reference": reference_status()}
 
 
 def device_reason(backend: str, device: torch.device, explicit: bool) -> Optional[str]:
     """Why ``backend`` cannot run on tensors of ``device`` (None if it can)."""
     if backend == "reference":
         return None
+    if backend == "eager":
+        # on a GPU auto keeps today's order (triton, then the reference where triton refuses);
+        # backend="eager" runs anywhere
+        return None if explicit or device.type == "cpu" else (
+            "auto takes eager for CPU tensors only (ask for it with backend='eager')")
     if backend == "triton":
         ok, why = triton_status()
         if not ok:

@@ -59,7 +59,7 @@ from vitkern.ops.window import window_attention
 # on first use and importable from here (module __getattr__)
 __all__ = ["patch_model", "PatchReport", "UnsupportedModule"]
 
-_BACKENDS = ("auto", "triton", "cuda", "reference")
+_BACKENDS = ("auto", "triton", "cuda", "eager", "reference")
 
 
 # --------------------------------------------------------------------------------------------

@@ -169,21 +169,28 @@ def head_dim_reason(d: int, limit: int = 256) -> Optional[str]:
 
 def select_backend(op: str, backend: str, x: Tensor, *, triton: Callable[[], Optional[str]],
                    cuda: Optional[Callable[[], Optional[str]]] = None,
-                   cuda_kernels: Callable[[], tuple[str, ...]] = tuple) -> str:
+                   cuda_kernels: Callable[[], tuple[str, ...]] = tuple,
+                   eager: bool = False) -> str:
     """:func:`vitkern.backends.select` with the checks every op shares: ``x``'s device for every
     backend and its dtype for triton, then the family's own reason, ``triton()`` / ``cuda()``
     (None when its kernels take the inputs). Without ``cuda`` the op has no CUDA C++ kernel;
     ``cuda_kernels()`` names the vitkern._C kernels the call would run, which ``auto`` takes only
-    when :mod:`vitkern.cuda_auto` approves every one for ``x``'s GPU and dtype."""
+    when :mod:`vitkern.cuda_auto` approves every one for ``x``'s GPU and dtype. ``eager``: whether
+    the op has a :mod:`vitkern.eager` implementation (any dtype, any device; ``auto`` takes it
+    for CPU tensors). Without one, ``auto`` passes over eager as before, and an explicit
+    ``backend="eager"`` returns "reference": the reference is that op's PyTorch path."""
 
     def reason(name: str, explicit: bool) -> Optional[str]:
         if name == "cuda" and cuda is None:
             return f"no {op} kernel in vitkern._C yet"
+        if name == "eager" and not eager and not explicit:
+            return f"no eager module for {op} (its reference is its PyTorch path)"
         why = backends.device_reason(name, x.device, explicit)
-        if why is not None or name == "reference":
+        if why is not None or name in ("reference", "eager"):
             return why
         if name == "triton":
             return triton_dtype_reason(x.dtype) or triton()
         return cuda() or (None if explicit else cuda_auto.reason(cuda_kernels(), x.device, x.dtype))
 
-    return backends.select(op, backend, reason)
+    name = backends.select(op, backend, reason)
+    return "reference" if name == "eager" and not eager else name

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vitkern.eager import token as eager
 from vitkern.reference import token as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_qkv, check_scale,
@@ -169,7 +170,7 @@ def _backend(op, backend, q, key_bias, needs_grad=False):
 
         return tk.unsupported(d, q.dtype == torch.float32, backward=needs_grad)
 
-    return select_backend(op, backend, q, triton=triton_reason)
+    return select_backend(op, backend, q, triton=triton_reason, eager=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +383,8 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
             over heads (GTP-ViT), which costs a second QKᵀ pass over the kept tokens; returned
             without gradient (like ``.detach()``: it is a ranking signal).
         scale: logit scale, default d**-0.5.
-        backend: "auto", "triton", "cuda" or "reference" (see :mod:`vitkern.backends`).
+        backend: "auto", "triton", "cuda", "eager" or "reference" (see :mod:`vitkern.backends`;
+            ``auto`` runs "eager", :mod:`vitkern.eager.token`, for CPU tensors).
 
     Returns:
         o in the input dtype — dense (B, heads, K, d), varlen (R, heads, d) — or (o, importance)
@@ -401,6 +403,11 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
         t is not None and t.requires_grad for t in (q, k, v, key_bias))
     name = _backend(op, backend, q, key_bias, needs_grad)
     varlen = cu is not None
+    if name == "eager" and q.numel() and _n_keep(q, keep_idx, varlen):
+        with autocast_off(q):
+            return eager.token_attention(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
+                                         key_bias=key_bias, return_importance=return_importance,
+                                         scale=scale)
     if name == "reference" or q.numel() == 0 or _n_keep(q, keep_idx, varlen) == 0:
         with autocast_off(q):
             return ref.token_attention(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
