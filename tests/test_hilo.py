@@ -23,6 +23,12 @@ CASES = [
     (1, 1, 12, 12, 12, 0, None, 16),    # one 144-token window: several key tiles per window
     (1, 2, 1, 197, 1, 2, None, 32),     # s = 1: global attention over 197 tokens (ViT-like)
     (1, 2, 3, 3, 2, 2, "zero", 8),      # d = 8, Lo-Fi only, map smaller than two windows
+    # per-window Hi-Fi kernels (s <= 4): several window blocks per (batch, head), a partial last
+    # block, padding, several head-dim chunks
+    (2, 2, 11, 13, 2, 0, "zero", 16),   # s = 2: 42 windows, the last block partial
+    (2, 3, 9, 7, 3, 1, "zero", 16),     # s = 3: 9 windows (odd) in blocks of 2
+    (2, 2, 12, 20, 4, 1, None, 16),     # s = 4: 15 windows in blocks of 2
+    (1, 2, 5, 8, 3, 0, "zero", 128),    # s = 3, d = 128: several head-dim chunks
 ]
 
 
@@ -142,9 +148,10 @@ def test_triton_lofi_pooled_kv(hw, s, pad, device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_DEVICES[:1], ids=lambda x: str(x).split(".")[-1])
-def test_triton_reads_strided_projection_views(device, dtype):
+@pytest.mark.parametrize("H,W,s", [(6, 4, 2), (6, 9, 3), (5, 5, 5)])
+def test_triton_reads_strided_projection_views(device, dtype, H, W, s):
     """q, k, v as permuted views of one packed (B, N, 3, heads, d) projection: no copies needed."""
-    B, H, W, h, d, s = 2, 6, 4, 2, 16, 2
+    B, h, d = 2, 2, 16
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(B, H * W, 3 * h * d, generator=g).to(device, dtype)
     q, k, v = qkv.unflatten(-1, (3, h, d)).permute(2, 0, 3, 1, 4).unbind(0)
@@ -156,6 +163,26 @@ def test_triton_reads_strided_projection_views(device, dtype):
     # the output folds back into channels as a view
     assert out.transpose(1, 2).reshape(B, H * W, h * d).data_ptr() == out.data_ptr()
     assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("s,small", [(2, True), (3, True), (4, True), (5, False)])
+def test_small_windows_run_the_per_window_kernels(monkeypatch, s, small):
+    """Hi-Fi windows of s <= 4 run one forward and one backward per-window kernel (no delta
+    pre-pass); larger windows the packed tile kernels."""
+    from vitkern.triton_kernels import hilo as tk
+
+    launched = []
+    for name in ("hifi_small_fwd", "hifi_small_bwd", "hilo_fwd", "hilo_bwd_dkdv", "hilo_bwd_dq"):
+        def spy(*a, _name=name, _fn=getattr(tk, name), **kw):
+            launched.append(_name)
+            return _fn(*a, **kw)
+        monkeypatch.setattr(tk, name, spy)
+    monkeypatch.setattr(tk, "launch_delta",
+                        lambda *a, _fn=tk.launch_delta: launched.append("delta") or _fn(*a))
+    q, k, v = _qkv(1, 1, s * s, 16, torch.float32, KERNEL_DEVICES[0][0])
+    ops.hifi_attention(q, k, v, hw=(s, s), window_size=s, backend="triton").sum().backward()
+    assert launched == (["hifi_small_fwd", "hifi_small_bwd"] if small else
+                        ["hilo_fwd", "delta", "hilo_bwd_dkdv", "hilo_bwd_dq"])
 
 
 def test_triton_zero_stride_batch():

@@ -21,7 +21,12 @@ serves both global attention (window_size = 1) and callers that pass already-poo
 Backward: dK̄, dV̄ of a pooled key are spread back over its s² source tokens (÷ s²) by plain
 stores — each token has exactly one pooled key, so no atomics and the result is deterministic.
 
-All softmax math is the shared core in ``attention_core``.
+Hi-Fi small windows (2 <= s <= SMALL_WINDOW_MAX): the packed tile above spends over 90% of its dot
+FLOPs and exps on masked pairs at s = 2, so these run per-window kernels instead (a program holds
+whole windows as (window, slot) rows, scores by broadcast multiply-reduce, exact softmax in
+registers, and a single backward kernel: see the section below).
+
+All other softmax math is the shared core in ``attention_core``.
 """
 from __future__ import annotations
 
@@ -283,6 +288,143 @@ def hilo_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Hi-Fi small windows (s <= SMALL_WINDOW_MAX): one window per row of a [BLOCK_W, SS] tile
+#
+# A packed block-diagonal tile wastes almost all of its tensor-core work on tiny windows (s = 2:
+# 16 windows of 4 tokens in a 64×64 tile, ~2% of the dot FLOPs and exps are useful). Here a
+# program takes BLOCK_W windows of one (batch, head), each as SS = next_pow2(s²) slots, and
+# computes every window's SS×SS scores by a broadcast multiply-reduce over head-dim chunks of
+# BLOCK_C in fp32 (CUDA cores: the windows are too small for tensor-core shapes, and Hi-Fi is
+# memory-bound). The softmax is exact in registers (all of a window's keys are present), so the
+# backward needs no log-sum-exp and no delta pre-pass: one kernel recomputes P and writes dq, dk,
+# dv of its windows (a window's keys are its queries: no cross-program reduction, no atomics).
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _small_windows(pid_w, n_win, GW, MH, MW, S: tl.constexpr, SS: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+    """[BLOCK_W, SS] raster tokens of this block's windows, real token?; [SS] slot in use?"""
+    win = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    slot = tl.arange(0, SS)
+    used = slot < S * S
+    r = ((win // GW) * S)[:, None] + (slot // S)[None, :]
+    c = ((win % GW) * S)[:, None] + (slot % S)[None, :]
+    real = (win < n_win)[:, None] & used[None, :] & (r < MH) & (c < MW)
+    return r * MW + c, real, used
+
+
+@triton.jit
+def _small_ptrs(base, tok, offs_c, stride_n, stride_d):
+    """[BLOCK_W, SS, BLOCK_C] pointers of a (window, slot, channel) tile; int64 token offsets."""
+    return base + tok.to(tl.int64)[:, :, None] * stride_n + offs_c[None, None, :] * stride_d
+
+
+@triton.jit
+def _small_load(base, tok, real, offs_c, HEAD_DIM, stride_n, stride_d):
+    """fp32 (window, slot, channel) tile; pad tokens and channels read as zero."""
+    mask = real[:, :, None] & (offs_c < HEAD_DIM)[None, None, :]
+    return tl.load(_small_ptrs(base, tok, offs_c, stride_n, stride_d), mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _small_store(base, tok, real, offs_c, HEAD_DIM, stride_n, stride_d, x):
+    mask = real[:, :, None] & (offs_c < HEAD_DIM)[None, None, :]
+    tl.store(_small_ptrs(base, tok, offs_c, stride_n, stride_d),
+             x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _small_softmax(s, used, qk_scale_log2):
+    """Row softmax of [BLOCK_W, SS, SS] dot products over the used key slots: (P, row max, row
+    sum), base 2. Pad tokens of the map's last windows stay in as zero keys (LITv2's padding)."""
+    s = tl.where(used[None, None, :], s * qk_scale_log2, float("-inf"))
+    m = tl.max(s, 2)  # finite: slot 0 is always used
+    p = tl.exp2(s - m[:, :, None])
+    l = tl.sum(p, 2)
+    return p / l[:, :, None], m, l
+
+
+@triton.jit
+def hifi_small_fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    n_heads, slb, slh, n_win, MH, MW, GW, HEAD_DIM, qk_scale_log2,
+    S: tl.constexpr, SS: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh, pid_w = program_coords(n_win, BLOCK_W)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    O += bh_offset(pid_bh, n_heads, sob, soh)
+    tok, real, used = _small_windows(pid_w, n_win, GW, MH, MW, S, SS, BLOCK_W)
+
+    s = tl.zeros([BLOCK_W, SS, SS], tl.float32)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        q = _small_load(Q, tok, real, offs_c, HEAD_DIM, sqn, sqd)
+        k = _small_load(K, tok, real, offs_c, HEAD_DIM, skn, skd)
+        s += tl.sum(q[:, :, None, :] * k[:, None, :, :], 3)
+    p, m, l = _small_softmax(s, used, qk_scale_log2)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        v = _small_load(V, tok, real, offs_c, HEAD_DIM, svn, svd)
+        _small_store(O, tok, real, offs_c, HEAD_DIM, son, sod,
+                     tl.sum(p[:, :, :, None] * v[:, None, :, :], 2))
+    tl.store(LSE + bh_offset(pid_bh, n_heads, slb, slh) + tok, m + tl.log2(l), mask=real)
+
+
+@triton.jit
+def hifi_small_bwd_kernel(
+    Q, K, V, DO, DQ, DK, DV,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd,
+    sdvb, sdvh, sdvn, sdvd,
+    n_heads, n_win, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
+    S: tl.constexpr, SS: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh, pid_w = program_coords(n_win, BLOCK_W)
+    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
+    K += bh_offset(pid_bh, n_heads, skb, skh)
+    V += bh_offset(pid_bh, n_heads, svb, svh)
+    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
+    DK += bh_offset(pid_bh, n_heads, sdkb, sdkh)
+    DV += bh_offset(pid_bh, n_heads, sdvb, sdvh)
+    tok, real, used = _small_windows(pid_w, n_win, GW, MH, MW, S, SS, BLOCK_W)
+
+    # Pad queries read dO = 0 (they have no output), so their rows of dS and P·dO vanish.
+    s = tl.zeros([BLOCK_W, SS, SS], tl.float32)
+    dp = tl.zeros([BLOCK_W, SS, SS], tl.float32)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        q = _small_load(Q, tok, real, offs_c, HEAD_DIM, sqn, sqd)
+        k = _small_load(K, tok, real, offs_c, HEAD_DIM, skn, skd)
+        v = _small_load(V, tok, real, offs_c, HEAD_DIM, svn, svd)
+        do = _small_load(DO, tok, real, offs_c, HEAD_DIM, sdon, sdod)
+        s += tl.sum(q[:, :, None, :] * k[:, None, :, :], 3)
+        dp += tl.sum(do[:, :, None, :] * v[:, None, :, :], 3)
+    p, _, _ = _small_softmax(s, used, qk_scale_log2)
+    # delta = rowsum(dO ∘ O) = rowsum(P ∘ dP): from what is in registers, no pass over O.
+    ds = p * (dp - tl.sum(p * dp, 2)[:, :, None]) * scale
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        if BLOCK_C < BLOCK_D:  # several chunks: the first loop's tiles are gone, read again
+            q = _small_load(Q, tok, real, offs_c, HEAD_DIM, sqn, sqd)
+            k = _small_load(K, tok, real, offs_c, HEAD_DIM, skn, skd)
+            do = _small_load(DO, tok, real, offs_c, HEAD_DIM, sdon, sdod)
+        _small_store(DQ, tok, real, offs_c, HEAD_DIM, sdqn, sdqd,
+                     tl.sum(ds[:, :, :, None] * k[:, None, :, :], 2))
+        _small_store(DK, tok, real, offs_c, HEAD_DIM, sdkn, sdkd,
+                     tl.sum(ds[:, :, :, None] * q[:, :, None, :], 1))
+        _small_store(DV, tok, real, offs_c, HEAD_DIM, sdvn, sdvd,
+                     tl.sum(p[:, :, :, None] * do[:, :, None, :], 1))
+
+
+# --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
 
@@ -444,6 +586,32 @@ hilo_fwd = Launcher(hilo_fwd_kernel, _candidates("fwd"), _KEY)
 hilo_bwd_dkdv = Launcher(hilo_bwd_dkdv_kernel, _candidates("dkdv"), _KEY)
 hilo_bwd_dq = Launcher(hilo_bwd_dq_kernel, _candidates("dq"), _KEY)
 
+# Hi-Fi windows of s <= SMALL_WINDOW_MAX run the per-window kernels; larger ones (and s = 1) the
+# packed tile kernels above, whose useful fraction grows with s² (s = 8: one window per tile).
+SMALL_WINDOW_MAX = 4
+
+# Per-window tiles: (fp32 elements of one broadcast product [BLOCK_W, SS, SS, BLOCK_C] per
+# program, num_warps), preferred first; BLOCK_C (head-dim chunk) is the whole head dim where it
+# fits, so the backward reads each input once, and BLOCK_W fills the rest with windows.
+SMALL_TILES = {"fwd": ((8192, 8), (4096, 4), (4096, 8), (2048, 4), (1024, 4)),
+               "bwd": ((8192, 8), (4096, 8), (4096, 4), (2048, 4), (1024, 4))}
+
+
+def _small_candidates(kernel: str):
+    def candidates(*, SS, BLOCK_D, **_):
+        configs = {}
+        for elems, warps in SMALL_TILES[kernel]:
+            c = min(BLOCK_D, max(1, elems // (SS * SS)))
+            w = max(1, elems // (SS * SS * c))
+            configs.setdefault((w, c, warps), triton.Config(
+                {"BLOCK_W": w, "BLOCK_C": c}, num_warps=warps, num_stages=1))
+        return list(configs.values())
+    return candidates
+
+
+hifi_small_fwd = Launcher(hifi_small_fwd_kernel, _small_candidates("fwd"), ["n_win", "HEAD_DIM"])
+hifi_small_bwd = Launcher(hifi_small_bwd_kernel, _small_candidates("bwd"), ["n_win", "HEAD_DIM"])
+
 
 # --------------------------------------------------------------------------------------------
 # host entry points (called by vitkern.ops.hilo on inputs it has validated)
@@ -469,11 +637,29 @@ def _split(geo: dict):
     return sizes, dict(WINDOW=geo["WINDOW"], POOL=geo["POOL"])
 
 
+def _small(window: bool, s: int) -> bool:
+    """Whether a head group runs the per-window Hi-Fi kernels."""
+    return window and 2 <= s <= SMALL_WINDOW_MAX
+
+
+def _small_geometry(H: int, W: int, s: int, d: int):
+    """(n_win, MH, MW, GW) and the constexprs of the per-window kernels."""
+    gw = cdiv(W, s)
+    return ((cdiv(H, s) * gw, H, W, gw),
+            dict(S=s, SS=triton.next_power_of_2(s * s), BLOCK_D=block_d(d)))
+
+
 def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
             kv_pooled: bool = False):
     """One head group (all Hi-Fi if ``window`` else all Lo-Fi) of q, k, v (B, h, N, d) into
     o (B, h, N, d) and the base-2 log-sum-exp ``lse`` (B, h, N, fp32, token stride 1)."""
     b, h, n, d = q.shape
+    if _small(window, s):
+        sizes, meta = _small_geometry(H, W, s, d)
+        hifi_small_fwd(row_grid(b * h, sizes[0], "BLOCK_W"),
+                       q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
+                       h, *lse.stride()[:2], *sizes, d, qk_scale_log2(scale), **meta)
+        return
     geo = _geometry(H, W, s, window, kv_pooled)
     sizes, mode = _split(geo)
     hilo_fwd(row_grid(b * h, geo["n_rows"], "BLOCK_M"),
@@ -487,6 +673,13 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
     """Gradients of one head group into dq, dk, dv; every element of them is written (each
     token lies in exactly one window / pooled block, pad tokens are never stored)."""
     b, h, n, d = q.shape
+    if _small(window, s):  # P recomputed exactly per window: o and lse are not needed
+        sizes, meta = _small_geometry(H, W, s, d)
+        hifi_small_bwd(row_grid(b * h, sizes[0], "BLOCK_W"), q, k, v, do, dq, dk, dv,
+                       *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq),
+                       *strides4(dk), *strides4(dv), h, *sizes, d, float(scale),
+                       qk_scale_log2(scale), **meta)
+        return
     geo = _geometry(H, W, s, window, kv_pooled)
     sizes, mode = _split(geo)
     delta = launch_delta(o, do, lse)
@@ -517,13 +710,26 @@ def _aot_signature(fn, ptr_dtype: str) -> tuple[dict, dict]:
 
 
 def aot_specs():
-    """Every kernel × mode (Hi-Fi s = 2; Lo-Fi pooling 2×2 and pre-pooled) × declared head-dim
-    class × fp16/fp32, each with its tile candidates. bf16 compiles like fp16."""
+    """Every kernel × mode (Hi-Fi per window, s = 2 and 4; Hi-Fi packed tiles, s = 5; Lo-Fi
+    pooling 2×2 and pre-pooled) × declared head-dim class × fp16/fp32, each with its tile
+    candidates. bf16 compiles like fp16."""
     from .aot import spec_from_launcher
 
-    modes = {"hifi": dict(WINDOW=2, POOL=1), "lofi": dict(WINDOW=0, POOL=2),
-             "lofi_pooled": dict(WINDOW=0, POOL=1)}
     specs = []
+    for kname, launcher in (("fwd", hifi_small_fwd), ("bwd", hifi_small_bwd)):
+        # s = 3 pads its 9 tokens to 16 slots like s = 4: the same tile shapes, so s = 2 and
+        # s = 4 prove the register budget of every per-window specialisation
+        for s in (2, SMALL_WINDOW_MAX):
+            for dtype in ("fp16", "fp32"):
+                sig, const = _aot_signature(launcher.fn, dtype)
+                for bd in (16, 32, 64, 128, 256):
+                    if unsupported(bd, dtype == "fp32", s, 1, backward=kname != "fwd"):
+                        continue
+                    _, meta = _small_geometry(s, s, s, bd)
+                    specs.append(spec_from_launcher(f"hilo.{kname}.hifi_small_s{s}[{dtype},D={bd}]",
+                                                    launcher, sig, const, meta))
+    modes = {"hifi": dict(WINDOW=SMALL_WINDOW_MAX + 1, POOL=1), "lofi": dict(WINDOW=0, POOL=2),
+             "lofi_pooled": dict(WINDOW=0, POOL=1)}
     for kname, launcher in (("fwd", hilo_fwd), ("dkdv", hilo_bwd_dkdv), ("dq", hilo_bwd_dq)):
         for mname, mode in modes.items():
             for dtype in ("fp16", "fp32"):
