@@ -189,3 +189,25 @@ def test_roofline_arithmetic():
     e = work.Eager()
     e.mm("mm", 1, 8, 8, 8)
     assert e.fwd[0].flops == 2 * 8 ** 3 and sum(x.flops for x in e.bwd) == 2 * 2 * 8 ** 3
+
+
+@pytest.mark.parametrize("precision,cls", [("highest", "tf32x3"), ("high", "tf32"),
+                                           ("medium", "tf32")])
+def test_fp32_dots_follow_matmul_precision(precision, cls):
+    """fp32 inputs keep fp32 accuracy (tf32x3 dots) by default; torch's matmul precision "high" /
+    "medium" (the user choosing speed, as torch.matmul and SDPA do) makes them one TF32 pass."""
+    from vitkern.ops import token_attention, window_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 36, 16, generator=g) for _ in range(3))
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        for op in (lambda: window_attention(q, k, v, hw=(6, 6), window_size=3, shift=1,
+                                            backend="triton"),
+                   lambda: token_attention(q, k, v, backend="triton")):
+            _, c = work.count(op)
+            classes = {name for kw in c.kernels.values() for name in kw.dot_flops}
+            assert classes == {cls}, classes
+    finally:
+        torch.set_float32_matmul_precision(old)

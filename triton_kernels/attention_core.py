@@ -187,6 +187,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def exact_fp32(dtype: torch.dtype) -> bool:
+    """The ``IEEE`` constexpr of a launch: fp32 inputs keep fp32 accuracy (3-pass TF32 / IEEE
+    dots) unless the user chose speed with ``torch.set_float32_matmul_precision("high")`` or
+    ``"medium"`` (``torch.backends.cuda.matmul.allow_tf32 = True`` sets "high"), which
+    ``torch.matmul`` and SDPA follow too; then fp32 dots take one TF32 pass (about 1e-3
+    relative; the fp32 tile candidates, sized for tf32x3's three passes, hold one pass too).
+    16-bit inputs are unaffected."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def row_grid(bh: int, n: int, block: str):
     """Launch grid of one program per (batch·head, ``block``-row tile of n rows), the tile
     size read from the chosen config (``meta[block]``)."""

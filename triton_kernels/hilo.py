@@ -30,7 +30,6 @@ All other softmax math is the shared core in ``attention_core``.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -38,6 +37,7 @@ from .attention_core import (
     bh_offset,
     block_d,
     cdiv,
+    exact_fp32,
     launch_delta,
     mma,
     program_coords,
@@ -665,7 +665,7 @@ def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
     hilo_fwd(row_grid(b * h, geo["n_rows"], "BLOCK_M"),
              q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
              h, *lse.stride()[:2], n, *sizes, d, qk_scale_log2(scale),
-             **mode, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+             **mode, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
 
 
 def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: float,
@@ -684,7 +684,7 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
     sizes, mode = _split(geo)
     delta = launch_delta(o, do, lse)
     common = (h, *lse.stride()[:2], n, *sizes, d, float(scale), qk_scale_log2(scale))
-    meta = dict(**mode, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+    meta = dict(**mode, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
     hilo_bwd_dkdv(row_grid(b * h, geo["n_keys"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
                   *qkv, *strides4(dk), *strides4(dv), *common, **meta)

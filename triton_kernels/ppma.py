@@ -53,6 +53,7 @@ from .attention_core import (
     bh_offset,
     block_d,
     cdiv,
+    exact_fp32,
     launch_delta,
     program_coords,
     qk_scale_log2,
@@ -644,7 +645,8 @@ def cc_unsupported(H: int, W: int, head_dim: int, fp32: bool):
 def _cc_launch(kernel, q, n_lines: int, L: int, H: int, W: int, args, **meta):
     b, h, n, d = q.shape
     fp32 = q.dtype == torch.float32
-    kernel[(b * h * n_lines,)](*args, h, n, H, W, n_lines, L, d, **meta, IEEE=fp32,
+    kernel[(b * h * n_lines,)](*args, h, n, H, W, n_lines, L, d, **meta,
+                               IEEE=exact_fp32(q.dtype),
                                BLOCK_L=cc_block(L), BLOCK_D=block_d(d),
                                num_warps=cc_warps(cc_block(L), block_d(d), fp32), num_stages=1)
 
@@ -839,7 +841,7 @@ def forward(q, k, v, pq, o, o1, lse, H: int, W: int, scale: float):
     ppma_fwd(row_grid(b * h, n_virt, "BLOCK_M"), q, k, v, o, o1, lse, pq,
              *strides4(q), *strides4(k), *strides4(v), *strides4(o), *strides4(o1),
              h, n, H, W, n_virt, d, qk_scale_log2(scale),
-             WP=wp, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+             WP=wp, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
 
 
 def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: float):
@@ -854,7 +856,7 @@ def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: flo
     delta[:, :, 1].mul_(2.0).sub_(delta[:, :, 0])
     gpq, gqq, gpk, gqk = (q.new_empty((b, h, n), dtype=torch.float32) for _ in range(4))
     common = (h, n, H, W, n_virt, d, float(scale), qk_scale_log2(scale))
-    meta = dict(WP=wp, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+    meta = dict(WP=wp, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
     ppma_bwd_dq(row_grid(b * h, n_virt, "BLOCK_M"), q, k, v, do, lse, delta, pq, dq,
                 gpq, gqq, *qkv, *strides4(dq), *common, **meta)

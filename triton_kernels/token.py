@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .attention_core import (
     block_d,
+    exact_fp32,
     launch_delta,
     mma,
     program_coords,
@@ -485,7 +486,7 @@ def forward(q, k, v, keep_idx, key_bias, cu, o, lse, scale: float, n_rows: int):
     token_fwd(row_grid(b * h, n_rows, "BLOCK_M"),
               q, k, v, o, lse, idx, bias, q if cu is None else cu, *strides4(q), *strides4(k),
               *strides4(v), *strides4(o), *idx_s, *bias_s, h, *lse.stride()[:2], n_rows, d,
-              qk_scale_log2(scale), IEEE=q.dtype == torch.float32,
+              qk_scale_log2(scale), IEEE=exact_fp32(q.dtype),
               **_flags(q, keep_idx, key_bias, cu))
 
 
@@ -508,7 +509,7 @@ def colsum(q, k, keep_idx, key_bias, cu, lse, c, scale: float, n_rows: int):
     token_colsum(row_grid(b * h, n_rows, "BLOCK_N"),
                  q, k, lse, idx, bias, q if cu is None else cu, c, *strides4(q), *strides4(k),
                  *idx_s, *bias_s, h, *lse.stride()[:2], *c.stride()[:2], n_rows, d,
-                 qk_scale_log2(scale), IEEE=q.dtype == torch.float32,
+                 qk_scale_log2(scale), IEEE=exact_fp32(q.dtype),
                  **_flags(q, keep_idx, key_bias, cu))
 
 
@@ -544,7 +545,7 @@ def backward(do, q, k, v, o, lse, keep_idx, key_bias, cu, p0, g0, dq, dk, dv, db
     g0_t, g0_s = (q, (0, 0)) if g0 is None else (g0, g0.stride()[:2])
     db_t, db_s = (q, (0, 0)) if db is None else (db, db.stride()[:2])
     common = (h, *lse.stride()[:2], n_rows, d, float(scale), qk_scale_log2(scale))
-    meta = dict(HAS_G0=g0 is not None, IEEE=q.dtype == torch.float32,
+    meta = dict(HAS_G0=g0 is not None, IEEE=exact_fp32(q.dtype),
                 **_flags(q, keep_idx, key_bias, cu))
     qkvdo = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
     token_bwd_dkdv(row_grid(b * h, n_rows, "BLOCK_N"),

@@ -54,6 +54,7 @@ from .attention_core import (
     bh_offset,
     block_d,
     cdiv,
+    exact_fp32,
     launch_delta,
     mma,
     program_coords,
@@ -502,7 +503,7 @@ def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, a
                *(geo[x] for x in _GEO), *bias_strides(bias, geo["WH"], geo["WW"]), d,
                qk_scale_log2(scale), float(mask_value) * LOG2E, WH=geo["WH"], WW=geo["WW"],
                NS=geo["NS"], HAS_BIAS=bias is not None,
-               HAS_ACTIVE=active is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+               HAS_ACTIVE=active is not None, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
 
 
 def _n_chunks(n_pairs: int, heads: int) -> int:
@@ -526,7 +527,7 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
               *bias_strides(bias, geo["WH"], geo["WW"]), d)
     logs = (float(scale), qk_scale_log2(scale), float(mask_value) * LOG2E)
     meta = dict(WH=geo["WH"], WW=geo["WW"], HAS_BIAS=bias is not None,
-                HAS_ACTIVE=active is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(d))
+                HAS_ACTIVE=active is not None, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
     qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
     window_bwd_dkdv(row_grid(b * h, geo["n_virt"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
                     bias_arg, aw, *qkv, *strides4(dk), *strides4(dv), *common, *logs,
