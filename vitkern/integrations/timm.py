@@ -202,6 +202,22 @@ def _as_options(value, key: str, allowed: set[str], what: str) -> dict:
     return opts
 
 
+def _drop_options(token_drop) -> dict:
+    """``token_drop`` (EViT) as an option dict, checked now rather than at the first forward:
+    a bare int is refused as ambiguous, and a bad keep rate / count or order raises."""
+    from vitkern import tokens
+
+    if isinstance(token_drop, int) and not isinstance(token_drop, bool):
+        raise ValueError(f"patch_model: token_drop={token_drop} is ambiguous: pass a keep rate "
+                         f"as a float (1.0 keeps every token) or a count of image tokens as "
+                         f"token_drop=dict(keep_rate={token_drop})")
+    opts = _as_options(token_drop, "keep_rate",
+                       {"keep_rate", "layers", "fuse", "order", "allow_pool"}, "token_drop")
+    tokens.keep_count(1, opts.get("keep_rate", 1.0))
+    tokens._check_order(opts.get("order", "score"))
+    return opts
+
+
 def _layers(opts: dict, depth: int, default) -> list[int]:
     layers = sorted(set(opts.get("layers", default)))
     bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < depth)]
@@ -223,12 +239,7 @@ def _patch_tokens(model: nn.Module, token_drop, token_merge, backend: str,
     depth = len(blocks)
     n_prefix = model.num_prefix_tokens
     if token_drop is not None:
-        if isinstance(token_drop, int) and not isinstance(token_drop, bool):
-            raise ValueError(f"patch_model: token_drop={token_drop} is ambiguous: pass a keep "
-                             f"rate as a float (1.0 keeps every token) or a count of image "
-                             f"tokens as token_drop=dict(keep_rate={token_drop})")
-        opts = _as_options(token_drop, "keep_rate",
-                           {"keep_rate", "layers", "fuse", "order", "allow_pool"}, "token_drop")
+        opts = _drop_options(token_drop)
         keep = opts.get("keep_rate", 1.0)
         layers = _layers(opts, depth, (depth // 4, depth // 2, 3 * depth // 4))
         if n_prefix < 1 or getattr(model, "cls_token", None) is None:
@@ -244,10 +255,6 @@ def _patch_tokens(model: nn.Module, token_drop, token_merge, backend: str,
         # class token, EViT's rule
         kw = dict(mode="drop", keep=keep, fuse=opts.get("fuse", True),
                   order=opts.get("order", "score"), num_prefix=n_prefix)
-        from vitkern import tokens
-
-        tokens.keep_count(1, keep)  # raises for a bad keep rate / count now, not at forward
-        tokens._check_order(kw["order"])
         what = (f"EViT drop: keep {keep} of the image tokens, fuse={kw['fuse']}, "
                 f"order={kw['order']}")
     else:

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern import tokens
-from vitkern.integrations.timm import (PatchReport, UnsupportedModule, _as_options, _class_path,
-                                       _layers)
+from vitkern.integrations.timm import (PatchReport, UnsupportedModule, _class_path,
+                                       _drop_options, _layers)
 from vitkern.ops.token import token_attention
 from vitkern.ops.window import window_attention
 
@@ -613,16 +613,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
 
 def _patch_tokens(model: nn.Module, token_drop, backend: str, report: PatchReport) -> set[str]:
     """EViT token dropping on a transformers ViT / DINOv2; returns the patched layers' names."""
-    if isinstance(token_drop, int) and not isinstance(token_drop, bool):
-        raise ValueError(f"patch_model: token_drop={token_drop} is ambiguous: pass a keep rate "
-                         f"as a float (1.0 keeps every token) or a count of image tokens as "
-                         f"token_drop=dict(keep_rate={token_drop})")
-    opts = _as_options(token_drop, "keep_rate",
-                       {"keep_rate", "layers", "fuse", "order", "allow_pool"}, "token_drop")
-    keep = opts.get("keep_rate", 1.0)
-    tokens.keep_count(1, keep)  # a bad keep rate / count raises now, not at the first forward
-    order = opts.get("order", "score")
-    tokens._check_order(order)
+    opts = _drop_options(token_drop)
+    keep, order = opts.get("keep_rate", 1.0), opts.get("order", "score")
     fuse = bool(opts.get("fuse", True))
 
     top = type(model).__name__
