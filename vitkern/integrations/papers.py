@@ -19,8 +19,7 @@ Every replacement reuses the original module's parameter objects (no copy): the 
 ``state_dict`` keys and the same ``named_parameters()`` order, checked on every replacement, so
 a checkpoint loads unchanged and an optimizer built before patching still lines up. A module
 whose class name matches but whose layout does not is refused with the reason
-(:class:`~vitkern.integrations.timm.UnsupportedModule`); ``patch_model`` lists it in
-``report.left``.
+(:class:`~vitkern.errors.UnsupportedModule`); ``patch_model`` lists it in ``report.left``.
 
 Where the patched model differs, it raises instead of answering differently: LITv2's root
 ``hilo.py`` demo (``forward(x, H, W)``, no padding) is patched like the detection copy, equal on
@@ -44,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from vitkern import tokens as _tokens
-from vitkern.integrations.timm import UnsupportedModule
+from vitkern.errors import UnsupportedModule
+from vitkern.integrations._common import class_path
 from vitkern.nn.hilo import HiLo
 from vitkern.nn.ppma import PathEmbedding2D, PolylinePathAttention, _DWConv2d
 from vitkern.ops.token import token_attention
@@ -64,11 +64,6 @@ class PaperPatch:
     paper: str
     children: list[tuple[str, str, str]] = field(default_factory=list)
     tokens: Optional[str] = None
-
-
-def _path(obj) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _refuse(paper: str, cls_name: str, why: str) -> UnsupportedModule:
@@ -420,7 +415,8 @@ def _evit_block(module: nn.Module, backend: str) -> Optional[PaperPatch]:
     if new.keep_rate < 1:
         tokens = (f"EViT drop (the model's own): keep_rate={new.keep_rate}, "
                   f"fuse_token={new.fuse_token}")
-    return PaperPatch(new, "EViT block", [("attn", _path(module.attn), _path(new.attn))], tokens)
+    return PaperPatch(new, "EViT block",
+                      [("attn", class_path(module.attn), class_path(new.attn))], tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,10 +438,10 @@ def replace(module: nn.Module, backend: str = "auto") -> Optional[PaperPatch]:
     """The vitkern replacement of a LITv2 / PPMA / EViT module, recognised by class name and
     layout: a :class:`PaperPatch`, or None when the module is not one of theirs.
 
-    Raises :class:`~vitkern.integrations.timm.UnsupportedModule` (with the reason) when the
+    Raises :class:`~vitkern.errors.UnsupportedModule` (with the reason) when the
     class name is theirs but the layout is not. vitkern's and timm's own classes are never
     matched here."""
-    path = _path(module)
+    path = class_path(module)
     if path.startswith(("vitkern.", "timm.")):
         return None
     adapter = PAPER_CLASSES.get(type(module).__name__)

@@ -3,7 +3,8 @@
 ``report = patch_model(model)`` is :func:`vitkern.integrations.timm.patch_model`'s contract for
 transformers models: the model keeps its parameter objects (no copies), its ``state_dict`` keys and
 ``named_parameters()`` order, gives the same outputs, and the returned
-:class:`~vitkern.integrations.timm.PatchReport` says what changed and what was left and why.
+:class:`PatchReport` (the same class as ``vitkern.integrations.timm.PatchReport``) says what changed
+and what was left and why.
 Task heads (``SwinForImageClassification``, ``ViTForImageClassification``, ...) are accepted: the
 layers are found inside them.
 
@@ -50,8 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkern import tokens
-from vitkern.integrations.timm import (PatchReport, UnsupportedModule, _class_path,
-                                       _drop_options, _layers)
+from vitkern.errors import UnsupportedModule
+from vitkern.integrations._common import (LazyClasses, PatchReport, block_indices, class_path,
+                                          drop_options)
 from vitkern.ops.token import token_attention
 from vitkern.ops.window import window_attention
 
@@ -125,29 +127,20 @@ def _merge_heads(o: Tensor) -> Tensor:
     return o.transpose(1, 2).reshape(B, L, h * d)
 
 
-def _fused_class(name: str) -> type:
-    """The fused subclass ``name`` of a transformers layer class, built on first use."""
-    cls = _FUSED_CLASSES.get(name)
-    if cls is None:
-        mod_name, base_name, doc = _FUSED_SPECS[name]
-        base = getattr(importlib.import_module(mod_name), base_name)
-        layout = _layout(name, base)
-        if layout is None:
-            raise UnsupportedModule(_signature_reason(name, base))
-        forward = layout[2]
-        # transformers' GradientCheckpointingLayer wraps a subclass's forward for checkpointing
-        # (__init_subclass__), so gradient checkpointing keeps working; ``_vitkern_base`` is the
-        # transformers class whose own forward the fallbacks call
-        cls = type(name, (base,), {"__module__": __name__, "__qualname__": name,
-                                   "__doc__": doc, "forward": forward, "_vitkern_base": base})
-        _FUSED_CLASSES[name] = cls
-    return cls
-
-
-def __getattr__(name):  # PEP 562: the lazily built classes are importable (pickle, isinstance)
-    if name in _FUSED_SPECS:
-        return _fused_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _build_fused_class(name: str) -> type:
+    """The fused subclass ``name`` of a transformers layer class (``_fused_class`` builds it on
+    first use)."""
+    mod_name, base_name, doc = _FUSED_SPECS[name]
+    base = getattr(importlib.import_module(mod_name), base_name)
+    layout = _layout(name, base)
+    if layout is None:
+        raise UnsupportedModule(_signature_reason(name, base))
+    forward = layout[2]
+    # transformers' GradientCheckpointingLayer wraps a subclass's forward for checkpointing
+    # (__init_subclass__), so gradient checkpointing keeps working; ``_vitkern_base`` is the
+    # transformers class whose own forward the fallbacks call
+    return type(name, (base,), {"__module__": __name__, "__qualname__": name,
+                                "__doc__": doc, "forward": forward, "_vitkern_base": base})
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +356,6 @@ def _dinov2_layer_forward(self, hidden_states: Tensor, attention_mask: Optional[
     return self.drop_path(out) + hidden_states
 
 
-_FUSED_CLASSES: dict = {}
 #: fused class name -> (transformers module, base class, docstring)
 _FUSED_SPECS = {
     "FusedSwinLayer": (
@@ -389,6 +381,9 @@ _FUSED_SPECS = {
         "transformers' Dinov2WithRegistersLayer that drops tokens after its attention (EViT), "
         "keeping the class and register tokens; same parameters."),
 }
+#: the fused classes, built on first use and importable from this module (pickle, isinstance)
+_fused_class = LazyClasses(__name__, _FUSED_SPECS, _build_fused_class)
+__getattr__ = _fused_class.module_getattr
 
 #: transformers layer class path -> fused class name (window attention, patched by default)
 _WINDOW_LAYERS = {
@@ -531,8 +526,8 @@ def _layer_path(module: nn.Module) -> str:
     """The transformers class path of a layer, also for an already fused one (so that patching
     twice only updates the options)."""
     if type(module).__module__ == __name__:
-        return _PATH_OF.get(type(module).__name__, _class_path(module))
-    return _class_path(module)
+        return _PATH_OF.get(type(module).__name__, class_path(module))
+    return class_path(module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +538,7 @@ def _layer_path(module: nn.Module) -> str:
 def patch_model(model: nn.Module, *, backend: str = "auto",
                 token_drop: Union[None, float, dict] = None) -> PatchReport:
     """Patch a transformers Swin / Swin V2 / ViT / DINOv2 model (or a task model around one) in
-    place; returns a :class:`~vitkern.integrations.timm.PatchReport`.
+    place; returns a :class:`PatchReport`.
 
     * Every ``SwinLayer`` / ``Swinv2Layer`` becomes :class:`FusedSwinLayer` /
       :class:`FusedSwinv2Layer` (the same object, its class switched): window attention on the
@@ -591,17 +586,17 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
             continue
         module.__class__ = _fused_class(fused)
         module.vitkern_backend = backend
-        report.replaced.append((name, path, _class_path(module)))
+        report.replaced.append((name, path, class_path(module)))
         served.add(name)
         p = (module.attention.self.dropout.p if hasattr(module.attention, "self")
              else module.attention.attention_dropout)
         if p > 0:
-            report.left.append((f"{name}.attention", _class_path(module.attention),
+            report.left.append((f"{name}.attention", class_path(module.attention),
                                 f"attention dropout p={p}: in training mode this layer runs "
                                 "transformers' own (unfused) path, as the fused op has no "
                                 "dropout on the probabilities; eval mode is fused"))
     for name, module in model.named_modules():
-        path = _class_path(module)
+        path = class_path(module)
         if "Attention" not in type(module).__name__ or not path.startswith("transformers."):
             continue
         if any(name.startswith(f"{s}.") for s in served):
@@ -613,7 +608,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto",
 
 def _patch_tokens(model: nn.Module, token_drop, backend: str, report: PatchReport) -> set[str]:
     """EViT token dropping on a transformers ViT / DINOv2; returns the patched layers' names."""
-    opts = _drop_options(token_drop)
+    opts = drop_options(token_drop)
     keep, order = opts.get("keep_rate", 1.0), opts.get("order", "score")
     fuse = bool(opts.get("fuse", True))
 
@@ -623,7 +618,7 @@ def _patch_tokens(model: nn.Module, token_drop, backend: str, report: PatchRepor
     if base_name not in _TOKEN_MODELS or not type(base).__module__.startswith("transformers."):
         raise ValueError(f"patch_model: token_drop (EViT) supports transformers' "
                          f"{', '.join(_TOKEN_MODELS)} and their image classifiers, got "
-                         f"{_class_path(model)}")
+                         f"{class_path(model)}")
     if top in _POOL_HEADS and not opts.get("allow_pool", False):
         raise ValueError(f"patch_model: {top}'s head averages the patch tokens, and with "
                          f"token_drop it would average the kept and fused ones only; pass "
@@ -641,11 +636,11 @@ def _patch_tokens(model: nn.Module, token_drop, backend: str, report: PatchRepor
             layer_list, list_name = module, name
             break
     if layer_list is None:
-        raise ValueError(f"patch_model: no ViT / DINOv2 layer list found in {_class_path(base)} "
+        raise ValueError(f"patch_model: no ViT / DINOv2 layer list found in {class_path(base)} "
                          f"(supported layers: {', '.join(_TOKEN_LAYERS)})")
     prefix = (f"{model.base_model_prefix}." if base is not model else "") + list_name
     depth = len(layer_list)
-    layers = _layers(opts, depth, (depth // 4, depth // 2, 3 * depth // 4))
+    layers = block_indices(opts, depth, (depth // 4, depth // 2, 3 * depth // 4))
     num_prefix = 1 + int(getattr(base.config, "num_register_tokens", 0) or 0)
     what = (f"EViT drop: keep {keep} of the image tokens, fuse={fuse}, order={order}, "
             f"{num_prefix} prefix token(s) kept")
@@ -660,12 +655,12 @@ def _patch_tokens(model: nn.Module, token_drop, backend: str, report: PatchRepor
         layer.__class__ = _fused_class(_TOKEN_LAYERS[path])
         layer.vitkern_backend = backend
         layer.vitkern_token_drop = dict(keep=keep, fuse=fuse, order=order, num_prefix=num_prefix)
-        report.replaced.append((name, path, _class_path(layer)))
+        report.replaced.append((name, path, class_path(layer)))
         report.tokens.append((name, what))
         served.add(name)
         p = layer.attention.attention_dropout
         if p > 0:
-            report.left.append((f"{name}.attention", _class_path(layer.attention),
+            report.left.append((f"{name}.attention", class_path(layer.attention),
                                 f"attention dropout p={p}: in training mode this layer forms "
                                 "the attention probabilities eagerly (the fused op has no "
                                 "dropout on them); eval mode is fused"))

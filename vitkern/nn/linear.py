@@ -7,8 +7,9 @@
 * :class:`SoftAttention` — SOFT's softmax-free attention (``SoftmaxFreeAttention``: ``W_q``,
   ``W_v``, ``attn.Qlandmark_op``, ``attn.Qnorm_act``, ``attn.conv``, ``ff``).
 
-All load the original checkpoints with ``strict=True``; ``XCA.from_timm`` swaps a timm XCA in
-place reusing its parameter objects (see :mod:`vitkern.integrations.timm`).
+All load the original checkpoints with ``strict=True``; ``XCA.from_timm`` builds one from a timm
+XCA reusing its parameter objects (the adapter lives in :mod:`vitkern.integrations.timm.xcit`,
+which ``patch_model`` uses; this module imports no timm).
 """
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vitkern.errors import UnsupportedModule
 from vitkern.ops import linear as linear_ops
 
-__all__ = ["XCA", "LinearAttention", "SoftAttention", "SoftAttentionKernel", "TIMM_REPLACEMENTS"]
+__all__ = ["XCA", "LinearAttention", "SoftAttention", "SoftAttentionKernel"]
 
 
 def _split_qkv(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,20 +63,10 @@ class XCA(nn.Module):
 
     @classmethod
     def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "XCA":
-        """A vitkern XCA sharing ``module``'s submodules and parameters (no copies)."""
-        p = getattr(getattr(module, "attn_drop", None), "p", 0.0)
-        if p:
-            raise UnsupportedModule(f"attn_drop={p} (dropout on the d×d attention map) is not "
-                                    "supported by the fused XCA op")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.num_heads = module.num_heads
-        new.backend = backend
-        new.temperature = module.temperature
-        new.qkv = module.qkv
-        new.proj = module.proj
-        new.proj_drop = module.proj_drop
-        return new
+        """From timm's ``XCA``, sharing its parameters (no copies; ``attn_drop > 0`` refused):
+        :func:`vitkern.integrations.timm.xcit.xca_from_timm`."""
+        from vitkern.integrations.timm.xcit import xca_from_timm
+        return xca_from_timm(module, backend=backend, cls=cls)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, backend={self.backend!r}"
@@ -207,7 +197,3 @@ class SoftAttention(nn.Module):
         q = self.W_q(X).view(B, N, self.num_head, self.head_dim).transpose(1, 2)
         v = self.W_v(X).view(B, N, self.num_head, self.head_dim).transpose(1, 2)
         return self.ff(_merge_heads(self.attn(q, v, H, W)))
-
-
-#: timm classes :func:`vitkern.integrations.timm.patch_model` replaces with these modules.
-TIMM_REPLACEMENTS = {"timm.models.xcit.XCA": XCA}

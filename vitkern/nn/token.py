@@ -10,12 +10,10 @@
   (``mode="merge"``).
 
 ``vitkern.integrations.timm.patch_model(model, token_drop=..., token_merge=...)`` builds them
-from a timm ``VisionTransformer``; ``from_timm`` reuses the timm modules' parameter objects.
-
-``TIMM_REPLACEMENTS`` is deliberately empty: swapping *every* ViT attention for
-``token_attention`` when no token is dropped buys nothing over PyTorch's fused SDPA
-(FlashAttention on a GPU) for dense attention, so plain ``patch_model(model)`` leaves ViT
-attention alone; only the token options install these modules.
+from a timm ``VisionTransformer``; ``from_timm`` reuses the timm modules' parameter objects. The
+adapters live in :mod:`vitkern.integrations.timm.vit` (this module imports no timm); plain
+``patch_model(model)`` leaves ViT attention alone (dense softmax attention over every token is what
+PyTorch's fused SDPA already serves), so only the token options install these modules.
 """
 from __future__ import annotations
 
@@ -25,12 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from vitkern import tokens
-from vitkern.errors import UnsupportedModule
 from vitkern.ops.token import token_attention
 
-__all__ = ["TokenAttention", "TokenBlock", "TIMM_REPLACEMENTS"]
-
-TIMM_REPLACEMENTS: dict[str, type] = {}
+__all__ = ["TokenAttention", "TokenBlock"]
 
 
 class TokenAttention(nn.Module):
@@ -61,18 +56,10 @@ class TokenAttention(nn.Module):
 
     @classmethod
     def from_timm(cls, module: nn.Module, backend: str = "auto") -> "TokenAttention":
-        """From a ``timm.layers.attention.Attention`` (timm's ViT attention), reusing its
-        submodules (its ``attn_drop`` too: see the class docstring)."""
-        for name in ("qkv", "proj", "num_heads", "head_dim", "scale"):
-            if not hasattr(module, name):
-                raise UnsupportedModule(f"not a timm ViT Attention (no {name!r})")
-        new = cls(module.qkv, module.proj, module.num_heads, module.head_dim, module.scale,
-                  getattr(module, "q_norm", nn.Identity()),
-                  getattr(module, "k_norm", nn.Identity()),
-                  getattr(module, "norm", nn.Identity()), getattr(module, "gate", None),
-                  getattr(module, "proj_drop", nn.Identity()), backend=backend,
-                  attn_drop=getattr(module, "attn_drop", None))
-        return new.train(module.training)
+        """From timm's ViT ``Attention``, reusing its submodules (``attn_drop`` too):
+        :func:`vitkern.integrations.timm.vit.token_attention_from_timm`."""
+        from vitkern.integrations.timm.vit import token_attention_from_timm
+        return token_attention_from_timm(module, backend=backend, cls=cls)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"

@@ -1,18 +1,17 @@
-"""Drop-in Swin window attention on vitkern's fused op, timm patching, and SparseViT helpers.
+"""Drop-in Swin window attention on vitkern's fused op, and SparseViT helpers.
 
 * :class:`WindowAttention` — timm's Swin (V1) ``WindowAttention``: same constructor, parameters
   and ``state_dict`` (``qkv``, ``proj``, ``relative_position_bias_table``; the non-persistent
-  ``relative_position_index`` buffer is recomputed). Called on the whole (B, H, W, C) map with the
-  block's shift, it does roll / pad / partition / mask inside the op (no copies); called like
-  timm's module on partitioned (B·nW, N, C) windows it gives timm's result too.
+  ``relative_position_index`` buffer is recomputed), so timm / Swin checkpoints load unchanged.
+  Called on the whole (B, H, W, C) map with the block's shift, it does roll / pad / partition /
+  mask inside the op (no copies); called like timm's module on partitioned (B·nW, N, C) windows
+  it gives timm's result too.
 * :class:`WindowAttentionV2` / :class:`WindowAttentionV2Cr` — timm's Swin V2 and ``swinv2_cr``
   window attention (cosine attention, continuous position bias), the same way.
-* Patching: timm's ``SwinTransformerBlock._attn`` rolls, pads and partitions around ``self.attn``.
-  :func:`vitkern.integrations.timm.patch_model` replaces each ``WindowAttention`` by the module
-  above and, through the ``SwinTransformerBlock`` entry of :data:`TIMM_REPLACEMENTS`, switches each
-  block's class to a subclass (:class:`FusedSwinTransformerBlock`, built on first use so that timm
-  stays optional) whose ``_attn`` hands the full map to the vitkern module. Parameters, buffers and
-  ``state_dict`` keys are untouched.
+* Patching a timm model lives in :mod:`vitkern.integrations.timm.swin` (the ``from_timm``
+  adapters, the fused Swin block classes and the block patches that
+  :func:`vitkern.integrations.timm.patch_model` applies); this module imports no timm, and each
+  ``from_timm`` here is an alias that loads that adapter when called.
 * SparseViT (mit-han-lab/sparsevit): :func:`window_scores` (L2 norm over each window of the
   per-token mean |x|), :func:`keep_windows` (top-k per image) and :class:`SparseSwinBlock`, which
   runs a whole Swin block (norm, attention, MLP) only on the kept windows' tokens and passes the
@@ -34,7 +33,7 @@ from vitkern.ops.window import window_attention
 from vitkern.reference import window as ref
 
 __all__ = ["WindowAttention", "WindowAttentionV2", "WindowAttentionV2Cr", "SparseSwinBlock",
-           "window_scores", "keep_windows", "TIMM_REPLACEMENTS"]
+           "window_scores", "keep_windows"]
 
 
 def _pair(x) -> tuple[int, int]:
@@ -92,51 +91,20 @@ class WindowAttention(nn.Module):
 
     @classmethod
     def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttention":
-        """A vitkern module sharing ``module``'s submodules, parameters and buffers (no
-        copies)."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.dim = module.dim
-        new.window_size = _pair(module.window_size)
-        new.window_area = module.window_area
-        new.num_heads = module.num_heads
-        new.head_dim = module.qkv.out_features // (3 * module.num_heads)
-        new.scale = float(module.scale)
-        new.backend = backend
-        new.relative_position_bias_table = module.relative_position_bias_table
-        new.register_buffer("relative_position_index", module.relative_position_index,
-                            persistent=False)
-        new.qkv = module.qkv
-        new.attn_drop = module.attn_drop
-        new.proj = module.proj
-        new.proj_drop = module.proj_drop
-        new.train(module.training)
-        return new
+        """From timm's Swin ``WindowAttention``, sharing its parameters and buffers (no copies):
+        :func:`vitkern.integrations.timm.swin.window_attention_from_timm`."""
+        from vitkern.integrations.timm.swin import window_attention_from_timm
+        return window_attention_from_timm(module, backend=backend, cls=cls)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
                 f"backend={self.backend!r}")
 
     def set_window_size(self, window_size) -> None:
-        """timm's ``set_window_size`` (called by ``set_input_size``): a new window, the bias
-        table resized as timm resizes it (``timm.layers.resize_rel_pos_bias_table``, so timm
-        must be installed) and the index rebuilt."""
-        window_size = _pair(window_size)
-        if window_size == self.window_size:
-            return
-        from timm.layers import resize_rel_pos_bias_table
-
-        wh, ww = window_size
-        old = self.relative_position_bias_table
-        with torch.no_grad():
-            table = resize_rel_pos_bias_table(old, new_window_size=window_size,
-                                              new_bias_shape=((2 * wh - 1) * (2 * ww - 1),
-                                                              self.num_heads),
-                                              old_window_size=self.window_size)
-        self.relative_position_bias_table = nn.Parameter(table, requires_grad=old.requires_grad)
-        self.window_size, self.window_area = window_size, wh * ww
-        self.register_buffer("relative_position_index", _rel_index(wh, ww).to(table.device),
-                             persistent=False)
+        """timm's ``set_window_size`` (``set_input_size`` calls it): the bias table resized as
+        timm does it, :func:`vitkern.integrations.timm.swin.set_window_size` (needs timm)."""
+        from vitkern.integrations.timm.swin import set_window_size
+        set_window_size(self, window_size)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, shift_size=0,
                 active_windows: Optional[Tensor] = None) -> Tensor:
@@ -293,28 +261,10 @@ class WindowAttentionV2(nn.Module):
 
     @classmethod
     def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttentionV2":
-        """A vitkern module sharing ``module``'s submodules, parameters and buffers."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.dim = module.dim
-        new.window_size = _pair(module.window_size)
-        new.pretrained_window_size = _pair(module.pretrained_window_size)
-        new.num_heads = module.num_heads
-        new.backend = backend
-        new.logit_scale = module.logit_scale
-        new.cpb_mlp = module.cpb_mlp
-        new.qkv = module.qkv
-        new.q_bias, new.v_bias = module.q_bias, module.v_bias
-        new.register_buffer("k_bias", module.k_bias, persistent=False)
-        new.attn_drop = module.attn_drop
-        new.proj = module.proj
-        new.proj_drop = module.proj_drop
-        new.register_buffer("relative_coords_table", module.relative_coords_table,
-                            persistent=False)
-        new.register_buffer("relative_position_index", module.relative_position_index,
-                            persistent=False)
-        new.train(module.training)
-        return new
+        """From timm's Swin V2 ``WindowAttention``, sharing its parameters and buffers:
+        :func:`vitkern.integrations.timm.swin.window_attention_v2_from_timm`."""
+        from vitkern.integrations.timm.swin import window_attention_v2_from_timm
+        return window_attention_v2_from_timm(module, backend=backend, cls=cls)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
@@ -450,21 +400,10 @@ class WindowAttentionV2Cr(WindowAttentionV2):
 
     @classmethod
     def from_timm(cls, module: nn.Module, *, backend: str = "auto") -> "WindowAttentionV2Cr":
-        """A vitkern module sharing ``module``'s submodules, parameters and buffers."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.dim = module.in_features
-        new.window_size = _pair(module.window_size)
-        new.num_heads = module.num_heads
-        new.sequential_attn = module.sequential_attn
-        new.backend = backend
-        # timm's registration order: qkv, attn_drop, proj, proj_drop, meta_mlp, logit_scale
-        new.qkv, new.attn_drop = module.qkv, module.attn_drop
-        new.proj, new.proj_drop = module.proj, module.proj_drop
-        new.meta_mlp, new.logit_scale = module.meta_mlp, module.logit_scale
-        new.register_buffer("relative_coordinates_log", module.relative_coordinates_log,
-                            persistent=False)
-        return new.train(module.training)
+        """From timm's ``WindowMultiHeadAttention``, sharing its parameters and buffers:
+        :func:`vitkern.integrations.timm.swin.window_attention_v2cr_from_timm`."""
+        from vitkern.integrations.timm.swin import window_attention_v2cr_from_timm
+        return window_attention_v2cr_from_timm(module, backend=backend, cls=cls)
 
     @property
     def in_features(self) -> int:  # timm's name for dim
@@ -534,85 +473,6 @@ def _v2_coords_table(window_size, pretrained_window_size) -> Tensor:
     cw = torch.arange(-(ww - 1), ww, dtype=torch.float32) / max(norm[1] - 1, 1)
     t = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1)[None] * 8
     return torch.sign(t) * torch.log2(t.abs() + 1.0) / math.log2(8)
-
-
-# --------------------------------------------------------------------------------------------
-# the Swin block: full map into the op (timm patching)
-# --------------------------------------------------------------------------------------------
-
-
-_FUSED_CLASSES: dict = {}
-#: fused block class name -> (timm module, timm block class, vitkern attention class, the
-#: block's method that rolls, pads and partitions around its attention)
-_FUSED_SPECS = {
-    "FusedSwinTransformerBlock": ("timm.models.swin_transformer", "SwinTransformerBlock",
-                                  WindowAttention, "_attn"),
-    "FusedSwinTransformerV2Block": ("timm.models.swin_transformer_v2", "SwinTransformerV2Block",
-                                    WindowAttentionV2, "_attn"),
-    "FusedSwinTransformerV2CrBlock": ("timm.models.swin_transformer_v2_cr",
-                                      "SwinTransformerV2CrBlock", WindowAttentionV2Cr,
-                                      "_shifted_window_attn"),
-}
-
-
-def _fused_block_class(name: str):
-    """timm's Swin (V2) block with ``_attn`` on the full map (built on first use: timm stays an
-    optional dependency)."""
-    cls = _FUSED_CLASSES.get(name)
-    if cls is None:
-        import importlib
-
-        mod_name, base_name, attn_cls, method = _FUSED_SPECS[name]
-        base = getattr(importlib.import_module(mod_name), base_name)
-        timm_path = getattr(base, method)
-
-        def _attn(self, x: Tensor) -> Tensor:
-            """The block's attention on the full (B, H, W, C) map with the block's (timm-clamped)
-            window and shift: no roll / pad / partition copies, the op does them by index math
-            (timm's own path when ``attn`` is not a vitkern module)."""
-            if (not isinstance(self.attn, attn_cls) or _dropout_active(self.attn)
-                    or not self.attn.fuses(x.shape[1:3])):
-                return timm_path(self, x)  # attention dropout in training, or not fusable
-            return self.attn(x, shift_size=self.shift_size)
-
-        cls = type(name, (base,), {
-            "__module__": __name__, "__qualname__": name,
-            "__doc__": f"timm's {base_name} whose window attention takes the full map "
-                       "(vitkern); same parameters and state_dict.",
-            method: _attn})
-        _FUSED_CLASSES[name] = cls
-    return cls
-
-
-def __getattr__(name):  # PEP 562: the lazily built classes are importable (pickle, isinstance)
-    if name in _FUSED_SPECS:
-        return _fused_block_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class SwinBlockPatch:
-    """Patch entry for timm's ``SwinTransformerBlock``: switches the block's class in place to
-    ``FusedSwinTransformerBlock`` (same object, parameters and state_dict) so that its ``_attn``
-    passes the full map to a patched :class:`WindowAttention`."""
-
-    fused = "FusedSwinTransformerBlock"
-
-    @classmethod
-    def from_timm(cls, block: nn.Module, *, backend: str = "auto") -> nn.Module:
-        block.__class__ = _fused_block_class(cls.fused)
-        return block
-
-
-class SwinV2BlockPatch(SwinBlockPatch):
-    """:class:`SwinBlockPatch` for timm's ``SwinTransformerV2Block``."""
-
-    fused = "FusedSwinTransformerV2Block"
-
-
-class SwinV2CrBlockPatch(SwinBlockPatch):
-    """:class:`SwinBlockPatch` for timm's ``SwinTransformerV2CrBlock`` (``swinv2_cr_*``)."""
-
-    fused = "FusedSwinTransformerV2CrBlock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,15 +569,3 @@ class SparseSwinBlock(nn.Module):
         out = torch.cat([flat, flat.new_zeros(B, 1, C)], 1).scatter(
             1, dst[..., None].expand(-1, -1, C), yk)[:, :N]
         return out.reshape(B, H, W, C)
-
-
-#: timm classes :func:`vitkern.integrations.timm.patch_model` replaces (the block entry switches
-#: the block's class in place; see the module docstring).
-TIMM_REPLACEMENTS = {
-    "timm.models.swin_transformer.WindowAttention": WindowAttention,
-    "timm.models.swin_transformer.SwinTransformerBlock": SwinBlockPatch,
-    "timm.models.swin_transformer_v2.WindowAttention": WindowAttentionV2,
-    "timm.models.swin_transformer_v2.SwinTransformerV2Block": SwinV2BlockPatch,
-    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention": WindowAttentionV2Cr,
-    "timm.models.swin_transformer_v2_cr.SwinTransformerV2CrBlock": SwinV2CrBlockPatch,
-}
