@@ -593,10 +593,10 @@ def test_aot_specs_are_few_unique_and_prefer_the_table_tile():
         k = first.constexprs
         tile = (first.num_warps, first.num_stages)
         if kname in tk.SOFT_TILES:
-            key = (max(32, k["BLOCK_L"], k["BLOCK_D"], k["BLOCK_E"]), k["IEEE"])
+            key = (max(32, k["BLOCK_L"], k["BLOCK_D"], k["BLOCK_E"]), k["DOT_PRECISION"] != "native")
             assert (k["BLOCK_M"], *tile) == tk.SOFT_TILES[kname][key], s.name
         elif kname in tk.TILES:
-            key = (max(k["BLOCK_D"], k.get("BLOCK_E", 0)), k["IEEE"])
+            key = (max(k["BLOCK_D"], k.get("BLOCK_E", 0)), k["DOT_PRECISION"] != "native")
             assert (k["BLOCK_M"], *tile) == tk.TILES[kname][key], s.name
         elif kname in ("xca_softmax", "xca_bwd_small"):
             assert (k["BLOCK_I"], *tile) == tk.XCA_SMALL_TILES[k["BLOCK_D"]], s.name

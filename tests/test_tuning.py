@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from vitkern import backends, ops  # noqa: E402
 from vitkern.triton_kernels import aot, tuning  # noqa: E402
+from vitkern.triton_kernels.attention_core import aot_precision  # noqa: E402
 
 import _aot_demo_kernel as demo  # noqa: E402
 
@@ -194,7 +195,8 @@ def test_hilo_capability_independent_of_candidates(monkeypatch):
                                                     "capability of triton HiLo in window mode"):
         ops.hifi_attention(x256, x256, x256, hw=(4, 4), window_size=2, backend="triton")
     assert ops.hilo._backend("x", "triton", x128, 2, 0, False) == "triton"
-    assert tk.hilo_fwd.candidates(BLOCK_D=128, IEEE=True, WINDOW=2, POOL=1)  # fallbacks
+    assert tk.hilo_fwd.candidates(BLOCK_D=128, DOT_PRECISION="tf32x3", WINDOW=2,
+                                     POOL=1)  # fallbacks
     # fp32 Lo-Fi on keys as given: d = 128 runs forward, its training is refused (declared)
     assert tk.unsupported(128, True, 0, 1, backward=False) is None
     assert "inference works" in tk.unsupported(128, True, 0, 1, backward=True)
@@ -238,4 +240,5 @@ def test_ppma_capability_independent_of_candidates(monkeypatch):
     for fp32 in (False, True):
         for kernel in (tk.ppma_bwd_dq, tk.ppma_bwd_dkdv):
             wp = tk.max_width(32, fp32)
-            assert kernel.candidates(BLOCK_D=32, IEEE=fp32, WP=wp)
+            assert kernel.candidates(BLOCK_D=32, DOT_PRECISION=aot_precision(
+                "fp32" if fp32 else "fp16", "ieee"), WP=wp)

@@ -1,15 +1,19 @@
-"""The softmax-attention core shared by every vitkern family (HiLo, window, token, PPMA).
+"""The attention engine shared by every softmax family (HiLo, window, token; PPMA uses its parts).
 
-Each family's kernel decides *which* query rows and key columns a tile holds (windows, pooled
-keys, kept tokens, ...) and masks the score tile; the math below is the same for all of them:
+Each family decides *which* query rows and key columns a tile holds (windows, pooled keys, kept
+tokens, ...), how keys are loaded and how scores are biased and masked; it says so in
+``@triton.jit`` hooks (see "the engine" below). The bodies here run the math, the same for all:
 
-* forward: online softmax in base 2 (scores pre-multiplied by ``scale * log2(e)``), fp32 running
-  max / sum / accumulator, log-sum-exp (base 2) saved per query row for the backward;
-* backward (FlashAttention-2): P is recomputed from q, k and the saved log-sum-exp, with
-  ``delta = rowsum(dO * O)`` computed once by :func:`attn_bwd_delta_kernel`; every family's
-  backward ends in :func:`softmax_p_ds` (through one of its wrappers).
+* forward (:func:`attention_fwd`): online softmax in base 2 (scores pre-multiplied by
+  ``scale * log2(e)``), fp32 running max / sum / accumulator, log-sum-exp (base 2) saved per query
+  row for the backward;
+* backward (FlashAttention-2; :func:`attention_dq`, :func:`attention_dkdv`): P is recomputed from
+  q, k and the saved log-sum-exp, with ``delta = rowsum(dO * O)`` computed once by
+  :func:`attn_bwd_delta_kernel`; every backward ends in :func:`softmax_p_ds`.
 
-Tile candidates and their choice (autotuning, spill checks) live in ``tuning.py``.
+Dots go through :func:`mma` at the launch's ``DOT_PRECISION`` (:func:`dot_precision`). Host
+helpers name strides for keyword launches (:func:`strides_of`). Tile candidates and their choice
+(autotuning, spill checks) live in ``tuning.py``.
 """
 from __future__ import annotations
 
@@ -32,12 +36,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def mma(a, b, IEEE: tl.constexpr):
-    """``tl.dot`` that keeps full fp32 precision for fp32 inputs (IEEE) instead of tf32."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="tf32x3")
-    else:
+def mma(a, b, DOT_PRECISION: tl.constexpr):
+    """``tl.dot`` at the launch's ``DOT_PRECISION`` (see :func:`dot_precision`): ``"native"``
+    for 16-bit operands, else the ``input_precision`` of fp32 ones (``"tf32x3"``, ``"tf32"``,
+    ``"ieee"``)."""
+    if DOT_PRECISION == "native":
         return tl.dot(a, b)
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -87,7 +93,7 @@ def softmax_rescale(m_i, l_i, s):
 
 
 @triton.jit
-def softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr):
+def softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
     """One online-softmax step.
 
     m_i, l_i: [BM] fp32 running max / sum (base-2 units); acc: [BM, BD] fp32;
@@ -95,7 +101,7 @@ def softmax_step(m_i, l_i, acc, s, v, IEEE: tl.constexpr):
     v: [BN, BD] value tile in the input dtype.
     """
     m_new, l_i, alpha, p = softmax_rescale(m_i, l_i, s)
-    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -124,16 +130,9 @@ def softmax_p_ds(s, dp, lse2, delta, mask):
 
 
 @triton.jit
-def softmax_bwd_scores(s, v, do, lse2, delta, mask, IEEE: tl.constexpr):
+def softmax_bwd_scores(s, v, do, lse2, delta, mask, DOT_PRECISION: tl.constexpr):
     """:func:`softmax_p_ds` computing dO·vᵀ itself (v: [BN, BD], do: [BM, BD])."""
-    return softmax_p_ds(s, mma(do, tl.trans(v), IEEE), lse2, delta, mask)
-
-
-@triton.jit
-def softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, mask, IEEE: tl.constexpr):
-    """:func:`softmax_p_ds` for plain scaled dot-product logits (q, do: [BM, BD]; k, v: [BN, BD])."""
-    s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-    return softmax_bwd_scores(s, v, do, lse2, delta, mask, IEEE)
+    return softmax_p_ds(s, mma(do, tl.trans(v), DOT_PRECISION), lse2, delta, mask)
 
 
 @triton.jit
@@ -141,6 +140,167 @@ def softmax_bwd_ds(qk, dp, lse2, delta, qk_scale_log2, bias2, mask):
     """:func:`softmax_p_ds` from dots qk = q·kᵀ and dp = dO·vᵀ the caller accumulated itself
     (e.g. over head-dim chunks to save registers); bias2 in base-2 units, 0.0 for none."""
     return softmax_p_ds(qk * qk_scale_log2 + bias2, dp, lse2, delta, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# the engine: the softmax attention bodies every family kernel runs, with the family's hooks
+#
+# A family kernel offsets its pointers to the program's (batch, head), packs what its hooks need
+# into a runtime tuple ``ctx`` and a constexpr tuple ``CFG`` (constexprs inside ``ctx`` would
+# lose their constness), and calls a body with its hooks, ``@triton.jit`` functions passed as
+# constexprs (inlined like any call: the generated code is the family's own):
+#
+#   ROWS(ctx, CFG, idx) -> (tok, row, valid, rtag)
+#       query positions ``idx``: q and dq at token ``tok``, o, dO, lse and delta at ``row``
+#       (token stride 1 for lse / delta); ``valid``: a real query; ``rtag``: what SCORE needs.
+#   KEYS(ctx, CFG, idx, offs_d, dmask) -> (k, v, ktag)
+#       the key and value tiles of key positions ``idx`` (zero where absent) and their tag.
+#   SCORE(ctx, CFG, s, rtag, ktag, valid_m) -> (s, attend)
+#       s = q·kᵀ·scale·log2(e) plus the family's logit bias (base-2 units), and the pairs that
+#       attend (the others get P = 0).
+#   SPAN(ctx, CFG, start, BLOCK, OVER_KEYS) -> (lo, hi)
+#       the positions of the other side (keys if OVER_KEYS, else queries) that a tile of BLOCK
+#       positions from ``start`` meets.
+#   DSCORE(ctx, CFG, ds, p, rtag, ktag) -> ds
+#       extra terms of the logit gradient (:func:`no_dscore`: none).
+#   PUT_KV(ctx, CFG, ktag, offs_d, dmask, dk, dv, dbias)
+#       stores the key side's gradients: dk (already scaled), dv and, with KEY_BIAS_GRAD,
+#       dbias = Σ_rows dS per key (the gradient of a per-key logit bias).
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def no_dscore(ctx, CFG: tl.constexpr, ds, p, rtag, ktag):
+    """The DSCORE hook of a family whose logits get no extra gradient term."""
+    return ds
+
+
+@triton.jit
+def load_rows(X, tok, offs_d, valid, dmask, sx):
+    """[len(tok), BLOCK_D] tile of X at tokens ``tok`` (zero where not ``valid``); sx = (token
+    stride, channel stride)."""
+    return tl.load(tile_ptrs(X, tok, offs_d, sx[0], sx[1]), mask=valid[:, None] & dmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def store_rows(X, tok, offs_d, valid, dmask, sx, x):
+    """Stores tile ``x`` (cast to X's type) at tokens ``tok`` where ``valid``."""
+    tl.store(tile_ptrs(X, tok, offs_d, sx[0], sx[1]), x.to(X.dtype.element_ty),
+             mask=valid[:, None] & dmask[None, :])
+
+
+@triton.jit
+def load_row_grads(Q, DO, LSE, DELTA, tok, row, valid, offs_d, dmask, sq, sdo):
+    """What the backward needs of query rows: q (at ``tok``), dO, lse and delta (at ``row``)."""
+    q = load_rows(Q, tok, offs_d, valid, dmask, sq)
+    do = load_rows(DO, row, offs_d, valid, dmask, sdo)
+    lse2 = tl.load(LSE + row, mask=valid, other=0.0)
+    delta = tl.load(DELTA + row, mask=valid, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def key_tile_scores(q, start_n, rtag, valid_m, offs_d, dmask, ctx, CFG: tl.constexpr,
+                    KEYS: tl.constexpr, SCORE: tl.constexpr, qk_scale_log2,
+                    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tile from ``start_n`` (k, v, ktag) and the scores of q against it (s, attend)."""
+    k, v, ktag = KEYS(ctx, CFG, start_n + tl.arange(0, BLOCK_N), offs_d, dmask)
+    s, attend = SCORE(ctx, CFG, mma(q, tl.trans(k), DOT_PRECISION) * qk_scale_log2, rtag, ktag,
+                      valid_m)
+    return k, v, ktag, s, attend
+
+
+@triton.jit
+def attention_fwd(Q, O, LSE, sq, so, pid_m, ctx, CFG: tl.constexpr, ROWS: tl.constexpr,
+                  KEYS: tl.constexpr, SCORE: tl.constexpr, SPAN: tl.constexpr, HEAD_DIM,
+                  qk_scale_log2, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Forward of query tile ``pid_m``: o and the base-2 log-sum-exp of its rows (online softmax
+    over the key tiles of SPAN). Q, O, LSE point at this (batch, head); sq, so: (token, channel)
+    strides."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    start = pid_m * BLOCK_M
+    tok_m, row_m, valid_m, rtag = ROWS(ctx, CFG, start + tl.arange(0, BLOCK_M))
+    q = load_rows(Q, tok_m, offs_d, valid_m, dmask, sq)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = SPAN(ctx, CFG, start, BLOCK_M, True)
+    for start_n in range(lo, hi, BLOCK_N):
+        k, v, ktag, s, attend = key_tile_scores(q, start_n, rtag, valid_m, offs_d, dmask, ctx, CFG,
+                                                KEYS, SCORE, qk_scale_log2, DOT_PRECISION,
+                                                BLOCK_N)
+        m_i, l_i, acc = softmax_step(m_i, l_i, acc, tl.where(attend, s, float("-inf")), v,
+                                     DOT_PRECISION)
+
+    out, lse2 = softmax_finish(m_i, l_i, acc)
+    store_rows(O, row_m, offs_d, valid_m, dmask, so, out)
+    tl.store(LSE + row_m, lse2, mask=valid_m)
+
+
+@triton.jit
+def attention_dq(Q, DO, DQ, LSE, DELTA, sq, sdo, sdq, pid_m, ctx, CFG: tl.constexpr,
+                 ROWS: tl.constexpr, KEYS: tl.constexpr, SCORE: tl.constexpr,
+                 DSCORE: tl.constexpr, SPAN: tl.constexpr, HEAD_DIM, scale, qk_scale_log2,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """dQ of query tile ``pid_m`` (FlashAttention-2: P recomputed from the saved lse, delta =
+    rowsum(dO·O) from :func:`launch_delta`); pointers at this (batch, head)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    start = pid_m * BLOCK_M
+    tok_m, row_m, valid_m, rtag = ROWS(ctx, CFG, start + tl.arange(0, BLOCK_M))
+    q, do, lse2, delta = load_row_grads(Q, DO, LSE, DELTA, tok_m, row_m, valid_m, offs_d, dmask,
+                                        sq, sdo)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = SPAN(ctx, CFG, start, BLOCK_M, True)
+    for start_n in range(lo, hi, BLOCK_N):
+        k, v, ktag, s, attend = key_tile_scores(q, start_n, rtag, valid_m, offs_d, dmask, ctx, CFG,
+                                                KEYS, SCORE, qk_scale_log2, DOT_PRECISION,
+                                                BLOCK_N)
+        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, attend, DOT_PRECISION)
+        ds = DSCORE(ctx, CFG, ds, p, rtag, ktag)
+        dq += mma(ds.to(k.dtype), k, DOT_PRECISION)
+
+    store_rows(DQ, tok_m, offs_d, valid_m, dmask, sdq, dq * scale)
+
+
+@triton.jit
+def attention_dkdv(Q, DO, LSE, DELTA, sq, sdo, pid_n, ctx, CFG: tl.constexpr,
+                   ROWS: tl.constexpr, KEYS: tl.constexpr, SCORE: tl.constexpr,
+                   DSCORE: tl.constexpr, SPAN: tl.constexpr, PUT_KV: tl.constexpr, HEAD_DIM,
+                   scale, qk_scale_log2, KEY_BIAS_GRAD: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """dK, dV (and with KEY_BIAS_GRAD the per-key bias gradient) of key tile ``pid_n``, one
+    program per key tile, no atomics; pointers at this (batch, head)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    start = pid_n * BLOCK_N
+    k, v, ktag = KEYS(ctx, CFG, start + tl.arange(0, BLOCK_N), offs_d, dmask)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dbias = tl.zeros([BLOCK_N], tl.float32)
+    lo, hi = SPAN(ctx, CFG, start, BLOCK_N, False)
+    for start_m in range(lo, hi, BLOCK_M):
+        tok_m, row_m, valid_m, rtag = ROWS(ctx, CFG, start_m + tl.arange(0, BLOCK_M))
+        q, do, lse2, delta = load_row_grads(Q, DO, LSE, DELTA, tok_m, row_m, valid_m, offs_d,
+                                            dmask, sq, sdo)
+        s, attend = SCORE(ctx, CFG, mma(q, tl.trans(k), DOT_PRECISION) * qk_scale_log2, rtag,
+                          ktag, valid_m)
+        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, attend, DOT_PRECISION)
+        ds = DSCORE(ctx, CFG, ds, p, rtag, ktag)
+        dv += mma(tl.trans(p).to(do.dtype), do, DOT_PRECISION)
+        dk += mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+        if KEY_BIAS_GRAD:
+            dbias += tl.sum(ds, 0)
+
+    PUT_KV(ctx, CFG, ktag, offs_d, dmask, dk * scale, dv, dbias)
 
 
 @triton.jit
@@ -183,18 +343,34 @@ def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
 
+def strides_of(name: str, t: torch.Tensor, dims: str = "bhnd") -> dict:
+    """``t``'s strides as the kernels name them, for keyword launches: ``strides_of("q", q)``
+    is ``{"sqb": .., "sqh": .., "sqn": .., "sqd": ..}`` (``dims`` the leading axes' letters)."""
+    return {f"s{name}{a}": st for a, st in zip(dims, t.stride())}
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def exact_fp32(dtype: torch.dtype) -> bool:
-    """The ``IEEE`` constexpr of a launch: fp32 inputs keep fp32 accuracy (3-pass TF32 / IEEE
-    dots) unless the user chose speed with ``torch.set_float32_matmul_precision("high")`` or
-    ``"medium"`` (``torch.backends.cuda.matmul.allow_tf32 = True`` sets "high"), which
-    ``torch.matmul`` and SDPA follow too; then fp32 dots take one TF32 pass (about 1e-3
-    relative; the fp32 tile candidates, sized for tf32x3's three passes, hold one pass too).
-    16-bit inputs are unaffected."""
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+def dot_precision(dtype: torch.dtype, exact: str = "tf32x3", follow_torch: bool = True) -> str:
+    """The ``DOT_PRECISION`` constexpr of a launch on ``dtype`` inputs: ``"native"`` for 16-bit
+    ones; for fp32 the family's ``exact`` precision (``"tf32x3"``: 3-pass TF32, or ``"ieee"``),
+    so fp32 results keep fp32 accuracy, unless the user chose speed with
+    ``torch.set_float32_matmul_precision("high")`` or ``"medium"``
+    (``torch.backends.cuda.matmul.allow_tf32 = True`` sets "high"), which ``torch.matmul`` and
+    SDPA follow too: then one TF32 pass, about 1e-3 relative (``follow_torch=False``: never).
+    Tile candidates key on fp32 operands (``DOT_PRECISION != "native"``) whatever the pass."""
+    if dtype != torch.float32:
+        return "native"
+    if follow_torch and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return exact
+
+
+def aot_precision(dtype: str, exact: str = "tf32x3") -> str:
+    """:func:`dot_precision` of an ahead-of-time case's dtype name ("fp16", "bf16", "fp32")."""
+    return exact if dtype == "fp32" else "native"
 
 
 def row_grid(bh: int, n: int, block: str):

@@ -34,19 +34,22 @@ import triton
 import triton.language as tl
 
 from .attention_core import (
+    aot_precision,
+    attention_dkdv,
+    attention_dq,
+    attention_fwd,
     bh_offset,
     block_d,
     cdiv,
-    exact_fp32,
+    dot_precision,
     launch_delta,
-    mma,
+    load_rows,
+    no_dscore,
     program_coords,
     qk_scale_log2,
     row_grid,
-    softmax_bwd_tile,
-    softmax_finish,
-    softmax_step,
-    strides4,
+    store_rows,
+    strides_of,
     tile_ptrs,
     window_span,
 )
@@ -87,48 +90,6 @@ def _pooled_tile(base, cols, M, pool_w, KH, KW, offs_d, dmask, stride_n, stride_
 
 
 @triton.jit
-def _query_rows(rows, n_rows, GW, MH, MW, WINDOW: tl.constexpr):
-    """Tile rows -> (raster token, real query?, window id); identity rows for Lo-Fi."""
-    if WINDOW > 0:
-        tok, real, win, _ = _window_tokens(rows, n_rows, GW, MH, MW, WINDOW)
-    else:
-        tok, real, win = rows, rows < n_rows, rows
-    return tok, real, win
-
-
-@triton.jit
-def _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn, skd, svn, svd,
-               WINDOW: tl.constexpr, POOL: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """k, v tiles [BLOCK_N, BLOCK_D] of key columns ``cols``, their window ids and validity.
-
-    Hi-Fi: window tokens, pad tokens read as zeros. Lo-Fi: POOL×POOL means pooled on the fly.
-    """
-    if WINDOW > 0:
-        tok, real, win, valid = _window_tokens(cols, n_keys, GW, MH, MW, WINDOW)
-        kv_mask = real[:, None] & dmask[None, :]
-        k = tl.load(tile_ptrs(K, tok, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(tile_ptrs(V, tok, offs_d, svn, svd), mask=kv_mask, other=0.0)
-    else:
-        k = _pooled_tile(K, cols, n_keys, GW, MH, MW, offs_d, dmask, skn, skd,
-                         POOL, BLOCK_N, BLOCK_D)
-        v = _pooled_tile(V, cols, n_keys, GW, MH, MW, offs_d, dmask, svn, svd,
-                         POOL, BLOCK_N, BLOCK_D)
-        win, valid = cols, cols < n_keys
-    return k, v, win, valid
-
-
-@triton.jit
-def _span(start, n, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
-    """Range of the other side that tile [start, start + BLOCK) meets: its windows, or all n."""
-    if WINDOW > 0:
-        lo, hi = window_span(start, n, WINDOW * WINDOW, BLOCK)
-    else:
-        lo, hi = 0, n
-    return lo, hi
-
-
-@triton.jit
 def _attends(real_m, win_m, valid_n, win_n, WINDOW: tl.constexpr):
     mask = real_m[:, None] & valid_n[None, :]
     if WINDOW > 0:  # block-diagonal: only pairs inside one window
@@ -137,11 +98,101 @@ def _attends(real_m, win_m, valid_n, win_n, WINDOW: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# the engine's hooks (attention_core): ctx = (K, V, (skn, skd), (svn, svd), n_rows, n_keys,
+# MH, MW, GW, DK, DV, (sdkn, sdkd), (sdvn, sdvd)), pointers at this (batch, head);
+# CFG = (WINDOW, POOL, BLOCK_N, BLOCK_D)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(ctx, CFG: tl.constexpr, rows):
+    """Tile rows -> (raster token, real query?, window id); identity rows for Lo-Fi."""
+    if CFG[0] > 0:
+        tok, real, win, _ = _window_tokens(rows, ctx[4], ctx[8], ctx[6], ctx[7], CFG[0])
+    else:
+        tok, real, win = rows, rows < ctx[4], rows
+    return tok, tok, real, win
+
+
+@triton.jit
+def _keys(ctx, CFG: tl.constexpr, cols, offs_d, dmask):
+    """k, v tiles of key columns ``cols``, tagged (cols, window id, valid). Hi-Fi: window
+    tokens, pad tokens read as zeros. Lo-Fi: POOL×POOL means pooled on the fly."""
+    K, V, sk, sv = ctx[0], ctx[1], ctx[2], ctx[3]
+    n_keys, MH, MW, GW = ctx[5], ctx[6], ctx[7], ctx[8]
+    if CFG[0] > 0:
+        tok, real, win, valid = _window_tokens(cols, n_keys, GW, MH, MW, CFG[0])
+        k = load_rows(K, tok, offs_d, real, dmask, sk)
+        v = load_rows(V, tok, offs_d, real, dmask, sv)
+    else:
+        k = _pooled_tile(K, cols, n_keys, GW, MH, MW, offs_d, dmask, sk[0], sk[1],
+                         CFG[1], CFG[2], CFG[3])
+        v = _pooled_tile(V, cols, n_keys, GW, MH, MW, offs_d, dmask, sv[0], sv[1],
+                         CFG[1], CFG[2], CFG[3])
+        win, valid = cols, cols < n_keys
+    return k, v, (cols, win, valid)
+
+
+@triton.jit
+def _score(ctx, CFG: tl.constexpr, s, win_m, ktag, valid_m):
+    return s, _attends(valid_m, win_m, ktag[2], ktag[1], CFG[0])
+
+
+@triton.jit
+def _span(ctx, CFG: tl.constexpr, start, BLOCK: tl.constexpr, OVER_KEYS: tl.constexpr):
+    """Range of the other side that tile [start, start + BLOCK) meets: its windows, or all."""
+    n = ctx[5] if OVER_KEYS else ctx[4]
+    if CFG[0] > 0:
+        lo, hi = window_span(start, n, CFG[0] * CFG[0], BLOCK)
+    else:
+        lo, hi = 0, n
+    return lo, hi
+
+
+@triton.jit
+def _put_kv(ctx, CFG: tl.constexpr, ktag, offs_d, dmask, dk, dv, dbias):
+    DK, DV, sdk, sdv, n_keys, MH, MW, GW = ctx[9], ctx[10], ctx[11], ctx[12], ctx[5], ctx[6], \
+        ctx[7], ctx[8]
+    cols, valid = ktag[0], ktag[2]
+    if CFG[0] > 0:
+        tok, real, _, _ = _window_tokens(cols, n_keys, GW, MH, MW, CFG[0])
+        store_rows(DK, tok, offs_d, real, dmask, sdk, dk)
+        store_rows(DV, tok, offs_d, real, dmask, sdv, dv)
+    else:
+        # Each source token of a pooled key receives 1/POOL² of its gradient.
+        inv = 1.0 / (CFG[1] * CFG[1])
+        dk = (dk * inv).to(DK.dtype.element_ty)
+        dv = (dv * inv).to(DV.dtype.element_ty)
+        pr = cols // GW
+        pc = cols % GW
+        for dy in tl.static_range(CFG[1]):
+            for dx in tl.static_range(CFG[1]):
+                r = pr * CFG[1] + dy
+                c = pc * CFG[1] + dx
+                ok = valid & (r < MH) & (c < MW)
+                store_rows(DK, r * MW + c, offs_d, ok, dmask, sdk, dk)
+                store_rows(DV, r * MW + c, offs_d, ok, dmask, sdv, dv)
+
+
+@triton.jit
+def _context(pid_bh, K, V, DK, DV, skb, skh, skn, skd, svb, svh, svn, svd, sdkb, sdkh, sdkn,
+             sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, n_rows, n_keys, MH, MW, GW):
+    """The hooks' ctx for program (batch·head) ``pid_bh`` (DK, DV: the dK/dV kernel's outputs,
+    else any pointer)."""
+    return (K + bh_offset(pid_bh, n_heads, skb, skh), V + bh_offset(pid_bh, n_heads, svb, svh),
+            (skn, skd), (svn, svd), n_rows, n_keys, MH, MW, GW,
+            DK + bh_offset(pid_bh, n_heads, sdkb, sdkh),
+            DV + bh_offset(pid_bh, n_heads, sdvb, sdvh),
+            (sdkn, sdkd), (sdvn, sdvd))
+
+
+# --------------------------------------------------------------------------------------------
 # kernels: WINDOW = s for Hi-Fi heads, WINDOW = 0 (and POOL = s or 1) for Lo-Fi heads
 #
 # Geometry (runtime): n_rows / n_keys = query / key positions of the tile space (the virtual
 # window sequence for Hi-Fi, N tokens / M pooled keys for Lo-Fi); MH×MW the token map keys are
 # read from; GW its width in windows or pooled blocks; N the token count (LSE is per token).
+# Launched with keywords (see the host entry points below).
 # --------------------------------------------------------------------------------------------
 
 
@@ -150,37 +201,18 @@ def hilo_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, qk_scale_log2,
-    WINDOW: tl.constexpr, POOL: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, POOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
+    ctx = _context(pid_bh, K, V, K, V, skb, skh, skn, skd, svb, svh, svn, svd, 0, 0, 0, 0, 0, 0,
+                   0, 0, n_heads, n_rows, n_keys, MH, MW, GW)
     Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
     O += bh_offset(pid_bh, n_heads, sob, soh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m = _query_rows(rows, n_rows, GW, MH, MW, WINDOW)
-    q_mask = real_m[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _span(pid_m * BLOCK_M, n_keys, WINDOW, BLOCK_M)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k, v, win_n, valid_n = _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn,
-                                          skd, svn, svd, WINDOW, POOL, BLOCK_N, BLOCK_D)
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        s = tl.where(_attends(real_m, win_m, valid_n, win_n, WINDOW), s, float("-inf"))
-        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE)
-
-    out, lse2 = softmax_finish(m_i, l_i, acc)
-    tl.store(tile_ptrs(O, tok_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + bh_offset(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
+    LSE += bh_offset(pid_bh, n_heads, slb, slh)
+    attention_fwd(Q, O, LSE, (sqn, sqd), (son, sod), pid_m, ctx,
+                  (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows, _keys, _score, _span, HEAD_DIM,
+                  qk_scale_log2, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -189,61 +221,20 @@ def hilo_bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
-    WINDOW: tl.constexpr, POOL: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, POOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_n = program_coords(n_keys, BLOCK_N)
+    ctx = _context(pid_bh, K, V, DK, DV, skb, skh, skn, skd, svb, svh, svn, svd, sdkb, sdkh,
+                   sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, n_rows, n_keys, MH, MW, GW)
+    lse = bh_offset(pid_bh, n_heads, slb, slh)
+    # pad queries have no output, so no gradient: ROWS marks them invalid
     Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
     DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
-    DK += bh_offset(pid_bh, n_heads, sdkb, sdkh)
-    DV += bh_offset(pid_bh, n_heads, sdvb, sdvh)
-    LSE += bh_offset(pid_bh, n_heads, slb, slh)
-    DELTA += bh_offset(pid_bh, n_heads, slb, slh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v, win_n, valid_n = _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn, skd,
-                                      svn, svd, WINDOW, POOL, BLOCK_N, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = _span(pid_n * BLOCK_N, n_rows, WINDOW, BLOCK_N)
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        tok_m, real_m, win_m = _query_rows(rows, n_rows, GW, MH, MW, WINDOW)
-        q_mask = real_m[:, None] & dmask[None, :]  # pad queries have no output: no gradient
-        q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-        do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + tok_m, mask=real_m, other=0.0)
-        delta = tl.load(DELTA + tok_m, mask=real_m, other=0.0)
-        attend = _attends(real_m, win_m, valid_n, win_n, WINDOW)
-        p, ds = softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, attend, IEEE)
-        dv += mma(tl.trans(p).to(do.dtype), do, IEEE)
-        dk += mma(tl.trans(ds).to(q.dtype), q, IEEE)
-
-    if WINDOW > 0:
-        tok_n, real_n, _, _ = _window_tokens(cols, n_keys, GW, MH, MW, WINDOW)
-        kv_mask = real_n[:, None] & dmask[None, :]
-        tl.store(tile_ptrs(DK, tok_n, offs_d, sdkn, sdkd), (dk * scale).to(DK.dtype.element_ty),
-                 mask=kv_mask)
-        tl.store(tile_ptrs(DV, tok_n, offs_d, sdvn, sdvd), dv.to(DV.dtype.element_ty),
-                 mask=kv_mask)
-    else:
-        # Each source token of a pooled key receives 1/POOL² of its gradient.
-        inv = 1.0 / (POOL * POOL)
-        dk = (dk * (scale * inv)).to(DK.dtype.element_ty)
-        dv = (dv * inv).to(DV.dtype.element_ty)
-        pr = cols // GW
-        pc = cols % GW
-        for dy in tl.static_range(POOL):
-            for dx in tl.static_range(POOL):
-                r = pr * POOL + dy
-                c = pc * POOL + dx
-                ok = (valid_n & (r < MH) & (c < MW))[:, None] & dmask[None, :]
-                tl.store(tile_ptrs(DK, r * MW + c, offs_d, sdkn, sdkd), dk, mask=ok)
-                tl.store(tile_ptrs(DV, r * MW + c, offs_d, sdvn, sdvd), dv, mask=ok)
+    attention_dkdv(Q, DO, LSE + lse, DELTA + lse, (sqn, sqd), (sdon, sdod), pid_n, ctx,
+                   (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows, _keys, _score, no_dscore, _span,
+                   _put_kv, HEAD_DIM, scale, qk_scale_log2, False, DOT_PRECISION, BLOCK_M,
+                   BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -252,39 +243,20 @@ def hilo_bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
     n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
-    WINDOW: tl.constexpr, POOL: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, POOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
+    ctx = _context(pid_bh, K, V, K, V, skb, skh, skn, skd, svb, svh, svn, svd, 0, 0, 0, 0, 0, 0,
+                   0, 0, n_heads, n_rows, n_keys, MH, MW, GW)
+    lse = bh_offset(pid_bh, n_heads, slb, slh)
     Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
     DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
     DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m = _query_rows(rows, n_rows, GW, MH, MW, WINDOW)
-    q_mask = real_m[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-    do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse_base = bh_offset(pid_bh, n_heads, slb, slh)
-    lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
-    delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _span(pid_m * BLOCK_M, n_keys, WINDOW, BLOCK_M)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k, v, win_n, valid_n = _key_tiles(K, V, cols, n_keys, GW, MH, MW, offs_d, dmask, skn,
-                                          skd, svn, svd, WINDOW, POOL, BLOCK_N, BLOCK_D)
-        attend = _attends(real_m, win_m, valid_n, win_n, WINDOW)
-        p, ds = softmax_bwd_tile(q, k, v, do, lse2, delta, qk_scale_log2, attend, IEEE)
-        dq += mma(ds.to(k.dtype), k, IEEE)
-
-    tl.store(tile_ptrs(DQ, tok_m, offs_d, sdqn, sdqd), (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    attention_dq(Q, DO, DQ, LSE + lse, DELTA + lse, (sqn, sqd),
+                 (sdon, sdod), (sdqn, sdqd), pid_m, ctx, (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows,
+                 _keys, _score, no_dscore, _span, HEAD_DIM, scale, qk_scale_log2, DOT_PRECISION,
+                 BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,21 +604,25 @@ def _geometry(H: int, W: int, s: int, window: bool, kv_pooled: bool) -> dict:
 
 
 
-def _split(geo: dict):
-    sizes = (geo["n_rows"], geo["n_keys"], geo["MH"], geo["MW"], geo["GW"])
-    return sizes, dict(WINDOW=geo["WINDOW"], POOL=geo["POOL"])
-
-
 def _small(window: bool, s: int) -> bool:
     """Whether a head group runs the per-window Hi-Fi kernels."""
     return window and 2 <= s <= SMALL_WINDOW_MAX
 
 
-def _small_geometry(H: int, W: int, s: int, d: int):
-    """(n_win, MH, MW, GW) and the constexprs of the per-window kernels."""
+def _small_geometry(H: int, W: int, s: int) -> dict:
+    """Runtime geometry and constexprs of the per-window kernels."""
     gw = cdiv(W, s)
-    return ((cdiv(H, s) * gw, H, W, gw),
-            dict(S=s, SS=triton.next_power_of_2(s * s), BLOCK_D=block_d(d)))
+    return dict(n_win=cdiv(H, s) * gw, MH=H, MW=W, GW=gw, S=s,
+                SS=triton.next_power_of_2(s * s))
+
+
+def _tensors(**named) -> dict:
+    """Keyword arguments of (B, h, N, d) tensors: ``Q=q`` with q's strides sqb .. sqd."""
+    args = {}
+    for name, t in named.items():
+        args[name] = t
+        args.update(strides_of(name.lower(), t))
+    return args
 
 
 def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
@@ -654,18 +630,15 @@ def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
     """One head group (all Hi-Fi if ``window`` else all Lo-Fi) of q, k, v (B, h, N, d) into
     o (B, h, N, d) and the base-2 log-sum-exp ``lse`` (B, h, N, fp32, token stride 1)."""
     b, h, n, d = q.shape
+    args = dict(_tensors(Q=q, K=k, V=v, O=o), LSE=lse, **strides_of("l", lse, "bh"), n_heads=h,
+                HEAD_DIM=d, qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
     if _small(window, s):
-        sizes, meta = _small_geometry(H, W, s, d)
-        hifi_small_fwd(row_grid(b * h, sizes[0], "BLOCK_W"),
-                       q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
-                       h, *lse.stride()[:2], *sizes, d, qk_scale_log2(scale), **meta)
+        geo = _small_geometry(H, W, s)
+        hifi_small_fwd(row_grid(b * h, geo["n_win"], "BLOCK_W"), **geo, **args)
         return
     geo = _geometry(H, W, s, window, kv_pooled)
-    sizes, mode = _split(geo)
-    hilo_fwd(row_grid(b * h, geo["n_rows"], "BLOCK_M"),
-             q, k, v, o, lse, *strides4(q), *strides4(k), *strides4(v), *strides4(o),
-             h, *lse.stride()[:2], n, *sizes, d, qk_scale_log2(scale),
-             **mode, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
+    hilo_fwd(row_grid(b * h, geo["n_rows"], "BLOCK_M"), N=n, **geo,
+             DOT_PRECISION=dot_precision(q.dtype), **args)
 
 
 def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: float,
@@ -673,23 +646,18 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
     """Gradients of one head group into dq, dk, dv; every element of them is written (each
     token lies in exactly one window / pooled block, pad tokens are never stored)."""
     b, h, n, d = q.shape
+    args = dict(_tensors(Q=q, K=k, V=v, DO=do), n_heads=h, HEAD_DIM=d, scale=float(scale),
+                qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
     if _small(window, s):  # P recomputed exactly per window: o and lse are not needed
-        sizes, meta = _small_geometry(H, W, s, d)
-        hifi_small_bwd(row_grid(b * h, sizes[0], "BLOCK_W"), q, k, v, do, dq, dk, dv,
-                       *strides4(q), *strides4(k), *strides4(v), *strides4(do), *strides4(dq),
-                       *strides4(dk), *strides4(dv), h, *sizes, d, float(scale),
-                       qk_scale_log2(scale), **meta)
+        geo = _small_geometry(H, W, s)
+        hifi_small_bwd(row_grid(b * h, geo["n_win"], "BLOCK_W"),
+                       **_tensors(DQ=dq, DK=dk, DV=dv), **geo, **args)
         return
     geo = _geometry(H, W, s, window, kv_pooled)
-    sizes, mode = _split(geo)
-    delta = launch_delta(o, do, lse)
-    common = (h, *lse.stride()[:2], n, *sizes, d, float(scale), qk_scale_log2(scale))
-    meta = dict(**mode, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
-    qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    hilo_bwd_dkdv(row_grid(b * h, geo["n_keys"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
-                  *qkv, *strides4(dk), *strides4(dv), *common, **meta)
-    hilo_bwd_dq(row_grid(b * h, geo["n_rows"], "BLOCK_M"), q, k, v, do, lse, delta, dq,
-                *qkv, *strides4(dq), *common, **meta)
+    args.update(LSE=lse, DELTA=launch_delta(o, do, lse), **strides_of("l", lse, "bh"), N=n,
+                **geo, DOT_PRECISION=dot_precision(q.dtype))
+    hilo_bwd_dkdv(row_grid(b * h, geo["n_keys"], "BLOCK_N"), **_tensors(DK=dk, DV=dv), **args)
+    hilo_bwd_dq(row_grid(b * h, geo["n_rows"], "BLOCK_M"), **_tensors(DQ=dq), **args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,7 +693,7 @@ def aot_specs():
                 for bd in (16, 32, 64, 128, 256):
                     if unsupported(bd, dtype == "fp32", s, 1, backward=kname != "fwd"):
                         continue
-                    _, meta = _small_geometry(s, s, s, bd)
+                    meta = dict(S=s, SS=triton.next_power_of_2(s * s), BLOCK_D=bd)
                     specs.append(spec_from_launcher(f"hilo.{kname}.hifi_small_s{s}[{dtype},D={bd}]",
                                                     launcher, sig, const, meta))
     modes = {"hifi": dict(WINDOW=SMALL_WINDOW_MAX + 1, POOL=1), "lofi": dict(WINDOW=0, POOL=2),
@@ -738,7 +706,7 @@ def aot_specs():
                     if unsupported(bd, dtype == "fp32", mode["WINDOW"], mode["POOL"],
                                    backward=kname != "fwd"):
                         continue  # outside the declared capability: nothing to prove
-                    meta = dict(mode, IEEE=dtype == "fp32", BLOCK_D=bd)
+                    meta = dict(mode, DOT_PRECISION=aot_precision(dtype), BLOCK_D=bd)
                     specs.append(spec_from_launcher(f"hilo.{kname}.{mname}[{dtype},D={bd}]",
                                                     launcher, sig, const, meta))
     return specs

@@ -34,18 +34,20 @@ import triton
 import triton.language as tl
 
 from .attention_core import (
+    aot_precision,
+    attention_dkdv,
+    attention_dq,
+    attention_fwd,
     block_d,
-    exact_fp32,
+    dot_precision,
     launch_delta,
+    load_rows,
     mma,
     program_coords,
     qk_scale_log2,
     row_grid,
-    softmax_bwd_scores,
-    softmax_finish,
-    softmax_step,
-    strides4,
-    tile_ptrs,
+    store_rows,
+    strides_of,
 )
 from .tuning import Launcher, capability_reason, table_candidates
 
@@ -55,37 +57,24 @@ from .tuning import Launcher, capability_reason, table_candidates
 
 
 @triton.jit
-def _seq(CU, b, n_rows, VARLEN: tl.constexpr):
-    """(first row, row count) of sequence ``b``: from ``cu_seqlens`` in varlen mode, else
-    (0, K) (every batch item has the same K rows)."""
-    if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
-    else:
-        start = tl.program_id(0) * 0  # an int32 tensor even where n_rows is specialised to 1
-        length = n_rows
-    return start, length
-
-
-@triton.jit
-def _tokens(IDX, idx_base, sik, start, pos, length, HAS_IDX: tl.constexpr):
+def _tokens(IDX, sik, start, pos, length, HAS_IDX: tl.constexpr):
     """Positions ``pos`` of a sequence -> (output row, token index in the full map, valid).
 
     The output row is ``start + pos`` (rows of kept tokens, packed in varlen mode); the token is
-    ``keep_idx[row]`` with ``keep_idx``, else the row itself."""
+    ``keep_idx[row]`` with ``keep_idx`` (IDX: this batch item's row of it), else the row."""
     valid = pos < length
     row = start + pos
     if HAS_IDX:
-        tok = tl.load(IDX + idx_base + row.to(tl.int64) * sik, mask=valid, other=0)
+        tok = tl.load(IDX + row.to(tl.int64) * sik, mask=valid, other=0)
     else:
         tok = row
     return row, tok, valid
 
 
 @triton.jit
-def _bias2(BIAS, bias_base, sbn, tok, valid):
+def _bias2(BIAS, sbn, tok, valid):
     """Key bias of tokens ``tok`` in base-2 units (fp32); 0 outside the valid columns."""
-    b = tl.load(BIAS + bias_base + tok.to(tl.int64) * sbn, mask=valid, other=0.0)
+    b = tl.load(BIAS + tok.to(tl.int64) * sbn, mask=valid, other=0.0)
     return b.to(tl.float32) * 1.4426950408889634
 
 
@@ -97,12 +86,97 @@ def _loop_end(first, length):
 
 
 # --------------------------------------------------------------------------------------------
+# the engine's hooks (attention_core): ctx = (K, V, (skn, skd), (svn, svd), IDX, sik, start,
+# length, BIAS, sbn, G0, DK, DV, (sdkn, sdkd), (sdvn, sdvd), DB), pointers at this (sequence,
+# head); CFG = (HAS_IDX, HAS_BIAS, HAS_G0)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(ctx, CFG: tl.constexpr, pos):
+    row, tok, valid = _tokens(ctx[4], ctx[5], ctx[6], pos, ctx[7], CFG[0])
+    return tok, row, valid, pos
+
+
+@triton.jit
+def _key_tag(ctx, CFG: tl.constexpr, pos):
+    """(token, valid, attended, bias (base 2), importance gradient g0) of key positions."""
+    row, tok, valid = _tokens(ctx[4], ctx[5], ctx[6], pos, ctx[7], CFG[0])
+    ok = valid
+    bias = tl.zeros(pos.shape, tl.float32)
+    if CFG[1]:
+        bias = _bias2(ctx[8], ctx[9], tok, valid)
+        ok = ok & (bias > float("-inf"))  # a -inf key gets P = 0, never exp(-inf - -inf)
+    g0 = tl.zeros(pos.shape, tl.float32)
+    if CFG[2]:
+        g0 = tl.load(ctx[10] + row, mask=valid, other=0.0)
+    return tok, valid, ok, bias, g0
+
+
+@triton.jit
+def _keys(ctx, CFG: tl.constexpr, pos, offs_d, dmask):
+    ktag = _key_tag(ctx, CFG, pos)
+    k = load_rows(ctx[0], ktag[0], offs_d, ktag[1], dmask, ctx[2])
+    v = load_rows(ctx[1], ktag[0], offs_d, ktag[1], dmask, ctx[3])
+    return k, v, ktag
+
+
+@triton.jit
+def _score(ctx, CFG: tl.constexpr, s, pos_m, ktag, valid_m):
+    if CFG[1]:
+        s += ktag[3][None, :]
+    return s, valid_m[:, None] & ktag[2][None, :]
+
+
+@triton.jit
+def _dscore(ctx, CFG: tl.constexpr, ds, p, pos_m, ktag):
+    if CFG[2]:  # importance gradient: dP[0, j] += g0[j] (row 0 of the sequence)
+        ds += tl.where((pos_m == 0)[:, None], p * ktag[4][None, :], 0.0)
+    return ds
+
+
+@triton.jit
+def _span(ctx, CFG: tl.constexpr, start, BLOCK: tl.constexpr, OVER_KEYS: tl.constexpr):
+    return 0, _loop_end(start, ctx[7])
+
+
+@triton.jit
+def _put_kv(ctx, CFG: tl.constexpr, ktag, offs_d, dmask, dk, dv, dbias):
+    store_rows(ctx[11], ktag[0], offs_d, ktag[1], dmask, ctx[13], dk)
+    store_rows(ctx[12], ktag[0], offs_d, ktag[1], dmask, ctx[14], dv)
+    if CFG[1]:
+        tl.store(ctx[15] + ktag[0].to(tl.int64), dbias, mask=ktag[1])
+
+
+@triton.jit
+def _context(CU, K, V, IDX, BIAS, G0, DK, DV, DB, skb, skh, skn, skd, svb, svh, svn, svd,
+             sib, sik, sbb, sbh, sbn, sgb, sgh, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+             sdbb, sdbh, n_heads, n_rows, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """(batch·head, tile, ctx) of this program (absent outputs: any pointer, zero strides)."""
+    pid_bh, pid = program_coords(n_rows, BLOCK)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = tl.program_id(0) * 0  # an int32 tensor even where n_rows is specialised to 1
+        length = n_rows
+    ctx = (K + b * skb + h * skh, V + b * svb + h * svh, (skn, skd), (svn, svd), IDX + b * sib,
+           sik, start, length, BIAS + b * sbb + h * sbh, sbn, G0 + b * sgb + h * sgh,
+           DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, (sdkn, sdkd), (sdvn, sdvd),
+           DB + b * sdbb + h * sdbh)
+    return pid_bh, pid, ctx
+
+
+# --------------------------------------------------------------------------------------------
 # kernels
 #
 # Every kernel runs one program per (sequence, head, tile). Dense inputs: a sequence is a batch
 # item, K = keep_idx.shape[1] rows (n_rows). Varlen (cu_seqlens): the caller passes the packed
 # (T, h, d) tensors as (S, h, T, d) views with batch stride 0, sequence b owns the rows
-# cu[b]..cu[b+1]-1 and n_rows is the longest sequence (it only sizes the grid).
+# cu[b]..cu[b+1]-1 and n_rows is the longest sequence (it only sizes the grid). Launched with
+# keywords (see the host entry points below).
 # --------------------------------------------------------------------------------------------
 
 
@@ -112,45 +186,19 @@ def token_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     sib, sik, sbb, sbh, sbn,
     n_heads, slb, slh, n_rows, HEAD_DIM, qk_scale_log2,
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
+    pid_bh, pid_m, ctx = _context(CU, K, V, IDX, BIAS, K, K, K, K, skb, skh, skn, skd, svb, svh,
+                                  svn, svd, sib, sik, sbb, sbh, sbn, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, 0, 0, 0, n_heads, n_rows, VARLEN, BLOCK_M)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    start, length = _seq(CU, b, n_rows, VARLEN)
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    O += b * sob + h * soh
-    idx_base = b * sib
-    bias_base = b * sbb + h * sbh
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
-    q_mask = valid_m[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _loop_end(pid_m * BLOCK_M, length), BLOCK_N):
-        pos_n = start_n + tl.arange(0, BLOCK_N)
-        _, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
-        kv_mask = valid_n[:, None] & dmask[None, :]
-        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        if HAS_BIAS:
-            s += _bias2(BIAS, bias_base, sbn, tok_n, valid_n)[None, :]
-        s = tl.where(valid_m[:, None] & valid_n[None, :], s, float("-inf"))
-        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE)
-
-    out, lse2 = softmax_finish(m_i, l_i, acc)
-    tl.store(tile_ptrs(O, row_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + b * slb + h * slh + row_m, lse2, mask=valid_m)
+    attention_fwd(Q + b * sqb + h * sqh, O + b * sob + h * soh, LSE + b * slb + h * slh,
+                  (sqn, sqd), (son, sod), pid_m, ctx, (HAS_IDX, HAS_BIAS, False), _rows, _keys,
+                  _score, _span, HEAD_DIM, qk_scale_log2, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                  BLOCK_D)
 
 
 @triton.jit
@@ -163,18 +211,18 @@ def token_cls_probs_kernel(
 ):
     """p0[b, h, j] = P[b, h, 0, j]: row 0 of each sequence's probabilities, from the saved
     log-sum-exp."""
-    pid_bh, pid_n = program_coords(n_rows, BLOCK_N)
+    pid_bh, pid_n, ctx = _context(CU, K, K, IDX, BIAS, K, K, K, K, skb, skh, skn, skd, 0, 0, 0,
+                                  0, sib, sik, sbb, sbh, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, n_heads, n_rows, VARLEN, BLOCK_N)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    start, length = _seq(CU, b, n_rows, VARLEN)
-    idx_base = b * sib
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     # An empty sequence stores nothing, but its start may be one past the last row: read row 0
     # instead (it exists: the op never launches with zero rows).
-    first = tl.where(length > 0, start, 0)
+    first = tl.where(ctx[7] > 0, ctx[6], 0)
     if HAS_IDX:  # the first row's token
-        tok0 = tl.load(IDX + idx_base + first.to(tl.int64) * sik)
+        tok0 = tl.load(ctx[4] + first.to(tl.int64) * sik)
     else:
         tok0 = first
     Q += b * sqb + h * sqh + tok0.to(tl.int64) * sqn
@@ -183,15 +231,10 @@ def token_cls_probs_kernel(
     lse0 = tl.where(lse0 == float("-inf"), 0.0, lse0)  # row 0 empty: every p is masked below
 
     pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
-    k = tl.load(tile_ptrs(K + b * skb + h * skh, tok_n, offs_d, skn, skd),
-                mask=valid_n[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    s = tl.sum(k * q0[None, :], 1) * qk_scale_log2
-    ok = valid_n
-    if HAS_BIAS:
-        bias = _bias2(BIAS, b * sbb + h * sbh, sbn, tok_n, valid_n)
-        s += bias
-        ok = ok & (bias > float("-inf"))
+    row_n, _, _ = _tokens(ctx[4], sik, ctx[6], pos_n, ctx[7], HAS_IDX)
+    tok_n, valid_n, ok, bias, _ = _key_tag(ctx, (HAS_IDX, HAS_BIAS, False), pos_n)
+    k = load_rows(ctx[0], tok_n, offs_d, valid_n, dmask, ctx[2]).to(tl.float32)
+    s = tl.sum(k * q0[None, :], 1) * qk_scale_log2 + bias
     p = tl.where(ok, tl.exp2(s - lse0), 0.0)
     tl.store(P0 + b * spb + h * sph + row_n, p, mask=valid_n)
 
@@ -201,44 +244,39 @@ def token_colsum_kernel(
     Q, K, LSE, IDX, BIAS, CU, C,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, sib, sik, sbb, sbh, sbn,
     n_heads, slb, slh, scb, sch, n_rows, HEAD_DIM, qk_scale_log2,
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """c[b, h, j] = sum_i P[b, h, i, j], the attention key j receives (GTP-ViT): a second QKᵀ
     pass that recomputes P from the forward's log-sum-exp, one program per key tile."""
-    pid_bh, pid_n = program_coords(n_rows, BLOCK_N)
+    pid_bh, pid_n, ctx = _context(CU, K, K, IDX, BIAS, K, K, K, K, skb, skh, skn, skd, 0, 0, 0,
+                                  0, sib, sik, sbb, sbh, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, n_heads, n_rows, VARLEN, BLOCK_N)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    start, length = _seq(CU, b, n_rows, VARLEN)
     Q += b * sqb + h * sqh
-    K += b * skb + h * skh
     LSE += b * slb + h * slh
-    idx_base = b * sib
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
     pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
-    k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=valid_n[:, None] & dmask[None, :],
-                other=0.0)
-    col_ok = valid_n
-    if HAS_BIAS:
-        bias = _bias2(BIAS, b * sbb + h * sbh, sbn, tok_n, valid_n)
-        col_ok = col_ok & (bias > float("-inf"))
+    row_n, _, _ = _tokens(ctx[4], sik, ctx[6], pos_n, ctx[7], HAS_IDX)
+    ktag = _key_tag(ctx, (HAS_IDX, HAS_BIAS, False), pos_n)
+    k = load_rows(ctx[0], ktag[0], offs_d, ktag[1], dmask, ctx[2])
     c = tl.zeros([BLOCK_N], tl.float32)
-    for start_m in range(0, _loop_end(pid_n * BLOCK_N, length), BLOCK_M):
-        pos_m = start_m + tl.arange(0, BLOCK_M)
-        row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
-        q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=valid_m[:, None] & dmask[None, :],
-                    other=0.0)
+    lo, hi = _span(ctx, (HAS_IDX, HAS_BIAS, False), pid_n * BLOCK_N, BLOCK_N, False)
+    for start_m in range(lo, hi, BLOCK_M):
+        tok_m, row_m, valid_m, pos_m = _rows(ctx, (HAS_IDX, HAS_BIAS, False),
+                                             start_m + tl.arange(0, BLOCK_M))
+        q = load_rows(Q, tok_m, offs_d, valid_m, dmask, (sqn, sqd))
         lse2 = tl.load(LSE + row_m, mask=valid_m, other=0.0)
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty rows: every p is masked
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        if HAS_BIAS:
-            s += bias[None, :]
-        p = tl.where(valid_m[:, None] & col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        c += tl.sum(p, 0)
-    tl.store(C + b * scb + h * sch + row_n, c, mask=valid_n)
+        s, attend = _score(ctx, (HAS_IDX, HAS_BIAS, False),
+                           mma(q, tl.trans(k), DOT_PRECISION) * qk_scale_log2, pos_m, ktag,
+                           valid_m)
+        c += tl.sum(tl.where(attend, tl.exp2(s - lse2[:, None]), 0.0), 0)
+    tl.store(C + b * scb + h * sch + row_n, c, mask=ktag[1])
 
 
 @triton.jit
@@ -249,63 +287,20 @@ def token_bwd_dkdv_kernel(
     sib, sik, sbb, sbh, sbn, sgb, sgh, sdbb, sdbh,
     n_heads, slb, slh, n_rows, HEAD_DIM, scale, qk_scale_log2,
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr, VARLEN: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_n = program_coords(n_rows, BLOCK_N)
+    pid_bh, pid_n, ctx = _context(CU, K, V, IDX, BIAS, G0, DK, DV, DB, skb, skh, skn, skd, svb,
+                                  svh, svn, svd, sib, sik, sbb, sbh, sbn, sgb, sgh, sdkb, sdkh,
+                                  sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdbb, sdbh, n_heads, n_rows,
+                                  VARLEN, BLOCK_N)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    start, length = _seq(CU, b, n_rows, VARLEN)
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdob + h * sdoh
-    LSE += b * slb + h * slh
-    DELTA += b * slb + h * slh
-    idx_base = b * sib
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    pos_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
-    kv_mask = valid_n[:, None] & dmask[None, :]
-    k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-    v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-    col_ok = valid_n
-    if HAS_BIAS:
-        bias = _bias2(BIAS, b * sbb + h * sbh, sbn, tok_n, valid_n)
-        col_ok = col_ok & (bias > float("-inf"))
-    if HAS_G0:
-        g0 = tl.load(G0 + b * sgb + h * sgh + row_n, mask=valid_n, other=0.0)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    db = tl.zeros([BLOCK_N], tl.float32)
-    for start_m in range(0, _loop_end(pid_n * BLOCK_N, length), BLOCK_M):
-        pos_m = start_m + tl.arange(0, BLOCK_M)
-        row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
-        q_mask = valid_m[:, None] & dmask[None, :]
-        q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-        do = tl.load(tile_ptrs(DO, row_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + row_m, mask=valid_m, other=0.0)
-        delta = tl.load(DELTA + row_m, mask=valid_m, other=0.0)
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        if HAS_BIAS:
-            s += bias[None, :]
-        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, valid_m[:, None] & col_ok[None, :],
-                                   IEEE)
-        if HAS_G0:  # importance gradient: dP[0, j] += g0[j] (row 0 of the sequence)
-            ds += tl.where((pos_m == 0)[:, None], p * g0[None, :], 0.0)
-        dv += mma(tl.trans(p).to(do.dtype), do, IEEE)
-        dk += mma(tl.trans(ds).to(q.dtype), q, IEEE)
-        if HAS_BIAS:
-            db += tl.sum(ds, 0)
-
-    tl.store(tile_ptrs(DK + b * sdkb + h * sdkh, tok_n, offs_d, sdkn, sdkd),
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(tile_ptrs(DV + b * sdvb + h * sdvh, tok_n, offs_d, sdvn, sdvd),
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
-    if HAS_BIAS:
-        tl.store(DB + b * sdbb + h * sdbh + tok_n.to(tl.int64), db, mask=valid_n)
+    lse = b * slb + h * slh
+    attention_dkdv(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + lse, DELTA + lse,
+                   (sqn, sqd), (sdon, sdod), pid_n, ctx, (HAS_IDX, HAS_BIAS, HAS_G0), _rows,
+                   _keys, _score, _dscore, _span, _put_kv, HEAD_DIM, scale, qk_scale_log2,
+                   HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -316,51 +311,19 @@ def token_bwd_dq_kernel(
     sib, sik, sbb, sbh, sbn, sgb, sgh,
     n_heads, slb, slh, n_rows, HEAD_DIM, scale, qk_scale_log2,
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr, VARLEN: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
+    pid_bh, pid_m, ctx = _context(CU, K, V, IDX, BIAS, G0, K, K, K, skb, skh, skn, skd, svb,
+                                  svh, svn, svd, sib, sik, sbb, sbh, sbn, sgb, sgh, 0, 0, 0, 0,
+                                  0, 0, 0, 0, 0, 0, n_heads, n_rows, VARLEN, BLOCK_M)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    start, length = _seq(CU, b, n_rows, VARLEN)
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdob + h * sdoh
-    idx_base = b * sib
-    bias_base = b * sbb + h * sbh
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_m, tok_m, valid_m = _tokens(IDX, idx_base, sik, start, pos_m, length, HAS_IDX)
-    q_mask = valid_m[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-    do = tl.load(tile_ptrs(DO, row_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + b * slb + h * slh + row_m, mask=valid_m, other=0.0)
-    delta = tl.load(DELTA + b * slb + h * slh + row_m, mask=valid_m, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _loop_end(pid_m * BLOCK_M, length), BLOCK_N):
-        pos_n = start_n + tl.arange(0, BLOCK_N)
-        row_n, tok_n, valid_n = _tokens(IDX, idx_base, sik, start, pos_n, length, HAS_IDX)
-        kv_mask = valid_n[:, None] & dmask[None, :]
-        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        col_ok = valid_n
-        if HAS_BIAS:
-            bias = _bias2(BIAS, bias_base, sbn, tok_n, valid_n)
-            s += bias[None, :]
-            col_ok = col_ok & (bias > float("-inf"))
-        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, valid_m[:, None] & col_ok[None, :],
-                                   IEEE)
-        if HAS_G0:  # importance gradient: dP[0, j] += g0[j] (row 0 of the sequence)
-            g0 = tl.load(G0 + b * sgb + h * sgh + row_n, mask=valid_n, other=0.0)
-            ds += tl.where((pos_m == 0)[:, None], p * g0[None, :], 0.0)
-        dq += mma(ds.to(k.dtype), k, IEEE)
-
-    tl.store(tile_ptrs(DQ + b * sdqb + h * sdqh, tok_m, offs_d, sdqn, sdqd),
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    lse = b * slb + h * slh
+    attention_dq(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, DQ + b * sdqb + h * sdqh,
+                 LSE + lse, DELTA + lse, (sqn, sqd), (sdon, sdod), (sdqn, sdqd), pid_m, ctx,
+                 (HAS_IDX, HAS_BIAS, HAS_G0), _rows, _keys, _score, _dscore, _span, HEAD_DIM,
+                 scale, qk_scale_log2, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,60 +420,44 @@ token_colsum = Launcher(token_colsum_kernel, table_candidates(TILES["colsum"]), 
 
 
 
-def _idx_args(keep_idx, q):
-    """(pointer, strides) of keep_idx (int64), or a dummy when absent (HAS_IDX = False)."""
-    if keep_idx is None:
-        return q, (0, 0)
-    return keep_idx, tuple(keep_idx.stride())
-
-
-def _bias_args(key_bias, q):
-    """(pointer, (batch, head, token) strides) of key_bias; head stride 0 for a (B, N) bias."""
+def _launch_args(q, k, keep_idx, key_bias, cu, lse, scale: float, n_rows: int) -> dict:
+    """The keyword arguments every token kernel takes (absent tensors: a dummy pointer, zero
+    strides; a (B, N) key bias gets head stride 0)."""
     if key_bias is None:
-        return q, (0, 0, 0)
-    if key_bias.dim() == 2:
-        return key_bias, (key_bias.stride(0), 0, key_bias.stride(1))
-    return key_bias, tuple(key_bias.stride())
-
-
-def _flags(q, keep_idx, key_bias, cu):
-    return dict(HAS_IDX=keep_idx is not None, HAS_BIAS=key_bias is not None,
-                VARLEN=cu is not None, BLOCK_D=block_d(q.shape[-1]))
+        bias = dict(BIAS=q, sbb=0, sbh=0, sbn=0)
+    elif key_bias.dim() == 2:
+        bias = dict(BIAS=key_bias, sbb=key_bias.stride(0), sbh=0, sbn=key_bias.stride(1))
+    else:
+        bias = dict(BIAS=key_bias, **strides_of("b", key_bias, "bhn"))
+    return dict(
+        Q=q, K=k, LSE=lse, IDX=q if keep_idx is None else keep_idx,
+        CU=q if cu is None else cu, **strides_of("q", q), **strides_of("k", k),
+        **(strides_of("i", keep_idx, "bk") if keep_idx is not None else dict(sib=0, sik=0)),
+        **bias, n_heads=q.shape[1], **strides_of("l", lse, "bh"), n_rows=n_rows,
+        HEAD_DIM=q.shape[3], qk_scale_log2=qk_scale_log2(scale),
+        HAS_IDX=keep_idx is not None, HAS_BIAS=key_bias is not None, VARLEN=cu is not None,
+        BLOCK_D=block_d(q.shape[3]))
 
 
 def forward(q, k, v, keep_idx, key_bias, cu, o, lse, scale: float, n_rows: int):
     """o (B, h, K, d) and base-2 log-sum-exp lse (B, h, K, fp32, unit K stride)."""
-    b, h, _, d = q.shape
-    idx, idx_s = _idx_args(keep_idx, q)
-    bias, bias_s = _bias_args(key_bias, q)
-    token_fwd(row_grid(b * h, n_rows, "BLOCK_M"),
-              q, k, v, o, lse, idx, bias, q if cu is None else cu, *strides4(q), *strides4(k),
-              *strides4(v), *strides4(o), *idx_s, *bias_s, h, *lse.stride()[:2], n_rows, d,
-              qk_scale_log2(scale), IEEE=exact_fp32(q.dtype),
-              **_flags(q, keep_idx, key_bias, cu))
+    token_fwd(row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_M"), V=v, O=o,
+              **strides_of("v", v), **strides_of("o", o), DOT_PRECISION=dot_precision(q.dtype),
+              **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
 
 
 def cls_probs(q, k, keep_idx, key_bias, cu, lse, p0, scale: float, n_rows: int):
     """p0 (B, h, K) fp32 = row 0 (the first kept query) of the attention probabilities."""
-    b, h, _, d = q.shape
-    idx, idx_s = _idx_args(keep_idx, q)
-    bias, bias_s = _bias_args(key_bias, q)
-    token_cls_probs(row_grid(b * h, n_rows, "BLOCK_N"),
-                    q, k, lse, idx, bias, q if cu is None else cu, p0, *strides4(q),
-                    *strides4(k), *idx_s, *bias_s, h, *lse.stride()[:2], *p0.stride()[:2],
-                    n_rows, d, qk_scale_log2(scale), **_flags(q, keep_idx, key_bias, cu))
+    token_cls_probs(row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_N"), P0=p0,
+                    **strides_of("p", p0, "bh"),
+                    **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
 
 
 def colsum(q, k, keep_idx, key_bias, cu, lse, c, scale: float, n_rows: int):
     """c (B, h, K) fp32 = column sums of the attention probabilities (a second QKᵀ pass)."""
-    b, h, _, d = q.shape
-    idx, idx_s = _idx_args(keep_idx, q)
-    bias, bias_s = _bias_args(key_bias, q)
-    token_colsum(row_grid(b * h, n_rows, "BLOCK_N"),
-                 q, k, lse, idx, bias, q if cu is None else cu, c, *strides4(q), *strides4(k),
-                 *idx_s, *bias_s, h, *lse.stride()[:2], *c.stride()[:2], n_rows, d,
-                 qk_scale_log2(scale), IEEE=exact_fp32(q.dtype),
-                 **_flags(q, keep_idx, key_bias, cu))
+    token_colsum(row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_N"), C=c,
+                 **strides_of("c", c, "bh"), DOT_PRECISION=dot_precision(q.dtype),
+                 **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
 
 
 def _add_importance_delta(delta, p0, g0, cu):
@@ -532,28 +479,21 @@ def backward(do, q, k, v, o, lse, keep_idx, key_bias, cu, p0, g0, dq, dk, dv, db
     Only kept tokens are written: with ``keep_idx`` the caller zero-fills dq, dk, dv, db.
     ``g0`` (B, h, K) fp32 is the gradient of ``p0`` (the CLS-row probabilities), or None.
     """
-    b, h, _, d = q.shape
+    b, h = q.shape[:2]
     if cu is None:
         delta = launch_delta(o, do, lse)
     else:  # one (1, h, R) pass over the packed rows, seen by every sequence
         delta = launch_delta(o[:1], do[:1], lse[:1]).expand(lse.shape)
     if g0 is not None:
         _add_importance_delta(delta, p0, g0, cu)
-    idx, idx_s = _idx_args(keep_idx, q)
-    bias, bias_s = _bias_args(key_bias, q)
-    cu_t = q if cu is None else cu
-    g0_t, g0_s = (q, (0, 0)) if g0 is None else (g0, g0.stride()[:2])
-    db_t, db_s = (q, (0, 0)) if db is None else (db, db.stride()[:2])
-    common = (h, *lse.stride()[:2], n_rows, d, float(scale), qk_scale_log2(scale))
-    meta = dict(HAS_G0=g0 is not None, IEEE=exact_fp32(q.dtype),
-                **_flags(q, keep_idx, key_bias, cu))
-    qkvdo = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    token_bwd_dkdv(row_grid(b * h, n_rows, "BLOCK_N"),
-                   q, k, v, do, lse, delta, idx, bias, cu_t, g0_t, dk, dv, db_t, *qkvdo,
-                   *strides4(dk), *strides4(dv), *idx_s, *bias_s, *g0_s, *db_s, *common, **meta)
-    token_bwd_dq(row_grid(b * h, n_rows, "BLOCK_M"),
-                 q, k, v, do, lse, delta, idx, bias, cu_t, g0_t, dq, *qkvdo, *strides4(dq),
-                 *idx_s, *bias_s, *g0_s, *common, **meta)
+    args = dict(V=v, DO=do, DELTA=delta, G0=q if g0 is None else g0, **strides_of("v", v),
+                **strides_of("do", do), **strides_of("g", g0 if g0 is not None else lse, "bh"),
+                scale=float(scale), HAS_G0=g0 is not None, DOT_PRECISION=dot_precision(q.dtype),
+                **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
+    token_bwd_dkdv(row_grid(b * h, n_rows, "BLOCK_N"), DK=dk, DV=dv, DB=q if db is None else db,
+                   **strides_of("dk", dk), **strides_of("dv", dv),
+                   **strides_of("db", db if db is not None else lse, "bh"), **args)
+    token_bwd_dq(row_grid(b * h, n_rows, "BLOCK_M"), DQ=dq, **strides_of("dq", dq), **args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,8 +558,8 @@ def aot_specs(variants: str = "heaviest"):
                             del const["sbh"]
                             sig["sbh"] = "i32:16"
                         meta = dict(combo, BLOCK_D=bd)
-                        if "IEEE" in launcher.fn.arg_names:
-                            meta["IEEE"] = dtype == "fp32"
+                        if "DOT_PRECISION" in launcher.fn.arg_names:
+                            meta["DOT_PRECISION"] = aot_precision(dtype)
                         off = "".join(f"-{f.replace('HAS_', '').lower()}"
                                       for f, on in combo.items() if not on)
                         tag = off + ("+headbias" if per_head else "")

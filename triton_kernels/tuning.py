@@ -27,6 +27,7 @@ constexprs reuse the choice.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from typing import Callable, Sequence
@@ -58,8 +59,8 @@ def tiles(rows, fallback=FALLBACK_TILES) -> list:
 def table_candidates(table: dict):
     """``candidates(**constexprs)`` from a ``{(BLOCK_D, fp32?): rows}`` table of preferred tiles
     (a missing key leaves the fallbacks: a table never limits what runs)."""
-    def candidates(*, BLOCK_D, IEEE, **_):
-        return tiles(table.get((BLOCK_D, bool(IEEE)), ()))
+    def candidates(*, BLOCK_D, DOT_PRECISION, **_):
+        return tiles(table.get((BLOCK_D, DOT_PRECISION != "native"), ()))
     return candidates
 
 
@@ -136,6 +137,7 @@ class Launcher:
         self.probe = probe
         self._kept: dict[tuple, list] = {}
         self._tuned: dict[tuple, object] = {}
+        self._runtime_names: tuple | None = None
 
     @property
     def name(self) -> str:
@@ -173,10 +175,38 @@ class Launcher:
 
     def pick(self, args, **constexprs):
         """The one config to run (the preferred kept candidate), for kernels whose grid or
-        buffers depend on the tile and so cannot be autotuned by ``triton.autotune``."""
-        return self.configs(args, constexprs)[0]
+        buffers depend on the tile and so cannot be autotuned by ``triton.autotune``.
 
-    def __call__(self, grid, *args, **constexprs):
+        ``args`` (or what it returns, when a function): the runtime arguments, positionally
+        (a tuple) or by keyword (a dict, as ``__call__`` takes them)."""
+        def runtime():
+            given = args() if callable(args) else args
+            if not isinstance(given, dict):
+                return given
+            bound, rest = self._bind((), dict(given))
+            if rest:
+                raise TypeError(f"{self.name}: not runtime arguments: {sorted(rest)}")
+            return bound
+        return self.configs(runtime, constexprs)[0]
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """(runtime args in the kernel's order, constexprs) of a launch given by keyword
+        (``launcher(grid, Q=q, sqb=..., BLOCK_D=64)``) or positionally."""
+        names = self._runtime_names
+        if names is None:
+            fn = getattr(self.fn, "fn", self.fn)  # JITFunction / InterpretedFunction -> python fn
+            params = inspect.signature(fn).parameters.values()
+            names = self._runtime_names = tuple(
+                p.name for p in params if "constexpr" not in str(p.annotation))
+        if not kwargs.keys() & names:
+            return args, kwargs
+        runtime = (*args, *(kwargs.pop(n) for n in names[len(args):]))
+        return runtime, kwargs
+
+    def __call__(self, grid, *args, **kwargs):
+        """Launch on ``grid`` (a function of the chosen config); arguments by keyword or
+        positionally, constexprs by keyword."""
+        args, constexprs = self._bind(args, kwargs)
         kept = self.configs(args, constexprs)
         if len(kept) == 1 or interpreting():
             cfg = kept[0]

@@ -51,20 +51,24 @@ import triton.language as tl
 
 from .attention_core import (
     LOG2E,
+    aot_precision,
+    attention_dkdv,
+    attention_dq,
+    attention_fwd,
     bh_offset,
     block_d,
     cdiv,
-    exact_fp32,
+    dot_precision,
     launch_delta,
+    load_rows,
     mma,
+    no_dscore,
     program_coords,
     qk_scale_log2,
     row_grid,
     softmax_bwd_ds,
-    softmax_bwd_scores,
-    softmax_finish,
-    softmax_step,
-    strides4,
+    store_rows,
+    strides_of,
     tile_ptrs,
     window_span,
 )
@@ -76,9 +80,11 @@ from .tuning import Launcher, capability_reason, table_candidates
 
 
 @triton.jit
-def _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: tl.constexpr,
-            WW: tl.constexpr):
-    """(window, slot) -> (raster token, real?, local row, local col, region id)."""
+def _tokens(win, slot, in_range, geo, WH: tl.constexpr, WW: tl.constexpr):
+    """(window, slot) -> (raster token, real?, local row, local col, region id); ``geo`` the
+    runtime geometry tuple (n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW)."""
+    GW, H, W, MH, MW, LH, LW = geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7]
+    Hp, Wp, SH, SW = geo[8], geo[9], geo[10], geo[11]
     i = slot // WW
     j = slot % WW
     rp = (win // GW) * WH + i
@@ -94,34 +100,86 @@ def _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: t
 
 
 @triton.jit
-def _virtual(idx, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH: tl.constexpr,
-             WW: tl.constexpr, NS: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+def _virtual(idx, AW, geo, CFG: tl.constexpr):
     """Virtual index -> (token, real?, virtual window, in range?, i, j, region); NS virtual
     slots per window, the last NS - wh·ww of them empty. With HAS_ACTIVE the k-th virtual
     window is window AW[k] of the frame (AW: this image's row of active window ids), else
-    window k."""
-    vwin = idx // NS
-    slot = idx % NS
-    in_range = (idx < n_virt) & (slot < WH * WW)
-    if HAS_ACTIVE:
+    window k. CFG = (WH, WW, NS, HAS_BIAS, HAS_ACTIVE)."""
+    vwin = idx // CFG[2]
+    slot = idx % CFG[2]
+    in_range = (idx < geo[0]) & (slot < CFG[0] * CFG[1])
+    if CFG[4]:
         win = tl.load(AW + vwin, mask=in_range, other=0)
     else:
         win = vwin
-    tok, real, i, j, region = _tokens(win, slot, in_range, GW, H, W, MH, MW, LH, LW, Hp, Wp,
-                                      SH, SW, WH, WW)
+    tok, real, i, j, region = _tokens(win, slot, in_range, geo, CFG[0], CFG[1])
     return tok, real, vwin, in_range, i, j, region
 
 
 @triton.jit
-def _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1, b2, b3,
-            mask2, HAS_BIAS: tl.constexpr):
-    """Bias + shift mask of a tile, base-2 units (fp32)."""
+def _extra2(bias, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, HAS_BIAS: tl.constexpr):
+    """Bias + shift mask of a tile, base-2 units (fp32); bias = (BIAS at this head, boff, b0,
+    b1, b2, b3, mask2) (see the module docstring)."""
+    BIAS, boff, b0, b1, b2, b3, mask2 = bias
     extra = tl.where(reg_m[:, None] != reg_n[None, :], mask2, 0.0)
     if HAS_BIAS:
         off = (boff + (i_m * b0 + j_m * b1)[:, None] + (i_n * b2 + j_n * b3)[None, :])
-        bias = tl.load(BIAS + h * sbh + off, mask=attend, other=0.0).to(tl.float32)
-        extra += bias * 1.4426950408889634
+        extra += tl.load(BIAS + off, mask=attend, other=0.0).to(tl.float32) * 1.4426950408889634
     return extra
+
+
+# --------------------------------------------------------------------------------------------
+# the engine's hooks (attention_core): ctx = (K, V, (skn, skd), (svn, svd), AW, geo, bias,
+# DK, DV, (sdkn, sdkd), (sdvn, sdvd)), CFG = (WH, WW, NS, HAS_BIAS, HAS_ACTIVE)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(ctx, CFG: tl.constexpr, idx):
+    tok, real, win, _, i, j, region = _virtual(idx, ctx[4], ctx[5], CFG)
+    return tok, tok, real, (win, i, j, region)
+
+
+@triton.jit
+def _keys(ctx, CFG: tl.constexpr, idx, offs_d, dmask):
+    """Pad keys (frame positions outside the map) read as zero and take part in the softmax."""
+    tok, real, win, in_range, i, j, region = _virtual(idx, ctx[4], ctx[5], CFG)
+    k = load_rows(ctx[0], tok, offs_d, real, dmask, ctx[2])
+    v = load_rows(ctx[1], tok, offs_d, real, dmask, ctx[3])
+    return k, v, (tok, real, win, in_range, i, j, region)
+
+
+@triton.jit
+def _score(ctx, CFG: tl.constexpr, s, rtag, ktag, valid_m):
+    win_m, i_m, j_m, reg_m = rtag
+    _, _, win_n, in_range_n, i_n, j_n, reg_n = ktag
+    attend = valid_m[:, None] & in_range_n[None, :] & (win_m[:, None] == win_n[None, :])
+    return s + _extra2(ctx[6], i_m, j_m, reg_m, i_n, j_n, reg_n, attend, CFG[3]), attend
+
+
+@triton.jit
+def _span(ctx, CFG: tl.constexpr, start, BLOCK: tl.constexpr, OVER_KEYS: tl.constexpr):
+    return window_span(start, ctx[5][0], CFG[2], BLOCK)
+
+
+@triton.jit
+def _put_kv(ctx, CFG: tl.constexpr, ktag, offs_d, dmask, dk, dv, dbias):
+    store_rows(ctx[7], ktag[0], offs_d, ktag[1], dmask, ctx[9], dk)
+    store_rows(ctx[8], ktag[0], offs_d, ktag[1], dmask, ctx[10], dv)
+
+
+@triton.jit
+def _context(pid_bh, K, V, DK, DV, BIAS, AW, skb, skh, skn, skd, svb, svh, svn, svd, sdkb, sdkh,
+             sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, saw, geo, sbh, boff, b0, b1, b2, b3,
+             mask2):
+    """The hooks' ctx for program (batch·head) ``pid_bh`` (DK, DV: the dK/dV kernel's outputs,
+    else any pointer)."""
+    bias = (BIAS + (pid_bh % n_heads) * sbh, boff, b0, b1, b2, b3, mask2)
+    return (K + bh_offset(pid_bh, n_heads, skb, skh), V + bh_offset(pid_bh, n_heads, svb, svh),
+            (skn, skd), (svn, svd), AW + (pid_bh // n_heads) * saw, geo, bias,
+            DK + bh_offset(pid_bh, n_heads, sdkb, sdkh),
+            DV + bh_offset(pid_bh, n_heads, sdvb, sdvh),
+            (sdkn, sdkd), (sdvn, sdvd))
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +187,7 @@ def _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1
 #
 # Runtime geometry: n_virt = Hp·Wp virtual positions; GW windows per frame row; H×W the map,
 # MH×MW the modulus of the source rows / cols, LH×LW the frame limit (see module docstring).
+# Launched with keywords (see the host entry points below).
 # --------------------------------------------------------------------------------------------
 
 
@@ -139,46 +198,19 @@ def window_fwd_kernel(
     n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
     WH: tl.constexpr, WW: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
-    h = pid_bh % n_heads
-    AW += (pid_bh // n_heads) * saw  # this image's active window ids
+    geo = (n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW)
+    ctx = _context(pid_bh, K, V, K, V, BIAS, AW, skb, skh, skn, skd, svb, svh, svn, svd, 0, 0,
+                   0, 0, 0, 0, 0, 0, n_heads, saw, geo, sbh, boff, b0, b1, b2, b3, mask2)
     Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
     O += bh_offset(pid_bh, n_heads, sob, soh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
-        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
-    q_mask = real_m[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = window_span(pid_m * BLOCK_M, n_virt, NS, BLOCK_M)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
-        kv_mask = real_n[:, None] & dmask[None, :]
-        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-        attend = real_m[:, None] & valid_n[None, :] & (win_m[:, None] == win_n[None, :])
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2
-        s += _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1, b2,
-                     b3, mask2, HAS_BIAS)
-        s = tl.where(attend, s, float("-inf"))
-        m_i, l_i, acc = softmax_step(m_i, l_i, acc, s, v, IEEE)
-
-    out, lse2 = softmax_finish(m_i, l_i, acc)
-    tl.store(tile_ptrs(O, tok_m, offs_d, son, sod), out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + bh_offset(pid_bh, n_heads, slb, slh) + tok_m, lse2, mask=real_m)
+    LSE += bh_offset(pid_bh, n_heads, slb, slh)
+    attention_fwd(Q, O, LSE, (sqn, sqd), (son, sod), pid_m, ctx,
+                  (WH, WW, NS, HAS_BIAS, HAS_ACTIVE), _rows, _keys, _score, _span, HEAD_DIM,
+                  qk_scale_log2, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -189,52 +221,22 @@ def window_bwd_dkdv_kernel(
     n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
     WH: tl.constexpr, WW: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_n = program_coords(n_virt, BLOCK_N)
-    h = pid_bh % n_heads
-    AW += (pid_bh // n_heads) * saw  # this image's active window ids
+    geo = (n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW)
+    ctx = _context(pid_bh, K, V, DK, DV, BIAS, AW, skb, skh, skn, skd, svb, svh, svn, svd, sdkb,
+                   sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, saw, geo, sbh, boff, b0, b1,
+                   b2, b3, mask2)
+    lse = bh_offset(pid_bh, n_heads, slb, slh)
+    # pad queries have no output, so no gradient: ROWS marks them invalid
     Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
     DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
-    DK += bh_offset(pid_bh, n_heads, sdkb, sdkh)
-    DV += bh_offset(pid_bh, n_heads, sdvb, sdvh)
-    LSE += bh_offset(pid_bh, n_heads, slb, slh)
-    DELTA += bh_offset(pid_bh, n_heads, slb, slh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-        cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
-    kv_mask = real_n[:, None] & dmask[None, :]
-    k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-    v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, hi = window_span(pid_n * BLOCK_N, n_virt, NS, BLOCK_N)
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
-            rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
-        q_mask = real_m[:, None] & dmask[None, :]  # pad queries have no output: no gradient
-        q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-        do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + tok_m, mask=real_m, other=0.0)
-        delta = tl.load(DELTA + tok_m, mask=real_m, other=0.0)
-        attend = real_m[:, None] & valid_n[None, :] & (win_m[:, None] == win_n[None, :])
-        extra = _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1,
-                        b2, b3, mask2, HAS_BIAS)
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2 + extra
-        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, attend, IEEE)
-        dv += mma(tl.trans(p).to(do.dtype), do, IEEE)
-        dk += mma(tl.trans(ds).to(q.dtype), q, IEEE)
-
-    tl.store(tile_ptrs(DK, tok_n, offs_d, sdkn, sdkd), (dk * scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(tile_ptrs(DV, tok_n, offs_d, sdvn, sdvd), dv.to(DV.dtype.element_ty), mask=kv_mask)
+    attention_dkdv(Q, DO, LSE + lse, DELTA + lse, (sqn, sqd), (sdon, sdod), pid_n, ctx,
+                   (WH, WW, NS, HAS_BIAS, HAS_ACTIVE), _rows, _keys, _score, no_dscore, _span,
+                   _put_kv, HEAD_DIM, scale, qk_scale_log2, False, DOT_PRECISION, BLOCK_M,
+                   BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -245,48 +247,21 @@ def window_bwd_dq_kernel(
     n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
     WH: tl.constexpr, WW: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
-    h = pid_bh % n_heads
-    AW += (pid_bh // n_heads) * saw  # this image's active window ids
+    geo = (n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW)
+    ctx = _context(pid_bh, K, V, K, V, BIAS, AW, skb, skh, skn, skd, svb, svh, svn, svd, 0, 0,
+                   0, 0, 0, 0, 0, 0, n_heads, saw, geo, sbh, boff, b0, b1, b2, b3, mask2)
+    lse = bh_offset(pid_bh, n_heads, slb, slh)
     Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
     DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
     DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok_m, real_m, win_m, _, i_m, j_m, reg_m = _virtual(
-        rows, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
-    q_mask = real_m[:, None] & dmask[None, :]
-    q = tl.load(tile_ptrs(Q, tok_m, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-    do = tl.load(tile_ptrs(DO, tok_m, offs_d, sdon, sdod), mask=q_mask, other=0.0)
-    lse_base = bh_offset(pid_bh, n_heads, slb, slh)
-    lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
-    delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = window_span(pid_m * BLOCK_M, n_virt, NS, BLOCK_M)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        tok_n, real_n, win_n, valid_n, i_n, j_n, reg_n = _virtual(
-            cols, n_virt, AW, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW, WH, WW, NS, HAS_ACTIVE)
-        kv_mask = real_n[:, None] & dmask[None, :]
-        k = tl.load(tile_ptrs(K, tok_n, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(tile_ptrs(V, tok_n, offs_d, svn, svd), mask=kv_mask, other=0.0)
-        attend = real_m[:, None] & valid_n[None, :] & (win_m[:, None] == win_n[None, :])
-        extra = _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1,
-                        b2, b3, mask2, HAS_BIAS)
-        s = mma(q, tl.trans(k), IEEE) * qk_scale_log2 + extra
-        p, ds = softmax_bwd_scores(s, v, do, lse2, delta, attend, IEEE)
-        dq += mma(ds.to(k.dtype), k, IEEE)
-
-    tl.store(tile_ptrs(DQ, tok_m, offs_d, sdqn, sdqd), (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    attention_dq(Q, DO, DQ, LSE + lse, DELTA + lse, (sqn, sqd),
+                 (sdon, sdod), (sdqn, sdqd), pid_m, ctx, (WH, WW, NS, HAS_BIAS, HAS_ACTIVE), _rows,
+                 _keys, _score, no_dscore, _span, HEAD_DIM, scale, qk_scale_log2, DOT_PRECISION,
+                 BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -296,7 +271,7 @@ def window_bwd_dbias_kernel(
     n_heads, slb, slh, saw, n_win, n_pairs, per_chunk, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
     WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     D_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -319,6 +294,8 @@ def window_bwd_dbias_kernel(
     ok_m = slot_m < NS
     ok_n = slot_n < NS
     h64 = h.to(tl.int64)
+    geo = (n_win, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW)  # n_win: unused by _tokens
+    bias = (BIAS + h * sbh, boff, b0, b1, b2, b3, mask2)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     g0 = chunk * per_chunk
@@ -328,10 +305,8 @@ def window_bwd_dbias_kernel(
         win = g % n_win
         if HAS_ACTIVE:
             win = tl.load(AW + b * saw + win)
-        tok_m, real_m, i_m, j_m, reg_m = _tokens(win, slot_m, ok_m, GW, H, W, MH, MW, LH, LW,
-                                                 Hp, Wp, SH, SW, WH, WW)
-        tok_n, real_n, i_n, j_n, reg_n = _tokens(win, slot_n, ok_n, GW, H, W, MH, MW, LH, LW,
-                                                 Hp, Wp, SH, SW, WH, WW)
+        tok_m, real_m, i_m, j_m, reg_m = _tokens(win, slot_m, ok_m, geo, WH, WW)
+        tok_n, real_n, i_n, j_n, reg_n = _tokens(win, slot_n, ok_n, geo, WH, WW)
         q_base = Q + b * sqb + h64 * sqh
         do_base = DO + b * sdob + h64 * sdoh
         k_base = K + b * skb + h64 * skh
@@ -346,16 +321,15 @@ def window_bwd_dbias_kernel(
             kv_mask = real_n[:, None] & cmask[None, :]
             q = tl.load(tile_ptrs(q_base, tok_m, offs_c, sqn, sqd), mask=q_mask, other=0.0)
             k = tl.load(tile_ptrs(k_base, tok_n, offs_c, skn, skd), mask=kv_mask, other=0.0)
-            qk += mma(q, tl.trans(k), IEEE)
+            qk += mma(q, tl.trans(k), DOT_PRECISION)
             do = tl.load(tile_ptrs(do_base, tok_m, offs_c, sdon, sdod), mask=q_mask, other=0.0)
             v = tl.load(tile_ptrs(v_base, tok_n, offs_c, svn, svd), mask=kv_mask, other=0.0)
-            dp += mma(do, tl.trans(v), IEEE)
+            dp += mma(do, tl.trans(v), DOT_PRECISION)
         lse_base = b * slb + h64 * slh
         lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
         delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
         attend = real_m[:, None] & ok_n[None, :]
-        extra = _extra2(BIAS, h, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, sbh, boff, b0, b1,
-                        b2, b3, mask2, HAS_BIAS)
+        extra = _extra2(bias, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, HAS_BIAS)
         p, ds = softmax_bwd_ds(qk, dp, lse2, delta, qk_scale_log2, extra, attend)
         acc += ds
 
@@ -468,24 +442,33 @@ def window_slots(area: int) -> int:
 _GEO = ("GW", "H", "W", "MH", "MW", "LH", "LW", "Hp", "Wp", "SH", "SW")
 
 
-def bias_strides(bias, wh: int, ww: int):
-    """(sbh, boff, b0, b1, b2, b3) addressing bias[h, (i_q, j_q), (i_k, j_k)] (see docstring)."""
+def bias_strides(bias, wh: int, ww: int) -> dict:
+    """sbh, boff, b0, b1, b2, b3 addressing bias[h, (i_q, j_q), (i_k, j_k)] (see docstring)."""
     if bias is None:
-        return (0,) * 6
-    if bias.dim() == 2:  # table ((2wh-1)(2ww-1), heads)
+        vals = (0,) * 6
+    elif bias.dim() == 2:  # table ((2wh-1)(2ww-1), heads)
         st, sh = bias.stride()
         row = (2 * ww - 1) * st
-        return (sh, (wh - 1) * row + (ww - 1) * st, row, st, -row, -st)
-    sh, sq, sk = bias.stride()  # dense (heads, wh·ww, wh·ww)
-    return (sh, 0, ww * sq, sq, ww * sk, sk)
+        vals = (sh, (wh - 1) * row + (ww - 1) * st, row, st, -row, -st)
+    else:
+        sh, sq, sk = bias.stride()  # dense (heads, wh·ww, wh·ww)
+        vals = (sh, 0, ww * sq, sq, ww * sk, sk)
+    return dict(zip(("sbh", "boff", "b0", "b1", "b2", "b3"), vals))
 
 
-
-def _active_args(active, lse):
-    """(pointer, row stride) of the int32 (B, K) active window ids (a dummy when None)."""
-    if active is None:
-        return lse, 0
-    return active, active.stride(0)
+def _launch_args(q, k, v, lse, bias, geo: dict, scale: float, mask_value: float, active) -> dict:
+    """The keyword arguments every window kernel takes (absent tensors: a dummy pointer)."""
+    return dict(
+        Q=q, K=k, V=v, LSE=lse, BIAS=bias if bias is not None else lse,
+        AW=active if active is not None else lse,
+        **strides_of("q", q), **strides_of("k", k), **strides_of("v", v),
+        **strides_of("l", lse, "bh"), n_heads=q.shape[1],
+        saw=active.stride(0) if active is not None else 0,
+        **{x: geo[x] for x in _GEO}, **bias_strides(bias, geo["WH"], geo["WW"]),
+        HEAD_DIM=q.shape[3], qk_scale_log2=qk_scale_log2(scale),
+        mask2=float(mask_value) * LOG2E, WH=geo["WH"], WW=geo["WW"], HAS_BIAS=bias is not None,
+        HAS_ACTIVE=active is not None, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=block_d(q.shape[3]))
 
 
 def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, active=None):
@@ -495,15 +478,9 @@ def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, a
     b, h, n, d = q.shape
     if b * h * geo["n_virt"] == 0:
         return
-    fwd_bias = bias if bias is not None else lse
-    window_fwd(row_grid(b * h, geo["n_virt"], "BLOCK_M"),
-               q, k, v, o, lse, fwd_bias, _active_args(active, lse)[0],
-               *strides4(q), *strides4(k), *strides4(v), *strides4(o),
-               h, *lse.stride()[:2], _active_args(active, lse)[1], geo["n_virt"],
-               *(geo[x] for x in _GEO), *bias_strides(bias, geo["WH"], geo["WW"]), d,
-               qk_scale_log2(scale), float(mask_value) * LOG2E, WH=geo["WH"], WW=geo["WW"],
-               NS=geo["NS"], HAS_BIAS=bias is not None,
-               HAS_ACTIVE=active is not None, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
+    window_fwd(row_grid(b * h, geo["n_virt"], "BLOCK_M"), O=o, **strides_of("o", o),
+               n_virt=geo["n_virt"], NS=geo["NS"],
+               **_launch_args(q, k, v, lse, bias, geo, scale, mask_value, active))
 
 
 def _n_chunks(n_pairs: int, heads: int) -> int:
@@ -520,20 +497,13 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     ns = geo["WH"] * geo["WW"]
     if b * h * geo["n_virt"] == 0:
         return None if not need_dbias or bias is None else lse.new_zeros((h, ns, ns))
-    delta = launch_delta(o, do, lse)
-    bias_arg = bias if bias is not None else lse
-    aw, saw = _active_args(active, lse)
-    common = (h, *lse.stride()[:2], saw, geo["n_virt"], *(geo[x] for x in _GEO),
-              *bias_strides(bias, geo["WH"], geo["WW"]), d)
-    logs = (float(scale), qk_scale_log2(scale), float(mask_value) * LOG2E)
-    meta = dict(WH=geo["WH"], WW=geo["WW"], HAS_BIAS=bias is not None,
-                HAS_ACTIVE=active is not None, IEEE=exact_fp32(q.dtype), BLOCK_D=block_d(d))
-    qkv = (*strides4(q), *strides4(k), *strides4(v), *strides4(do))
-    window_bwd_dkdv(row_grid(b * h, geo["n_virt"], "BLOCK_N"), q, k, v, do, lse, delta, dk, dv,
-                    bias_arg, aw, *qkv, *strides4(dk), *strides4(dv), *common, *logs,
-                    NS=geo["NS"], **meta)
-    window_bwd_dq(row_grid(b * h, geo["n_virt"], "BLOCK_M"), q, k, v, do, lse, delta, dq, bias_arg,
-                  aw, *qkv, *strides4(dq), *common, *logs, NS=geo["NS"], **meta)
+    args = dict(DO=do, DELTA=launch_delta(o, do, lse), **strides_of("do", do),
+                **_launch_args(q, k, v, lse, bias, geo, scale, mask_value, active))
+    rows = dict(args, n_virt=geo["n_virt"], NS=geo["NS"], scale=float(scale))
+    window_bwd_dkdv(row_grid(b * h, geo["n_virt"], "BLOCK_N"), DK=dk, DV=dv,
+                    **strides_of("dk", dk), **strides_of("dv", dv), **rows)
+    window_bwd_dq(row_grid(b * h, geo["n_virt"], "BLOCK_M"), DQ=dq, **strides_of("dq", dq),
+                  **rows)
     if bias is None or not need_dbias:
         return None
     n_pairs = b * geo["n_win"]
@@ -545,11 +515,9 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     def grid(meta):
         return (h * n_chunks * cdiv(ns, meta["BLOCK_M"]) * cdiv(ns, meta["BLOCK_N"]),)
 
-    window_bwd_dbias(grid, q, k, v, do, lse, delta, scratch, bias, aw,
-                     *qkv, h, *lse.stride()[:2], saw, geo["n_win"], n_pairs, per_chunk,
-                     *(geo[x] for x in _GEO), *bias_strides(bias, geo["WH"], geo["WW"]), d,
-                     qk_scale_log2(scale), float(mask_value) * LOG2E, **meta,
-                     D_CHUNK=dbias_chunk(meta["BLOCK_D"], meta["IEEE"]))
+    window_bwd_dbias(grid, DB=scratch, n_win=geo["n_win"], n_pairs=n_pairs, per_chunk=per_chunk,
+                     D_CHUNK=dbias_chunk(args["BLOCK_D"], args["DOT_PRECISION"] != "native"),
+                     **args)
     return scratch.sum(0)
 
 
@@ -629,8 +597,8 @@ def aot_specs(all_active: bool = False):
                 for active in (False, True):
                     if active and not (all_active or bd == 32):
                         continue
-                    meta = dict(WH=7, WW=7, HAS_BIAS=True, HAS_ACTIVE=active, IEEE=dtype == "fp32",
-                                BLOCK_D=bd)
+                    meta = dict(WH=7, WW=7, HAS_BIAS=True, HAS_ACTIVE=active,
+                                DOT_PRECISION=aot_precision(dtype), BLOCK_D=bd)
                     if kname == "dbias":
                         meta["D_CHUNK"] = dbias_chunk(bd, dtype == "fp32")
                     else:
