@@ -9,6 +9,10 @@ Every op takes ``backend="auto" | "cuda" | "triton" | "eager" | "reference"``; a
 eager module runs its reference under ``backend="eager"``. The environment variable
 ``VITKERN_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument still wins). When the chosen
 backend refuses an input, :class:`BackendError` lists every backend and its reason.
+
+This module holds what is the same for every op: availability, each backend's device rule
+(:func:`device_reason`) and the priority walk (:func:`select`). What each op family's backends
+take is declared in its descriptor (:mod:`vitkern.ops._dispatch`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from vitkern import cuda_auto
 from vitkern.errors import BackendError
 from vitkern.triton_kernels import interpreting
 
@@ -64,8 +69,6 @@ CUDA_OPT_IN = ("opt-in with backend='cuda': auto picks a kernel only on the GPU 
 
 def cuda_auto_summary() -> str:
     """The approvals ``auto`` follows, in one line."""
-    from vitkern import cuda_auto
-
     got = cuda_auto.approvals()
     if not got:
         return "auto-approved: none yet (no GPU-tier run recorded)"
@@ -120,20 +123,23 @@ def device_reason(backend: str, device: torch.device, explicit: bool) -> Optiona
         return None if explicit or device.type == "cpu" else (
             "auto takes eager for CPU tensors only (ask for it with backend='eager')")
     if backend == "triton":
-        ok, why = triton_status()
+        # the cheap questions first (this runs on every call): CUDA tensors need only triton
+        # installed; torch.cuda.is_available() and the status text only where they decide
+        ok, why = _TRITON
         if not ok:
             return why
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and interpreting():
+        interpret = interpreting()
+        if device.type == "cpu" and interpret:
             return None if explicit else (
                 "CPU tensors go to the reference under auto (the Triton interpreter is for tests; "
                 "ask for it with backend='triton')")
+        if not interpret and not torch.cuda.is_available():
+            return triton_status()[1]
         return f"tensors are on {device.type}; triton needs CUDA tensors"
     if backend == "cuda":
         if not explicit:  # cheap, and first: auto takes CUDA only where the GPU tier approved it
-            from vitkern import cuda_auto
-
             why = cuda_auto.device_reason(device)
             if why is not None:
                 return why
@@ -143,9 +149,12 @@ def device_reason(backend: str, device: torch.device, explicit: bool) -> Optiona
 
 
 def select(op: str, backend: str, reason: Callable[[str, bool], Optional[str]]) -> str:
-    """Pick the backend for one call.
+    """Pick the backend for one call: the requested one, or for ``auto`` the first of
+    :data:`AUTO_ORDER` that accepts.
 
-    ``reason(name, explicit)`` returns why backend ``name`` refuses the inputs, or None.
+    ``reason(name, explicit)`` returns why backend ``name`` refuses the inputs, or None; it is
+    asked at most once per backend (the ops pass :func:`vitkern.ops._dispatch.dispatch`'s, which
+    reads the families' declarations).
     """
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a str, got {type(backend).__name__}")
@@ -155,10 +164,14 @@ def select(op: str, backend: str, reason: Callable[[str, bool], Optional[str]]) 
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of "
                          f"{('auto',) + BACKENDS} (or set VITKERN_BACKEND)")
     explicit = backend != "auto"
+    asked = {}
     for name in (backend,) if explicit else AUTO_ORDER:
-        if reason(name, explicit) is None:
+        why = asked[name] = reason(name, explicit)
+        if why is None:
             return name
-    lines = "\n".join(f"  {name}: {reason(name, explicit) or 'accepts these inputs'}"
-                      for name in BACKENDS)
+    for name in BACKENDS:  # refused: the others are asked now, once each, for the error text
+        if name not in asked:
+            asked[name] = reason(name, explicit)
+    lines = "\n".join(f"  {name}: {asked[name] or 'accepts these inputs'}" for name in BACKENDS)
     wanted = f"backend {backend!r}" if explicit else "any backend"
     raise BackendError(f"{op}: {wanted} cannot run these inputs:\n{lines}")

@@ -9,7 +9,8 @@ reference stays the definition and the oracle: ``tests/test_eager.py`` checks ev
 gradient against it.
 
 Covered: :mod:`~vitkern.eager.token` (``token_attention``), :mod:`~vitkern.eager.ppma`
-(``ppma_attention``). ``auto`` picks ``eager`` for CPU tensors of these ops; every other op runs
-its reference under ``backend="eager"`` (HiLo's reference is already fast; for Swin windows an
-SDPA-per-window re-composition measured no faster than the reference on one CPU core).
+(``ppma_attention``), each named as its family's ``eager`` in the op's descriptor
+(:mod:`vitkern.ops._dispatch`). ``auto`` picks ``eager`` for CPU tensors of these ops; every other
+op runs its reference under ``backend="eager"`` (HiLo's reference is already fast; for Swin
+windows an SDPA-per-window re-composition measured no faster than the reference on one CPU core).
 """

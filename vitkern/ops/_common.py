@@ -1,25 +1,12 @@
-"""Pieces every op family shares: argument checks, output allocation, device guard."""
+"""Pieces every op family shares: argument checks, output allocation, device guard (backend
+choice: :mod:`vitkern.ops._dispatch`)."""
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-
-from vitkern import backends, cuda_auto
-
-
-#: dtypes the Triton kernels take (the reference takes any float dtype, fp64 included).
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def triton_dtype_reason(dtype: torch.dtype, what: str = "dtype"):
-    """Why the triton backend refuses ``dtype`` (None if it takes it)."""
-    if dtype in TRITON_DTYPES:
-        return None
-    return f"{what} {dtype} not supported by triton (float32, float16, bfloat16)"
 
 
 def is_int(x) -> bool:
@@ -157,40 +144,3 @@ def check_out_overlap(op: str, out: Tensor, **inputs) -> None:
 def needs_grad(*tensors) -> bool:
     """Whether autograd will want gradients of any of ``tensors`` (None entries ignored)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def head_dim_reason(d: int, limit: int = 256) -> Optional[str]:
-    """Why the triton backend refuses head dim ``d`` (None if it is a multiple of 8 up to
-    ``limit``)."""
-    if d % 8 or d > limit:
-        return f"head_dim {d} not supported by triton (multiples of 8 up to {limit})"
-    return None
-
-
-def select_backend(op: str, backend: str, x: Tensor, *, triton: Callable[[], Optional[str]],
-                   cuda: Optional[Callable[[], Optional[str]]] = None,
-                   cuda_kernels: Callable[[], tuple[str, ...]] = tuple,
-                   eager: bool = False) -> str:
-    """:func:`vitkern.backends.select` with the checks every op shares: ``x``'s device for every
-    backend and its dtype for triton, then the family's own reason, ``triton()`` / ``cuda()``
-    (None when its kernels take the inputs). Without ``cuda`` the op has no CUDA C++ kernel;
-    ``cuda_kernels()`` names the vitkern._C kernels the call would run, which ``auto`` takes only
-    when :mod:`vitkern.cuda_auto` approves every one for ``x``'s GPU and dtype. ``eager``: whether
-    the op has a :mod:`vitkern.eager` implementation (any dtype, any device; ``auto`` takes it
-    for CPU tensors). Without one, ``auto`` passes over eager as before, and an explicit
-    ``backend="eager"`` returns "reference": the reference is that op's PyTorch path."""
-
-    def reason(name: str, explicit: bool) -> Optional[str]:
-        if name == "cuda" and cuda is None:
-            return f"no {op} kernel in vitkern._C yet"
-        if name == "eager" and not eager and not explicit:
-            return f"no eager module for {op} (its reference is its PyTorch path)"
-        why = backends.device_reason(name, x.device, explicit)
-        if why is not None or name in ("reference", "eager"):
-            return why
-        if name == "triton":
-            return triton_dtype_reason(x.dtype) or triton()
-        return cuda() or (None if explicit else cuda_auto.reason(cuda_kernels(), x.device, x.dtype))
-
-    name = backends.select(op, backend, reason)
-    return "reference" if name == "eager" and not eager else name

@@ -36,8 +36,8 @@ from torch import Tensor
 from vitkern.reference import hilo as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_qkv,
-                      check_scale, head_dim_reason, is_int, lse_empty, on_device,
-                      select_backend)
+                      check_scale, is_int, lse_empty, on_device)
+from ._dispatch import Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
 
@@ -72,30 +72,28 @@ def _check(op, q, k, v, hw, window_size, scale, pad, *, kv_pooled=False):
     return H, W, s, check_scale(op, scale, d)
 
 
-def _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad=False):
-    d = q.shape[-1]
-    n_hi = q.shape[1] - n_lo
+# --------------------------------------------------------------------------------------------
+# backend declarations: the HILO descriptor (dispatch: vitkern.ops._dispatch)
+# --------------------------------------------------------------------------------------------
 
-    def triton_reason() -> Optional[str]:
-        if why := head_dim_reason(d):
+
+def _triton_check(inp) -> Optional[str]:
+    """vitkern.triton_kernels.hilo's declared capability for each head group of the call (Hi-Fi
+    heads in window mode, Lo-Fi heads pooling in the kernel or on keys as given)."""
+    s, n_lo, kv_pooled = inp.args
+    if n_lo and s > MAX_POOL_IN_KERNEL and not kv_pooled:
+        return (f"window_size {s} > {MAX_POOL_IN_KERNEL} for in-kernel pooling; "
+                "pool k, v first and pass kv_pooled=True")
+    from vitkern.triton_kernels import hilo as tk
+
+    fp32 = inp.dtype == torch.float32
+    groups = ((inp.x.shape[1] - n_lo, dict(window=s, pool=1)),
+              (n_lo, dict(window=0, pool=1 if kv_pooled else s)))
+    for n_heads, mode in groups:
+        why = n_heads and tk.unsupported(inp.head_dim, fp32, **mode, backward=inp.needs_grad)
+        if why:
             return why
-        if n_lo and s > MAX_POOL_IN_KERNEL and not kv_pooled:
-            return (f"window_size {s} > {MAX_POOL_IN_KERNEL} for in-kernel pooling; "
-                    "pool k, v first and pass kv_pooled=True")
-        from vitkern.triton_kernels import hilo as tk
-
-        fp32 = q.dtype == torch.float32
-        groups = ((n_hi, dict(window=s, pool=1)),
-                  (n_lo, dict(window=0, pool=1 if kv_pooled else s)))
-        for n_heads, mode in groups:
-            why = n_heads and tk.unsupported(d, fp32, **mode, backward=needs_grad)
-            if why:
-                return why
-        return None
-
-    return select_backend(op, backend, q, triton=triton_reason,
-                          cuda=lambda: _cuda_reason(q, s, n_lo, kv_pooled, needs_grad),
-                          cuda_kernels=lambda: _cuda_kernels(q.shape[1] - n_lo, n_lo, needs_grad))
+    return None
 
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,12 +105,6 @@ def _cuda_reason(q, s, n_lo, kv_pooled, needs_grad) -> Optional[str]:
         return f"tensors are on {q.device.type}; the cuda backend needs CUDA tensors"
     return _cuda_shape_reason(q.dtype, q.shape[-1], s, q.shape[1] - n_lo, n_lo, kv_pooled,
                               needs_grad)
-
-
-def _cuda_kernels(n_hi: int, n_lo: int, needs_grad: bool) -> tuple[str, ...]:
-    """The vitkern._C kernels a call runs (what :mod:`vitkern.cuda_auto` must approve)."""
-    hifi = ("hifi_fwd", "hifi_bwd") if needs_grad else ("hifi_fwd",)
-    return (hifi if n_hi else ()) + (("lofi_fwd",) if n_lo else ())
 
 
 def _cuda_shape_reason(dtype, d, s, n_hi, n_lo, kv_pooled, needs_grad) -> Optional[str]:
@@ -151,6 +143,33 @@ def _kernel_reason(entry: str, *args) -> str:
         return "vitkern._C has no HiLo kernels: a stale build, rebuild it (VITKERN_CUDA=1)"
     status, why = fn(*args)
     return why if status else ""
+
+
+def _cuda_check(inp) -> Optional[str]:
+    """The cuda declaration's check: the CUDA glue's own reason (device, dtype, vitkern._C)."""
+    s, n_lo, kv_pooled = inp.args
+    return _cuda_reason(inp.x, s, n_lo, kv_pooled, inp.needs_grad)
+
+
+def _cuda_kernels(inp) -> tuple[str, ...]:
+    """The vitkern._C kernels a call runs (what :mod:`vitkern.cuda_auto` must approve)."""
+    n_lo = inp.args[1]
+    hifi = ("hifi_fwd", "hifi_bwd") if inp.needs_grad else ("hifi_fwd",)
+    return (hifi if inp.x.shape[1] > n_lo else ()) + (("lofi_fwd",) if n_lo else ())
+
+
+#: The HiLo family (hilo / hifi / lofi_attention). cuda: Hi-Fi forward + backward, Lo-Fi forward
+#: only; its dtypes, head dims and windows are vitkern._C's (``_cuda_reason``). triton: the
+#: kernel module's per-mode, per-pass head-dim limits (the table in this module's docstring).
+HILO = Family("hilo", ref.hilo_attention, (
+    Capability("cuda", check=_cuda_check, kernels=_cuda_kernels),
+    Capability.triton(head_dim=HeadDims(256), check=_triton_check),
+))
+
+
+def _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad=False):
+    """The backend that runs ``op`` (:func:`~vitkern.ops._dispatch.dispatch` over HILO)."""
+    return dispatch(HILO, op, backend, inputs(q, s, n_lo, kv_pooled, needs_grad=needs_grad))
 
 
 # --------------------------------------------------------------------------------------------

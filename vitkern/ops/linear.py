@@ -43,7 +43,8 @@ from torch import Tensor
 from vitkern.reference import linear as ref
 from vitkern.reference.linear import FEATURE_MAPS, PRESETS
 
-from ._common import bhnd_empty, check_qkv, needs_grad, on_device, select_backend
+from ._common import bhnd_empty, check_qkv, needs_grad, on_device
+from ._dispatch import Capability, Family, dispatch, inputs
 
 __all__ = ["linear_attention", "xca_attention", "soft_attention", "newton_schulz_inverse",
            "PRESETS", "FEATURE_MAPS"]
@@ -116,14 +117,42 @@ def _check_linear(op, q, k, v, feature_map, scale, denom, eps, key_padding_mask)
     return float(scale), eps
 
 
+# --------------------------------------------------------------------------------------------
+# backend declarations: the LINEAR, XCA and SOFT descriptors (dispatch: vitkern.ops._dispatch)
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_check(inp) -> Optional[str]:
+    """vitkern.triton_kernels.linear's declared capability for linear attention or XCA (args:
+    v's head dim or None, whether XCA): max(d, e) per pass, the backward only when training."""
+    from vitkern.triton_kernels import linear as tk
+
+    v_dim, xca = inp.args
+    return tk.unsupported(inp.head_dim, inp.dtype == torch.float32, v_dim, xca=xca,
+                          backward=inp.needs_grad)
+
+
+def _soft_check(inp) -> Optional[str]:
+    """vitkern.triton_kernels.linear's declared capability for SOFT (args: landmarks m, v's e)."""
+    from vitkern.triton_kernels import linear as tk
+
+    m, e = inp.args
+    return tk.soft_unsupported(m, inp.head_dim, e, inp.dtype == torch.float32, inp.needs_grad)
+
+
+#: The linear-attention family (linear_attention) and XCA (xca_attention): triton only (the
+#: head-dim table of this module's docstring), no CUDA C++ kernel, no eager module.
+LINEAR = Family("linear", ref.linear_attention, (Capability.triton(check=_triton_check),))
+XCA = Family("xca", ref.xca_attention, (Capability.triton(check=_triton_check),))
+#: SOFT's Nyström core (soft_attention): triton up to 64 landmarks / head dims (32 in fp32).
+SOFT = Family("soft", ref.soft_attention, (Capability.triton(check=_soft_check),))
+
+
 def _backend(op, backend, q, v_dim, xca, backward=True):
-    def triton_reason() -> Optional[str]:
-        from vitkern.triton_kernels import linear as tk
-
-        return tk.unsupported(q.shape[-1], q.dtype == torch.float32, v_dim, xca=xca,
-                              backward=backward)
-
-    return select_backend(op, backend, q, triton=triton_reason)
+    """The backend that runs ``op`` (:func:`~vitkern.ops._dispatch.dispatch` over LINEAR, or XCA
+    with ``xca``; ``v_dim``: v's head dim); ``backward``: inputs need gradients."""
+    return dispatch(XCA if xca else LINEAR, op, backend,
+                    inputs(q, v_dim, xca, needs_grad=backward))
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,15 +470,6 @@ def _check_soft(op, q, landmarks, v, ainv):
             raise ValueError(f"{op}: ainv is on {ainv.device}, q on {q.device}")
 
 
-def _soft_backend(op, backend, q, m, e, backward):
-    def triton_reason() -> Optional[str]:
-        from vitkern.triton_kernels import linear as tk
-
-        return tk.soft_unsupported(m, q.shape[-1], e, q.dtype == torch.float32, backward)
-
-    return select_backend(op, backend, q, triton=triton_reason)
-
-
 def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tensor] = None, *,
                    iters: int = 20, reg: float = 0.01, backend: str = "auto") -> Tensor:
     """SOFT's softmax-free Gaussian-kernel (Nyström) attention core.
@@ -485,8 +505,8 @@ def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tenso
     if ainv is None:
         lm = landmarks if landmarks.dtype == torch.float64 else landmarks.float()
         ainv = ref.newton_schulz_inverse(ref.gaussian_kernel(lm, lm), iters, reg)
-    name = _soft_backend(op, backend, q, m, v.shape[-1],
-                         backward=needs_grad(q, landmarks, v, ainv))
+    name = dispatch(SOFT, op, backend, inputs(q, m, v.shape[-1],
+                                              needs_grad=needs_grad(q, landmarks, v, ainv)))
     if name == "reference" or q.numel() == 0 or v.numel() == 0:
         return ref.soft_attention(q, landmarks, v, ainv)
     return torch.ops.vitkern.soft_attn_fwd(q, landmarks, v, ainv)[0]

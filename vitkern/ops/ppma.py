@@ -26,8 +26,8 @@ from vitkern.eager import ppma as eager
 from vitkern.reference import ppma as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_qkv,
-                      check_scale, head_dim_reason, needs_grad, on_device, select_backend,
-                      triton_dtype_reason)
+                      check_scale, needs_grad, on_device)
+from ._dispatch import Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["ppma_attention", "ppma_criss_cross_attention", "ppma_decays", "ppma_rope",
            "ppma_rel_pos"]
@@ -61,17 +61,48 @@ def _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale):
     return H, W, check_scale(op, scale, q.shape[-1])
 
 
+# --------------------------------------------------------------------------------------------
+# backend declarations: the PPMA, PPMA_CC, PPMA_DECAYS and PPMA_ROPE descriptors (dispatch:
+# vitkern.ops._dispatch). No CUDA C++ kernels.
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_check(inp) -> Optional[str]:
+    """vitkern.triton_kernels.ppma's declared capability (args: the map width W): the forward
+    alone takes any width; the backward needs whole image rows per tile."""
+    from vitkern.triton_kernels import ppma as tk
+
+    return tk.unsupported(inp.head_dim, inp.dtype == torch.float32, inp.args[0],
+                          backward=inp.needs_grad)
+
+
+def _cc_check(inp) -> Optional[str]:
+    """vitkern.triton_kernels.ppma's declared criss-cross capability (args: H, W)."""
+    from vitkern.triton_kernels import ppma as tk
+
+    H, W = inp.args
+    return tk.cc_unsupported(H, W, inp.head_dim, inp.dtype == torch.float32)
+
+
+#: Full PPMA (ppma_attention); eager (log-masks per block of query rows) is auto's CPU path.
+PPMA = Family("ppma", ref.ppma_attention, (
+    Capability.triton(head_dim=HeadDims(256), check=_triton_check),
+), eager=eager.ppma_attention)
+#: The criss-cross variant (ppma_criss_cross_attention): rows / columns up to 64 tokens (32 fp32).
+PPMA_CC = Family("ppma_criss_cross", ref.ppma_criss_cross_attention, (
+    Capability.triton(head_dim=HeadDims(256), check=_cc_check),))
+#: The fused log-decays (ppma_decays) and RoPE (ppma_rope): one elementwise pass, any head dim
+#: up to 1024 (x and the decay parameters in a Triton dtype).
+PPMA_DECAYS = Family("ppma_decays", ref.ppma_decays, (
+    Capability.triton(head_dim=HeadDims(1024, multiple=1)),))
+PPMA_ROPE = Family("ppma_rope", ref.ppma_rope, (
+    Capability.triton(head_dim=HeadDims(1024, multiple=1)),))
+
+
 def _backend(op, backend, q, W, backward):
-    def triton_reason() -> Optional[str]:
-        d = q.shape[-1]
-        if why := head_dim_reason(d):
-            return why
-        from vitkern.triton_kernels import ppma as tk
-
-        # the forward alone takes any width; the backward needs whole rows per tile
-        return tk.unsupported(d, q.dtype == torch.float32, W, backward=backward)
-
-    return select_backend(op, backend, q, triton=triton_reason, eager=True)
+    """The backend that runs ``op`` (:func:`~vitkern.ops._dispatch.dispatch` over PPMA);
+    ``backward``: inputs need gradients."""
+    return dispatch(PPMA, op, backend, inputs(q, W, needs_grad=backward))
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,12 +219,10 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
     name = _backend(op, backend, q, W, needs_grad(q, k, v, log_decay_h, log_decay_v))
     if name == "eager" and q.numel():
         with autocast_off(q):
-            return eager.ppma_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W),
-                                        scale=scale)
+            return PPMA.eager(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
     if name == "reference" or q.numel() == 0:
         with autocast_off(q):
-            return ref.ppma_attention(q, k, v, log_decay_h, log_decay_v, hw=(H, W),
-                                      scale=scale)
+            return PPMA.reference(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
     return torch.ops.vitkern.ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
 
 
@@ -273,14 +302,8 @@ def ppma_criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Ten
     op = "ppma_criss_cross_attention"
     q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; log-decays keep their dtype
     H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
-    d = q.shape[-1]
-
-    def triton_reason() -> Optional[str]:
-        from vitkern.triton_kernels import ppma as tk
-
-        return head_dim_reason(d) or tk.cc_unsupported(H, W, d, q.dtype == torch.float32)
-
-    name = select_backend(op, backend, q, triton=triton_reason)
+    name = dispatch(PPMA_CC, op, backend, inputs(q, H, W, needs_grad=needs_grad(
+        q, k, v, log_decay_h, log_decay_v)))
     if name == "reference" or q.numel() == 0:
         with autocast_off(q):
             return ref.ppma_criss_cross_attention(q, k, v, log_decay_h, log_decay_v,
@@ -372,13 +395,10 @@ def ppma_decays(x: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
         if tuple(t.shape) != (num_heads,):
             raise ValueError(f"{op}: {name} must be ({num_heads},), got {tuple(t.shape)}")
 
-    def triton_reason() -> Optional[str]:
-        for t in (dt_weight, dt_bias, A_log):
-            if why := triton_dtype_reason(t.dtype):
-                return why
-        return None if d <= 1024 else f"head_dim {d} > 1024 not supported by triton"
-
-    name = select_backend(op, backend, x, triton=triton_reason)
+    params = (("dt_weight dtype", dt_weight.dtype), ("dt_bias dtype", dt_bias.dtype),
+              ("A_log dtype", A_log.dtype))
+    name = dispatch(PPMA_DECAYS, op, backend, inputs(
+        x, head_dim=d, other_dtypes=params, needs_grad=needs_grad(x, dt_weight, dt_bias, A_log)))
     if name == "reference" or x.numel() == 0:
         return ref.ppma_decays(x, dt_weight, dt_bias, A_log, num_heads)
     return torch.ops.vitkern.ppma_decays_fwd(x.reshape(x.shape[0], -1, x.shape[-1]), dt_weight,
@@ -450,8 +470,7 @@ def ppma_rope(x: Tensor, sin: Tensor, cos: Tensor, *, backend: str = "auto") -> 
     if d % 2:
         raise ValueError(f"{op}: head_dim must be even, got {d}")
 
-    name = select_backend(op, backend, x, triton=lambda: (
-        None if d <= 1024 else f"head_dim {d} > 1024 not supported by triton"))
+    name = dispatch(PPMA_ROPE, op, backend, inputs(x, needs_grad=needs_grad(x)))
     if name == "reference" or x.numel() == 0 or sin.requires_grad or cos.requires_grad:
         return ref.ppma_rope(x, sin, cos)
     tables = [t.detach().reshape(N, d).to(torch.float32).contiguous() for t in (sin, cos)]

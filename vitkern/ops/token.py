@@ -21,8 +21,8 @@ from vitkern.eager import token as eager
 from vitkern.reference import token as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_qkv, check_scale,
-                      check_values, head_dim_reason, is_int, lse_empty, on_device,
-                      select_backend, triton_dtype_reason)
+                      check_values, is_int, lse_empty, on_device)
+from ._dispatch import Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["token_attention"]
 
@@ -157,20 +157,29 @@ def _check_index_values(op, keep_idx: Tensor, N: int):
                          "twice); each row must list distinct tokens")
 
 
+# --------------------------------------------------------------------------------------------
+# backend declarations: the TOKEN descriptor (dispatch: vitkern.ops._dispatch)
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_check(inp) -> Optional[str]:
+    """vitkern.triton_kernels.token's declared capability (forward; backward when training)."""
+    from vitkern.triton_kernels import token as tk
+
+    return tk.unsupported(inp.head_dim, inp.dtype == torch.float32, backward=inp.needs_grad)
+
+
+#: The token family (token_attention): dense and varlen, key bias, CLS / column-sum importance
+#: on every backend; eager (SDPA on the kept tokens) is auto's CPU path. No CUDA C++ kernel.
+TOKEN = Family("token", ref.token_attention, (
+    Capability.triton(head_dim=HeadDims(MAX_TRITON_HEAD_DIM), check=_triton_check),
+), eager=eager.token_attention)
+
+
 def _backend(op, backend, q, key_bias, needs_grad=False):
-    d = q.shape[-1]
-
-    def triton_reason() -> Optional[str]:
-        if why := head_dim_reason(d, MAX_TRITON_HEAD_DIM):
-            return why
-        if key_bias is not None and (why := triton_dtype_reason(key_bias.dtype,
-                                                                "key_bias dtype")):
-            return why
-        from vitkern.triton_kernels import token as tk
-
-        return tk.unsupported(d, q.dtype == torch.float32, backward=needs_grad)
-
-    return select_backend(op, backend, q, triton=triton_reason, eager=True)
+    """The backend that runs ``op`` (:func:`~vitkern.ops._dispatch.dispatch` over TOKEN)."""
+    other = () if key_bias is None else (("key_bias dtype", key_bias.dtype),)
+    return dispatch(TOKEN, op, backend, inputs(q, needs_grad=needs_grad, other_dtypes=other))
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,14 +414,14 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
     varlen = cu is not None
     if name == "eager" and q.numel() and _n_keep(q, keep_idx, varlen):
         with autocast_off(q):
-            return eager.token_attention(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
-                                         key_bias=key_bias, return_importance=return_importance,
-                                         scale=scale)
+            return TOKEN.eager(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
+                               key_bias=key_bias, return_importance=return_importance,
+                               scale=scale)
     if name == "reference" or q.numel() == 0 or _n_keep(q, keep_idx, varlen) == 0:
         with autocast_off(q):
-            return ref.token_attention(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
-                                       key_bias=key_bias, return_importance=return_importance,
-                                       scale=scale)
+            return TOKEN.reference(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
+                                   key_bias=key_bias, return_importance=return_importance,
+                                   scale=scale)
     o, _, imp = torch.ops.vitkern.token_fwd(q, k, v, keep_idx, key_bias, cu, scale,
                                             return_importance or "", max_seqlen)
     if return_importance is None:

@@ -26,7 +26,8 @@ from vitkern.reference import window as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_out_overlap,
                       check_qkv, check_scale, check_values, is_int, lse_empty, needs_grad,
-                      on_device, select_backend)
+                      on_device)
+from ._dispatch import Capability, Family, dispatch, inputs
 
 __all__ = ["window_attention"]
 
@@ -151,23 +152,13 @@ def _check_out(op, out, q, *inputs):
                            "PyTorch out= function); call it under torch.no_grad() or drop out=")
 
 
-def _backend(op, backend, q, win, sft=(0, 0), active=None, needs_grad=False, out=None):
-    def triton_reason() -> Optional[str]:
-        from vitkern.triton_kernels import window as tk
-
-        return tk.unsupported(q.shape[-1], q.dtype == torch.float32, win)
-
-    return select_backend(op, backend, q, triton=triton_reason,
-                          cuda=lambda: _cuda_reason(q, win, sft, active, needs_grad, out),
-                          cuda_kernels=lambda: ("window_fwd",))
-
-
 # --------------------------------------------------------------------------------------------
 # CUDA C++ custom op (vitkern._C, csrc/window/): Swin forward for inference
 # --------------------------------------------------------------------------------------------
 
 
 PAD_ORDER_CODES = {"shift_then_pad": 0, "pad_then_shift": 1}
+_CUDA_FORWARD_ONLY = "the CUDA window kernel is forward-only (inference); use triton for training"
 
 
 def _cuda_reason(q: Tensor, win, sft, active_windows: Optional[Tensor], needs_grad: bool,
@@ -186,7 +177,7 @@ def _cuda_shape_reason(dtype, d: int, ws: int, active_windows, needs_grad: bool,
                        out=None) -> Optional[str]:
     """The device-independent part of :func:`_cuda_reason` (square window ``ws``)."""
     if needs_grad:
-        return "the CUDA window kernel is forward-only (inference); use triton for training"
+        return _CUDA_FORWARD_ONLY
     if active_windows is not None:
         return "active_windows is not supported by the CUDA window kernel"
     if out is not None:
@@ -228,6 +219,40 @@ def _window_cuda_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], H:
 @_window_cuda_fwd.register_fake
 def _(q, k, v, bias, H, W, window_size, shift, mask_value, scale, pad_order):
     return bhnd_empty(q, q.shape[2])
+
+
+# --------------------------------------------------------------------------------------------
+# backend declarations: the WINDOW descriptor (dispatch: vitkern.ops._dispatch)
+# --------------------------------------------------------------------------------------------
+
+
+def _cuda_check(inp) -> Optional[str]:
+    """The cuda declaration's check: the CUDA glue's own reason (device, square window,
+    active_windows / out=, then vitkern._C's dtype / head-dim / window check)."""
+    win, sft, active, out = inp.args
+    return _cuda_reason(inp.x, win, sft, active, inp.needs_grad, out)
+
+
+def _triton_check(inp) -> Optional[str]:
+    """vitkern.triton_kernels.window's declared capability (head dims, window sizes)."""
+    from vitkern.triton_kernels import window as tk
+
+    return tk.unsupported(inp.head_dim, inp.dtype == torch.float32, inp.args[0])
+
+
+#: The window family (window_attention). cuda: Swin forward for inference, square 7 / 12
+#: windows, fp16 / bf16, head_dim 32 (vitkern._C declares them); triton: every mode, trains.
+WINDOW = Family("window", ref.window_attention, (
+    Capability("cuda", training=False, forward_only=_CUDA_FORWARD_ONLY, check=_cuda_check,
+               kernels=lambda inp: ("window_fwd",)),
+    Capability.triton(check=_triton_check),
+))
+
+
+def _backend(op, backend, q, win, sft=(0, 0), active=None, needs_grad=False, out=None):
+    """The backend that runs ``op`` (:func:`~vitkern.ops._dispatch.dispatch` over WINDOW);
+    ``win`` / ``sft`` the effective window and shift."""
+    return dispatch(WINDOW, op, backend, inputs(q, win, sft, active, out, needs_grad=needs_grad))
 
 
 # --------------------------------------------------------------------------------------------
