@@ -15,19 +15,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import harness
-
-# op families: name -> module (each exposes available(), GROUPS, plan(), run_task(), cases_for())
-FAMILIES = {"hilo": "vitkern.bench.bench_hilo", "linear": "vitkern.bench.bench_linear",
-            "ppma": "vitkern.bench.bench_ppma", "window": "vitkern.bench.bench_window",
-            "token": "vitkern.bench.bench_token"}
+from . import harness, registry
+from .registry import FAMILIES  # op family -> the module of its registry entries
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -144,18 +139,18 @@ def main(argv=None) -> int:
         if fam not in FAMILIES:
             print(f"error: unknown family {fam!r}; known: {list(FAMILIES)}", file=sys.stderr)
             return 2
-        mod = importlib.import_module(FAMILIES[fam])
-        ok, why = mod.available()
-        if not ok:
-            print(f"[{fam}] skipped: {why}")
+        try:
+            spec = registry.get(fam)
+        except Exception as exc:  # noqa: BLE001 - e.g. an op module that does not import
+            print(f"[{fam}] skipped: {FAMILIES[fam]} not importable: {type(exc).__name__}: {exc}")
             continue
-        cases = mod.cases_for(args.cases, args.quick)
-        groups = tuple(g.strip() for g in args.groups.split(",")) if args.groups else mod.GROUPS
-        unknown = [g for g in groups if g not in mod.GROUPS]
+        cases = spec.cases_for(args.cases, args.quick)
+        groups = tuple(g.strip() for g in args.groups.split(",")) if args.groups else spec.groups
+        unknown = [g for g in groups if g not in spec.groups]
         if unknown:
-            print(f"error: unknown group(s) {unknown} for {fam}; known: {list(mod.GROUPS)}", file=sys.stderr)
+            print(f"error: unknown group(s) {unknown} for {fam}; known: {list(spec.groups)}", file=sys.stderr)
             return 2
-        tasks = mod.plan(cases, dtypes, groups)
+        tasks = spec.plan(cases, dtypes, groups)
         ctx = harness.Context(device=device, dev=dev, modes=modes, quick=args.quick, strict=args.strict,
                           backends=backends, batch=args.batch, seed=args.seed, flex=not args.no_flex,
                           compile_baselines=args.compile)
@@ -170,7 +165,7 @@ def main(argv=None) -> int:
         for task in tasks:
             if bar is not None:
                 bar.set_postfix_str(task.label, refresh=False)
-            all_records.extend(mod.run_task(task, ctx))
+            all_records.extend(spec.run_task(task, ctx))
             if bar is not None:
                 bar.update(1)
         if bar is not None:

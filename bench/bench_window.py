@@ -30,9 +30,10 @@ reason, and its ``speedup_vs_vitkern`` against ``vitkern[triton]`` (same task an
 number that decides whether ``auto`` may prefer it. Its GB/s is measured against the byte model
 below, like every provider's.
 
-Correctness first: every provider's output (and with ``fwd+bwd`` the gradients of every input) is
-compared with ``vitkern.reference.window`` in fp64 under the flash-attention rule before it is
-timed (``bench_hilo._check``); a wrong vitkern provider is not timed and fails the run.
+Correctness first (``harness.run_entry``): every provider's output (and with ``fwd+bwd`` the
+gradients of every input, and of the block's parameters) is compared with
+``vitkern.reference.window`` (the timm block in fp64 for ``block_attn``) in fp64 under the
+flash-attention rule before it is timed; a wrong vitkern provider is not timed and fails the run.
 
 Useful FLOPs (forward): ``4 · ws² · d`` per real query per head (q·kᵀ over the ws² keys of its
 window, then P·v): ``B · h · Nq · 4 · ws² · d`` with Nq the real queries computed (all H·W, or
@@ -53,50 +54,23 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import harness
-from .bench_hilo import (Provider, _flex_available, _flex_fn, _randn, _resolve_backend, _seeded,
-                         check_providers, default_backends, time_providers)
+import vitkern.ops.window as ops
+from vitkern.integrations.timm import patch_model
+from vitkern.reference import window as ref
+
+from . import registry
+from .harness import Provider, flex_attention
 from .shapes import WindowCase, window_cases
 
 FAMILY = "window"
 SPARSITIES = (30, 50, 70)
-GROUPS = ("attn", "block_attn") + tuple(f"sparse{p}" for p in SPARSITIES)
-
-
-def available() -> tuple[bool, str]:
-    try:
-        import vitkern.ops.window  # noqa: F401 (importable: the vitkern providers can run)
-    except Exception as exc:  # noqa: BLE001
-        return False, f"vitkern.ops.window not importable: {type(exc).__name__}: {exc}"
-    return True, ""
-
-
-def cases_for(select: str | None, quick: bool) -> list[WindowCase]:
-    return window_cases(select, quick=quick)
-
-
-def plan(cases: list[WindowCase], dtypes: list[torch.dtype], groups: tuple[str, ...] = GROUPS):
-    tasks = []
-    for c in cases:
-        for dtype in dtypes:
-            for g in groups:
-                if g.startswith("sparse") and _n_keep(c, g) in (0, c.n_windows):
-                    continue  # one window per image: nothing to prune
-                tasks.append(harness.Task("window", c, dtype, g))
-    return tasks
-
-
-def _n_keep(c: WindowCase, group: str) -> int:
-    return int(c.n_windows * (1.0 - int(group[len("sparse"):]) / 100.0))
 
 
 # ---------------------------------------------------------------------------------------------
 # baselines on raster q, k, v (B, h, N, d) with a bias table ((2ws-1)², h)
 # ---------------------------------------------------------------------------------------------
 def _geometry(c: WindowCase):
-    from vitkern.reference.window import effective_window
-
-    (ws, _), (s, _) = effective_window((c.H, c.W), c.window_size, c.shift)  # square cases
+    (ws, _), (s, _) = ref.effective_window((c.H, c.W), c.window_size, c.shift)  # square cases
     return ws, s, -(-c.H // ws) * ws, -(-c.W // ws) * ws
 
 
@@ -124,10 +98,8 @@ def _reverse(o, c: WindowCase, B: int):
 
 def _bias_and_mask(table, c: WindowCase, dtype):
     """timm's (h, ws², ws²) relative position bias and (nW, ws², ws²) shift mask (or None)."""
-    from vitkern.reference.window import dense_bias
-
     ws, s, Hp, Wp = _geometry(c)
-    bias = dense_bias(table, ws, table.shape[1]).to(dtype)
+    bias = ref.dense_bias(table, ws, table.shape[1]).to(dtype)
     if not s:
         return bias, None
     ids = torch.zeros(Hp, Wp, device=table.device)
@@ -168,21 +140,19 @@ def sdpa_windows(q, k, v, table, *, c: WindowCase, scale: float):
     return _reverse(o, c, B)
 
 
-def make_flex(c: WindowCase, device: torch.device, scale: float) -> Callable:
+def flex_windows(r) -> Callable:
     """FlexAttention on the partitioned windows laid end to end: a same-window BlockMask and a
     score_mod adding the table bias and the shift mask (differentiable in the table)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    flex, c, scale = flex_attention(r.ctx), r.case, r.kw["scale"]
     ws, s, Hp, Wp = _geometry(c)
     n = ws * ws
     nw = (Hp // ws) * (Wp // ws)
     L = nw * n
     block_mask = create_block_mask(lambda b, h, qi, ki: qi // n == ki // n, B=None, H=None,
-                                   Q_LEN=L, KV_LEN=L, device=device)
-    flex = _flex_fn()
-    from vitkern.reference.window import relative_position_index
-
-    idx = relative_position_index(ws, device)
+                                   Q_LEN=L, KV_LEN=L, device=r.device)
+    idx = ref.relative_position_index(ws, r.device)
 
     def run(q, k, v, table):
         B, h = q.shape[:2]
@@ -203,163 +173,124 @@ def make_flex(c: WindowCase, device: torch.device, scale: float) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
-# tasks
+# Registry entries
 # ---------------------------------------------------------------------------------------------
-def _vitkern_names(ctx: harness.Context) -> list[tuple[str, str]]:
-    out = []
-    for b in (list(ctx.backends) if ctx.backends else default_backends(ctx.device)):
-        resolved = _resolve_backend(ctx.device) if b == "auto" else None
-        out.append((f"vitkern[auto:{resolved}]" if resolved else f"vitkern[{b}]", b))
-    return out
+WINDOW = registry.Family(
+    FAMILY, window_cases, backends=("triton", "cuda"),
+    fields=lambda c: {"shape": c.describe(), "H": c.H, "W": c.W, "heads": c.heads,
+                      "head_dim": c.head_dim, "window_size": c.window_size, "shift": c.shift,
+                      "n_windows": c.n_windows})
 
 
-def _inputs(task: harness.Task, ctx: harness.Context, B: int, copy_i: int):
-    c = task.case
-    gen = _seeded(ctx.seed, c.name, task.group, copy_i)
-    ws = _geometry(c)[0]
-    qkv = _randn((B, c.H * c.W, 3, c.heads, c.head_dim), gen, task.dtype, ctx.device)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, as a module produces them
-    table = _randn(((2 * ws - 1) ** 2, c.heads), gen, task.dtype, ctx.device)
-    dout = _randn((B, c.heads, c.H * c.W, c.head_dim), gen, task.dtype, ctx.device)
-    return [q, k, v, table], dout
+def _n_keep(c: WindowCase, sparsity: int) -> int:
+    return int(c.n_windows * (1.0 - sparsity / 100.0))
 
 
-def _record(task: harness.Task, B: int, p: Provider, mode: str) -> dict:
-    c = task.case
-    return {"family": FAMILY, "case": c.name, "group": task.group, "provider": p.name,
-            "kind": p.kind, "backend": p.backend, "mode": mode,
-            "dtype": harness.dtype_name(task.dtype), "batch": B, "shape": c.describe(), "H": c.H,
-            "W": c.W, "heads": c.heads, "head_dim": c.head_dim, "window_size": c.window_size,
-            "shift": c.shift, "n_windows": c.n_windows}
+def _prepare(r, sparsity: int = 0) -> None:
+    """Geometry, and with ``sparsity`` the kept windows of each image (SparseViT)."""
+    c = r.case
+    r.ws, r.s = _geometry(c)[:2]
+    r.kw = dict(hw=(c.H, c.W), window_size=c.window_size, shift=c.shift, scale=c.head_dim ** -0.5)
+    r.active, r.nq = None, r.B * c.H * c.W  # real queries computed
+    if sparsity:
+        K, gen = _n_keep(c, sparsity), r.gen("keep")
+        r.active = torch.stack([torch.randperm(c.n_windows, generator=gen)[:K]
+                                for _ in range(r.B)]).to(r.device)
+        r.nq = int(ref.active_token_mask((c.H, c.W), r.ws, r.s, r.active.cpu()).sum())
+        r.fields.update(kept_windows=K, sparsity=sparsity, flop_bound=c.n_windows / K)
 
 
-def _kept_queries(c: WindowCase, active) -> int:
-    """Real queries in the kept windows, summed over the batch."""
-    from vitkern.reference.window import active_token_mask
-
-    ws, s, _, _ = _geometry(c)
-    return int(active_token_mask((c.H, c.W), ws, s, active.cpu()).sum())
-
-
-def run_task(task: harness.Task, ctx: harness.Context) -> list[dict]:
-    """Check and time every provider of one (case, dtype, group); returns result records."""
-    from vitkern.ops.window import window_attention
-    from vitkern.reference import window as ref
-
-    c = task.case
-    B = ctx.batch or c.batch_for(ctx.device)
-    if task.group == "block_attn":
-        return _run_block(task, ctx, B)
-    elem = torch.empty((), dtype=task.dtype).element_size()
-    ws, s, _, _ = _geometry(c)
-    scale = c.head_dim ** -0.5
-    kw = dict(hw=(c.H, c.W), window_size=c.window_size, shift=c.shift, scale=scale)
-    copies = harness.n_rotations(4 * elem * B * c.heads * c.H * c.W * c.head_dim, ctx.dev)
-    sets = [_inputs(task, ctx, B, i) for i in range(copies)]
-    arg_sets, douts = [x[0] for x in sets], [x[1] for x in sets]
-    active, extra = None, {}
-    if task.group.startswith("sparse"):
-        K = _n_keep(c, task.group)
-        gen = _seeded(ctx.seed, c.name, "keep")
-        active = torch.stack([torch.randperm(c.n_windows, generator=gen)[:K]
-                              for _ in range(B)]).to(ctx.device)
-        extra = dict(kept_windows=K, sparsity=int(task.group[len("sparse"):]),
-                     flop_bound=c.n_windows / K)
-    nq = B * c.H * c.W if active is None else _kept_queries(c, active)
-
-    provs = []
-    for name, b in _vitkern_names(ctx):
-        provs.append(Provider(name, "vitkern", lambda q, k, v, t, b=b: window_attention(
-            q, k, v, rel_pos_bias=t, active_windows=active, backend=b, **kw), backend=b))
-    if active is not None:
-        for name, b in _vitkern_names(ctx):
-            provs.append(Provider(name.replace("vitkern", "dense"), "baseline",
-                                  lambda q, k, v, t, b=b: window_attention(
-                                      q, k, v, rel_pos_bias=t, backend=b, **kw), backend=b))
-    else:
-        provs.append(Provider("timm_math", "baseline",
-                              lambda q, k, v, t: timm_math(q, k, v, t, c=c, scale=scale)))
-        provs.append(Provider("sdpa", "baseline",
-                              lambda q, k, v, t: sdpa_windows(q, k, v, t, c=c, scale=scale)))
-        ok, why = _flex_available(ctx.device)
-        if ok and not ctx.flex:
-            ok, why = False, "disabled (--no-flex)"
-        if ok:
-            try:
-                provs.append(Provider("flex", "baseline", make_flex(c, ctx.device, scale)))
-            except Exception as exc:  # noqa: BLE001
-                provs.append(Provider("flex", "baseline", None, skip=f"setup failed: {exc}"))
-        else:
-            provs.append(Provider("flex", "baseline", None, skip=why))
-
-    def ref_fn(q, k, v, t, act=active):
-        return ref.window_attention(q, k, v, rel_pos_bias=t, pad_order="shift_then_pad",
-                                    active_windows=None if act is None else act.to(q.device),
-                                    **kw)
-
-    sparse = [p for p in provs if p.kind == "vitkern"] if active is not None else provs
-    checks = check_providers(task, ctx, sparse, ref_fn, arg_sets[0], douts[0])
-    if active is not None:  # the dense providers compute every window: checked densely
-        dense = [p for p in provs if p.kind == "baseline"]
-        checks.update(check_providers(task, ctx, dense,
-                                      lambda q, k, v, t: ref_fn(q, k, v, t, None), arg_sets[0],
-                                      douts[0]))
-
-    def flops_fn(mode, n=nq):
-        f = n * c.heads * 4 * ws * ws * c.head_dim
-        return f * (3.5 if mode == "fwd+bwd" else 1.0)
-
-    def bytes_fn(mode, n=nq):
-        fwd = elem * c.heads * c.head_dim * 4 * n
-        return fwd if mode == "fwd" else fwd + elem * c.heads * c.head_dim * 8 * n + 8 * c.heads * n
-
-    return time_providers(task, B, provs, checks, ctx, arg_sets, douts, copies, flops_fn, bytes_fn,
-                          extra=lambda p: extra, record=_record)
+def _inputs(r, gen):
+    """q, k, v as strided views of one packed projection (as a module produces them), the table."""
+    c = r.case
+    q, k, v = r.randn((r.B, c.H * c.W, 3, c.heads, c.head_dim), gen).permute(2, 0, 3, 1, 4).unbind(0)
+    table = r.randn(((2 * r.ws - 1) ** 2, c.heads), gen)
+    return [q, k, v, table], r.randn((r.B, c.heads, c.H * c.W, c.head_dim), gen)
 
 
-def _run_block(task: harness.Task, ctx: harness.Context, B: int) -> list[dict]:
-    """timm's SwinTransformerBlock._attn vs the patched block (same weights)."""
-    c = task.case
-    try:
-        from timm.models.swin_transformer import SwinTransformerBlock
-    except Exception as exc:  # noqa: BLE001
-        p = Provider("timm_block", "baseline", None, skip=f"timm unavailable: {exc}")
-        return [dict(_record(task, B, p, m), status="skipped", reason=p.skip) for m in ctx.modes]
-    from vitkern.integrations.timm import patch_model
+def _op(r, backend, active):
+    return lambda q, k, v, t: ops.window_attention(q, k, v, rel_pos_bias=t, active_windows=active,
+                                                   backend=backend, **r.kw)
 
-    torch.manual_seed(ctx.seed)
-    timm_blk = SwinTransformerBlock(c.dim, (c.H, c.W), num_heads=c.heads,
-                                    window_size=c.window_size, shift_size=c.shift)
-    timm_blk = timm_blk.to(ctx.device, task.dtype)
-    timm_blk.attn.fused_attn = False
+
+def _reference(r, dtype, active=None):
+    return lambda q, k, v, t: ref.window_attention(q, k, v, rel_pos_bias=t, active_windows=active,
+                                                   pad_order="shift_then_pad", **r.kw)
+
+
+def _dense(r) -> list[Provider]:
+    """The same op on every window, per vitkern backend: checked densely."""
+    return [Provider(f"dense[{label}]", fn=_op(r, b, None), backend=b, reference=_reference)
+            for label, b in r.backends]
+
+
+def _attention_flops(r, mode):
+    c = r.case
+    return r.nq * c.heads * 4 * r.ws * r.ws * c.head_dim * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def _attention_bytes(r, mode):
+    hd = r.elem * r.case.heads * r.case.head_dim
+    return 4 * hd * r.nq if mode == "fwd" else 12 * hd * r.nq + 8 * r.case.heads * r.nq
+
+
+def _register_attn(group: str, sparsity: int, baselines: dict):
+    WINDOW.register(
+        group, prepare=lambda r: _prepare(r, sparsity), inputs=_inputs, name="vitkern[{label}]",
+        applies=lambda c: not sparsity or _n_keep(c, sparsity) not in (0, c.n_windows),
+        vitkern=lambda r, b: _op(r, b, r.active), reference=lambda r, dtype: _reference(r, dtype, r.active),
+        baselines=baselines, flops=_attention_flops, bytes=_attention_bytes,
+        arg_names=("q", "k", "v", "table"))
+
+
+_register_attn("attn", 0, {
+    "timm_math": lambda r: lambda q, k, v, t: timm_math(q, k, v, t, c=r.case, scale=r.kw["scale"]),
+    "sdpa": lambda r: lambda q, k, v, t: sdpa_windows(q, k, v, t, c=r.case, scale=r.kw["scale"]),
+    "flex": flex_windows})
+
+
+# block_attn: timm's SwinTransformerBlock._attn vs the patched block (same weights)
+def _block_prepare(r) -> None:
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    c = r.case
+    torch.manual_seed(r.ctx.seed)
+    blk = SwinTransformerBlock(c.dim, (c.H, c.W), num_heads=c.heads, window_size=c.window_size,
+                               shift_size=c.shift).to(r.device, r.dtype)
+    blk.attn.fused_attn = False
     with torch.no_grad():
-        timm_blk.attn.relative_position_bias_table.normal_()
-    ref64 = copy.deepcopy(timm_blk).double()
-    provs = []
-    for name, b in _vitkern_names(ctx):
-        blk = copy.deepcopy(timm_blk)
-        patch_model(blk, backend=b)
-        provs.append(Provider(name, "vitkern", blk._attn, backend=b, module=blk))
-    provs.append(Provider("timm", "baseline", timm_blk._attn, module=timm_blk))
-    gen = _seeded(ctx.seed, c.name, "block")
-    elem = torch.empty((), dtype=task.dtype).element_size()
-    copies = harness.n_rotations(2 * elem * B * c.H * c.W * c.dim, ctx.dev)
-    sets = [([_randn((B, c.H, c.W, c.dim), gen, task.dtype, ctx.device)],
-             _randn((B, c.H, c.W, c.dim), gen, task.dtype, ctx.device)) for _ in range(copies)]
-    arg_sets, douts = [x[0] for x in sets], [x[1] for x in sets]
-    checks = check_providers(task, ctx, provs, lambda x: ref64._attn(x), arg_sets[0], douts[0])
-    ws = _geometry(c)[0]
-    n = B * c.H * c.W
-    n_params = sum(p.numel() for p in timm_blk.attn.parameters())
+        blk.attn.relative_position_bias_table.normal_()
+    r.blk, r.blk64, r.ws = blk, copy.deepcopy(blk).double(), _geometry(c)[0]
 
-    def flops_fn(mode):
-        f = n * c.heads * 4 * ws * ws * c.head_dim + 2 * n * c.dim * 4 * c.dim
-        return f * (3.5 if mode == "fwd+bwd" else 1.0)
 
-    def bytes_fn(mode):
-        f = elem * (2 * n * c.dim + n_params)
-        return f if mode == "fwd" else 3 * f
+def _patched(r, backend) -> Provider:
+    blk = copy.deepcopy(r.blk)
+    patch_model(blk, backend=backend)
+    return Provider(fn=blk._attn, module=blk)
 
-    return time_providers(task, B, provs, checks, ctx, arg_sets, douts, copies, flops_fn, bytes_fn,
-                          record=_record)
 
+def _block_flops(r, mode):
+    c, n = r.case, r.B * r.case.H * r.case.W
+    f = n * c.heads * 4 * r.ws * r.ws * c.head_dim + 2 * n * c.dim * 4 * c.dim
+    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def _block_bytes(r, mode):
+    n_params = sum(p.numel() for p in r.blk.attn.parameters())
+    f = r.elem * (2 * r.B * r.case.H * r.case.W * r.case.dim + n_params)
+    return f if mode == "fwd" else 3 * f
+
+
+WINDOW.register(
+    "block_attn", prepare=_block_prepare, vitkern=_patched, name="vitkern[{label}]",
+    inputs=lambda r, gen: ([r.randn((r.B, r.case.H, r.case.W, r.case.dim), gen)],
+                           r.randn((r.B, r.case.H, r.case.W, r.case.dim), gen)),
+    baselines={"timm": lambda r: Provider(fn=r.blk._attn, module=r.blk)},
+    reference=lambda r, dtype: (Provider(fn=r.blk64._attn, module=r.blk64) if dtype == torch.float64
+                                else Provider(fn=r.blk._attn, module=r.blk)),
+    flops=_block_flops, bytes=_block_bytes, arg_names=("x",))
+for _p in SPARSITIES:
+    _register_attn(f"sparse{_p}", _p, {"dense": _dense})
+
+GROUPS = WINDOW.groups
+plan, run_task, cases_for = WINDOW.plan, WINDOW.run_task, WINDOW.cases_for

@@ -1,4 +1,19 @@
-"""Benchmark harness: timers, device peaks, metrics, JSON results and speedup plots.
+"""Benchmark harness: the loop, timers, device peaks, metrics, JSON results and speedup plots.
+
+The loop (``run_entry``)
+    One task = a registry entry (``bench/registry.py``: one op of a family) at one case and dtype.
+    Providers: the vitkern call per backend (``vitkern[<backend>]``; CPU: ``auto``, CUDA: every
+    compiled backend of the family that is available; ``--backends`` overrides) and the entry's
+    baselines. Correctness first: before anything is timed every provider's outputs (and in
+    fwd+bwd mode the gradients of every floating input and of its module's parameters) are
+    compared with the entry's reference in fp64; the error, normalised by max(1, max|ref|) (by
+    max|ref| where a family says so), must
+    be at most ``max(floor[dtype], 4 * e_ref)``, ``e_ref`` the error of the reference math run in
+    the benchmark dtype (the flash-attention rule). A wrong or raising vitkern provider is not
+    timed, its record says ``wrong`` / ``error`` and the run fails; a backend that refuses by
+    design (a ``BackendError``) is ``skipped`` with the reason. Then every runnable provider is
+    timed per mode on the same rotated inputs, and each vitkern record gets ``speedup`` (baseline
+    ms / its ms) and ``speedup_vs_vitkern`` (the other vitkern providers, e.g. cuda vs triton).
 
 Timing
     CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every repetition, warm-up
@@ -44,7 +59,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import traceback
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -55,7 +71,9 @@ __all__ = [
     "Timing", "bench_cpu", "bench_cuda", "bench", "bench_cpu_interleaved", "bench_many", "rotating",
     "n_rotations",
     "metrics", "environment", "git_commit", "results_path", "write_results", "plot_speedups",
-    "format_table", "RESULTS_DIR", "dtype_name", "Context", "Task",
+    "format_table", "RESULTS_DIR", "dtype_name", "Context", "Task", "Run", "Provider", "Skip",
+    "CorrectnessError", "ERR_FLOOR", "run_entry", "add_speedups", "is_refusal", "refusal_reason",
+    "flex_attention",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -183,12 +201,12 @@ def device_info(device: torch.device | str) -> DeviceInfo:
 
 
 # ---------------------------------------------------------------------------------------------
-# What ``python -m vitkern.bench`` hands every family module
+# What ``python -m vitkern.bench`` hands every task
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Context:
-    """The run's settings, passed to a family's ``run_task``; ``failures`` collects the vitkern
-    providers that failed their correctness check (or raised), ``log`` prints above the bar."""
+    """The run's settings, passed to ``run_entry``; ``failures`` collects the vitkern providers
+    that failed their correctness check (or raised), ``log`` prints above the bar."""
 
     device: torch.device
     dev: "DeviceInfo"
@@ -249,21 +267,9 @@ def bench_cpu(fn: Callable[[], Any], *, warmup: int = 2, min_reps: int = 5, max_
     Runs at least ``min_reps`` repetitions, then keeps going until ``min_time_s`` of timed runs
     (at most ``max_reps`` repetitions or ``max_time_s`` seconds).
     """
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    total = 0.0
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        total += dt
-        n = len(times)
-        if n >= max_reps or (n >= min_reps and total >= min_time_s) or (n >= 3 and total >= max_time_s):
-            break
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8),
-                  len(times), "perf_counter median")
+    return bench_cpu_interleaved({"": fn}, warmup=warmup, min_reps=min_reps, max_reps=max_reps,
+                                 min_time_s=min_time_s, max_time_s=max_time_s,
+                                 timer="perf_counter median")[""]
 
 
 def bench_cuda(fn: Callable[[], Any], *, warmup_ms: int = 25, rep_ms: int = 100,
@@ -277,20 +283,21 @@ def bench_cuda(fn: Callable[[], Any], *, warmup_ms: int = 25, rep_ms: int = 100,
     return Timing(float(p50), float(p20), float(p80), -1, "triton.testing.do_bench median")
 
 
+_CPU_QUICK = dict(warmup=1, min_reps=3, max_reps=10, min_time_s=0.05, max_time_s=0.5)
+
+
 def bench(fn: Callable[[], Any], device: torch.device | str, *, quick: bool = False,
           grad_to_none: Sequence[torch.Tensor] | None = None) -> Timing:
     device = torch.device(device)
     if device.type == "cuda":
         return bench_cuda(fn, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100,
                           grad_to_none=grad_to_none)
-    if quick:
-        return bench_cpu(fn, warmup=1, min_reps=3, max_reps=10, min_time_s=0.05, max_time_s=0.5)
-    return bench_cpu(fn)
+    return bench_cpu(fn, **(_CPU_QUICK if quick else {}))
 
 
 def bench_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, min_reps: int = 5,
-                          max_reps: int = 50, min_time_s: float = 0.25,
-                          max_time_s: float = 3.0) -> dict[str, Timing]:
+                          max_reps: int = 50, min_time_s: float = 0.25, max_time_s: float = 3.0,
+                          timer: str = "perf_counter median (interleaved)") -> dict[str, Timing]:
     """Like ``bench_cpu`` for several callables at once, timed round-robin (one call of each per
     round) so that load changes on a shared CPU hit every provider alike; median per callable."""
     names = list(fns)
@@ -310,8 +317,8 @@ def bench_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
         per_fn = t_all / len(names)
         if reps >= max_reps or (reps >= min_reps and per_fn >= min_time_s) or (reps >= 3 and per_fn >= max_time_s):
             break
-    return {n: Timing(statistics.median(ts), _quantile(ts, 0.2), _quantile(ts, 0.8), len(ts),
-                      "perf_counter median (interleaved)") for n, ts in times.items()}
+    return {n: Timing(statistics.median(ts), _quantile(ts, 0.2), _quantile(ts, 0.8), len(ts), timer)
+            for n, ts in times.items()}
 
 
 def bench_many(fns: dict[str, Callable[[], Any]], device: torch.device | str, *, quick: bool = False,
@@ -338,9 +345,7 @@ def bench_many(fns: dict[str, Callable[[], Any]], device: torch.device | str, *,
         except Exception as exc:  # noqa: BLE001
             out[n] = exc
     if ok:
-        kw = (dict(warmup=1, min_reps=3, max_reps=10, min_time_s=0.05, max_time_s=0.5) if quick
-              else dict(warmup=1))
-        out.update(bench_cpu_interleaved(ok, **kw))
+        out.update(bench_cpu_interleaved(ok, **(_CPU_QUICK if quick else dict(warmup=1))))
     return {n: out[n] for n in fns}
 
 
@@ -386,6 +391,401 @@ def metrics(ms: float, flops: float | None, nbytes: float | None, dev: DeviceInf
     out["pct_peak_tflops"] = 100.0 * tflops / pt if (tflops is not None and pt) else None
     out["pct_peak_gbps"] = 100.0 * gbps / pb if (gbps is not None and pb) else None
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: one task of a registry entry (bench/registry.py), correctness first, then timing
+# ---------------------------------------------------------------------------------------------
+ERR_MULT = 4.0     # the flash-attention rule: error <= max(floor, ERR_MULT * the reference's own)
+#: default error floors (normalised max abs error); fp32 allows TF32 tensor-core dots (Triton's default)
+ERR_FLOOR = {torch.float64: 1e-9, torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+class CorrectnessError(AssertionError):
+    """A vitkern provider is off against the reference (raised with ``--strict``)."""
+
+
+class Skip(Exception):
+    """Raised by a provider factory: the provider is recorded as ``skipped`` with this reason."""
+
+
+@dataclass
+class Provider:
+    """One timed callable of a task: ``fn(*inputs)`` returns a tensor or a tuple of them (the
+    gradient flows from the first)."""
+
+    name: str = ""
+    kind: str = "baseline"                  # "vitkern" | "baseline" | "reference"
+    fn: Callable | None = None
+    skip: str = ""                          # why it is not run
+    backend: str | None = None
+    module: torch.nn.Module | None = None   # its parameters' gradients: checked, reset when timed
+    check: bool | Callable = True           # False: another op, timed only; a callable: checked instead
+    reference: Callable | None = None       # (run, dtype) -> what it is checked against instead
+    fwd_only: str = ""                      # why only its forward is timed (an inference kernel)
+    fields: dict = field(default_factory=dict)   # added to its records
+
+
+class Run:
+    """One task being run: what an entry's callables receive. ``backends``: (label, backend) of
+    the vitkern providers (label ``auto:<resolved>`` for auto). An entry's ``prepare`` may set
+    attributes (modules, masks), replace ``case`` / ``B`` and fill ``fields`` (added to every
+    record of the task)."""
+
+    def __init__(self, task: Task, ctx: Context, family: Any, entry: Any):
+        self.task, self.ctx, self.family, self.case, self.dtype = task, ctx, family, task.case, task.dtype
+        self.device, self.fields = ctx.device, {}
+        on_cuda = ctx.device.type == "cuda"
+        self.B = ctx.batch or (task.case.batch if on_cuda else task.case.cpu_batch)
+        if ctx.quick and not on_cuda and not ctx.batch and family.quick_cpu_batch:
+            self.B = min(self.B, family.quick_cpu_batch)
+        self.resolved = resolve_backend(ctx.device, family.eager)
+        wanted = ((list(ctx.backends) if ctx.backends else default_backends(ctx.device, family.backends))
+                  if entry.per_backend else ["auto"])
+        self.backends = [(f"auto:{self.resolved}" if b == "auto" and self.resolved else b, b) for b in wanted]
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.family}/{self.case.name}/{self.task.group}/{dtype_name(self.dtype)}"
+
+    @property
+    def elem(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def gen(self, *parts: Any) -> torch.Generator:
+        """A generator seeded by the run's seed, the case, the group and ``parts``."""
+        h = self.ctx.seed
+        for ch in "/".join(map(str, (self.case.name, self.task.group) + parts)):
+            h = (h * 131 + ord(ch)) % (2 ** 31)
+        return torch.Generator().manual_seed(h)
+
+    def randn(self, shape, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * scale).to(self.device, self.dtype)
+
+
+def _fail(ctx: Context, msg: str, exc: BaseException) -> None:
+    ctx.failures.append(msg)
+    if ctx.strict:
+        raise exc
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """A ``BackendError``: the backend declares it does not take these inputs (by design)."""
+    from vitkern.errors import BackendError
+
+    return isinstance(exc, BackendError)
+
+
+def refusal_reason(exc: BaseException, backend: str) -> str:
+    """The ``<backend>: reason`` line of a BackendError (the whole message if absent)."""
+    for line in str(exc).splitlines():
+        if line.strip().startswith(f"{backend}:"):
+            return line.strip()[len(backend) + 1:].strip()
+    return str(exc)
+
+
+def default_backends(device: torch.device, compiled: Sequence[str]) -> list[str]:
+    """``auto`` on CPU; on CUDA every backend of ``compiled`` that is available."""
+    if device.type != "cuda":
+        return ["auto"]
+    from vitkern.backends import backend_status
+
+    status = backend_status()
+    return [b for b in compiled if status.get(b, (False, ""))[0]] or ["auto"]
+
+
+def resolve_backend(device: torch.device, eager: bool) -> str | None:
+    """The backend ``auto`` picks for tensors on ``device`` (by device only, as
+    ``vitkern.backends.select`` decides before any shape-specific refusal); ``eager``: whether the
+    op has a ``vitkern.eager`` path. None if unknown."""
+    try:
+        from vitkern import backends
+        return backends.select("bench", "auto", lambda name, explicit: (
+            "no eager path" if name == "eager" and not eager
+            else backends.device_reason(name, device, explicit)))
+    except Exception:  # noqa: BLE001 - reported as unknown
+        return None
+
+
+def flex_attention(ctx: Context) -> Callable:
+    """``torch.compile``'d FlexAttention (compiled once per process), or Skip with why not."""
+    if ctx.device.type != "cuda":
+        raise Skip("FlexAttention baseline runs on CUDA only (compiled Triton kernels)")
+    if not ctx.flex:
+        raise Skip("disabled (--no-flex)")
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention as fa
+        _FLEX = torch.compile(fa, dynamic=False)
+    return _FLEX
+
+
+_FLEX = None
+
+
+def _providers(entry: Any, r: Run) -> list[Provider]:
+    """The vitkern provider of each backend to time, then the entry's baselines."""
+    name = entry.name if "{" in entry.name or len(r.backends) == 1 else entry.name + "[{b}]"
+    provs = []
+    for label, b in r.backends:
+        p = Provider(name.format(b=b, label=label, case=r.case), "vitkern", backend=b,
+                     fields={"resolved_backend": r.resolved} if b == "auto" else {})
+        try:
+            got = entry.vitkern(r, b)
+            p = replace(got, name=p.name, kind="vitkern", backend=b, fields={**p.fields, **got.fields}) \
+                if isinstance(got, Provider) else replace(p, fn=got)
+        except Skip as why:
+            p.skip = str(why)
+        except Exception as exc:  # noqa: BLE001
+            p.skip = f"{r.label} {p.name}: setup failed: {type(exc).__name__}: {exc}"
+            _fail(r.ctx, p.skip, exc)
+        provs.append(p)
+    for bname, make in entry.baselines.items():
+        try:
+            got = make(r)
+        except Skip as why:
+            got = Provider(bname, skip=str(why))
+        except Exception as exc:  # noqa: BLE001
+            got = Provider(bname, skip=f"setup failed: {type(exc).__name__}: {exc}")
+        for p in got if isinstance(got, list) else [] if got is None else [got]:
+            provs.append((p if p.name else replace(p, name=bname)) if isinstance(p, Provider)
+                         else Provider(bname, fn=p))
+    return provs
+
+
+def _outputs(p: Provider, inputs: list, dout: torch.Tensor | None, with_grad: bool,
+             names: Sequence[str], fn: Callable | None = None) -> dict[str, torch.Tensor]:
+    """``out`` (``out1``, ... for a tuple), and with ``with_grad`` ``d<name>`` of every floating
+    input and ``d:<parameter>`` of the provider's module: the gradients of the first output."""
+    leaves = [t.detach().clone().requires_grad_(with_grad and t.is_floating_point()) for t in inputs]
+    with torch.enable_grad() if with_grad else torch.no_grad():
+        out = (fn or p.fn)(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    res = {("out" if i == 0 else f"out{i}"): o.detach() for i, o in enumerate(outs)}
+    if with_grad:
+        wrt = [(f"d{names[i] if i < len(names) else i}", t) for i, t in enumerate(leaves) if t.requires_grad]
+        if p.module is not None:  # torch.compile wraps a module as _orig_mod
+            wrt += [("d:" + n.removeprefix("_orig_mod."), t) for n, t in p.module.named_parameters()
+                    if t.requires_grad]
+        grads = torch.autograd.grad(outs[0], [t for _, t in wrt], dout.to(outs[0].dtype), allow_unused=True)
+        res.update({n: g for (n, _), g in zip(wrt, grads) if g is not None})
+    return res
+
+
+def _norm_err(a: torch.Tensor, ref: torch.Tensor, floor: float) -> tuple[float, float]:
+    """(max abs error, max abs error / max(floor, max|ref|)); NaN/inf -> inf."""
+    a64, r64 = a.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if a64.shape != r64.shape:
+        raise CorrectnessError(f"shape {tuple(a64.shape)} != reference {tuple(r64.shape)}")
+    if not torch.isfinite(a64).all():
+        return math.inf, math.inf
+    e = (a64 - r64).abs().max().item() if a64.numel() else 0.0
+    return e, e / max(floor, r64.abs().max().item() if r64.numel() else 0.0)
+
+
+def _compare(got: dict, exact: dict, lowp: dict, floor: float, norm_floor: float) -> dict:
+    """Every output and gradient of ``exact`` (fp64) against ``got``: the normalised error must be
+    at most ``max(floor, ERR_MULT * e_ref)``, ``e_ref`` the error of the reference math run in the
+    benchmark dtype (``lowp``). A provider may return fewer outputs than the reference (a
+    baseline without a by-product), never fewer gradients."""
+    info: dict[str, Any] = {"max_abs_err": {}, "norm_err": {}, "tol": {}, "ref_err": {}}
+    bad = []
+    for nm, r in exact.items():
+        if nm not in got:
+            if nm.startswith("d"):
+                bad.append(f"{nm}: missing gradient")
+            continue
+        e_abs, e_norm = _norm_err(got[nm], r, norm_floor)
+        e_ref = _norm_err(lowp[nm], r, norm_floor)[1] if nm in lowp else 0.0
+        tol = max(floor, ERR_MULT * e_ref)
+        info["max_abs_err"][nm], info["norm_err"][nm] = e_abs, e_norm
+        info["ref_err"][nm], info["tol"][nm] = e_ref, tol
+        if not e_norm <= tol:
+            bad.append(f"{nm}: normalised error {e_norm:.3g} > tol {tol:.3g} (max abs {e_abs:.3g})")
+    info["ok"], info["message"] = not bad, "; ".join(bad)
+    return info
+
+
+def _check_all(entry: Any, r: Run, provs: list[Provider], args: list, dout, with_grad: bool) -> dict:
+    """Check every runnable provider before anything is timed.
+
+    A wrong or raising vitkern provider is recorded in ``ctx.failures`` and not timed; a baseline
+    that raises is skipped with the reason, one that differs is noted and still timed. A backend
+    that refuses only the gradients by design (a ``BackendError``: an inference kernel, a map too
+    wide for a backward) gets its forward checked and timed alone; the CUDA C++ backend covers
+    part of each family by design, so where it refuses the forward it is skipped with the reason,
+    as is a requested backend that is not available here.
+    """
+    from vitkern.backends import backend_status
+
+    ctx, fam, status = r.ctx, r.family, backend_status()
+    if fam.check_batch:  # an fp64 reference of the whole batch would not fit
+        args = [t[:fam.check_batch] for t in args]
+        dout = None if dout is None else dout[:fam.check_batch]
+    floor = fam.tol.get(r.dtype, 1e-2) * entry.tol_scale
+    expected: dict = {}
+
+    def check(p: Provider, grad: bool) -> dict:
+        make = p.reference or entry.reference
+        if (make, grad) not in expected:
+            refs = [make(r, dt) for dt in (torch.float64, r.dtype)]
+            refs = [x if isinstance(x, Provider) else Provider("reference", "reference", x) for x in refs]
+            hi = [t.detach().to(torch.float64) if t.is_floating_point() else t for t in args]
+            exact = _outputs(refs[0], hi, None if dout is None else dout.double(), grad, entry.arg_names)
+            try:
+                lowp = _outputs(refs[1], args, dout, grad, entry.arg_names)
+            except Exception:  # noqa: BLE001 - e.g. no low-precision CPU kernel for the reference
+                lowp = {}
+            expected[(make, grad)] = exact, lowp
+        got = _outputs(p, args, dout, grad, entry.arg_names, None if p.check is True else p.check)
+        return _compare(got, *expected[(make, grad)], floor, fam.norm_floor)
+
+    checks: dict[str, dict] = {}
+    for p in provs:
+        if p.fn is None or p.check is False:
+            continue
+        explicit = p.backend not in (None, "auto")
+        try:
+            try:
+                info = check(p, with_grad)
+            except Exception as exc:  # noqa: BLE001
+                if not (with_grad and explicit and is_refusal(exc)):
+                    raise
+                p.fwd_only = f"refused by design: {refusal_reason(exc, p.backend)}"
+                info = check(p, False)
+        except Exception as exc:  # noqa: BLE001
+            if p.backend == "cuda" and is_refusal(exc):
+                p.fn, p.skip = None, f"refused by design: {refusal_reason(exc, 'cuda')}"
+            elif explicit and is_refusal(exc) and not status.get(p.backend, (True, ""))[0]:
+                p.fn, p.skip = None, f"backend {p.backend} unavailable: {status[p.backend][1]}"
+            elif p.kind != "vitkern":
+                p.fn, p.skip = None, f"raised {type(exc).__name__}: {exc}"
+            else:
+                msg = f"{r.label} {p.name}: raised {type(exc).__name__}: {exc}"
+                checks[p.name] = {"ok": False, "error": True, "message": msg,
+                                  "traceback": traceback.format_exc(limit=4)}
+                p.fn = None
+                _fail(ctx, msg, exc)
+            continue
+        checks[p.name] = info
+        if info["ok"]:
+            continue
+        if p.kind != "vitkern":
+            ctx.log(f"note: {r.label} baseline {p.name} differs from the reference: {info['message']}")
+            continue
+        msg = f"{r.label} {p.name}: WRONG vs reference: {info['message']}"
+        ctx.log("!!! " + msg)
+        p.fn = None
+        _fail(ctx, msg, CorrectnessError(msg))
+    return checks
+
+
+def _timed(p: Provider, sets: list, mode: str, device: torch.device) -> tuple[Callable, list]:
+    """The zero-argument callable to time (rotating over the input copies) and its grad_to_none."""
+    if mode == "fwd":
+        def call(*args):
+            with torch.no_grad():
+                return p.fn(*args)
+        return rotating(call, [tuple(a) for a, _ in sets]), []
+    leaves = [[t.detach().clone().requires_grad_(t.is_floating_point()) for t in a] for a, _ in sets]
+    grad_none = [t for ls in leaves for t in ls if t.requires_grad]
+    grad_none += [t for t in p.module.parameters() if t.requires_grad] if p.module is not None else []
+    on_cuda = device.type == "cuda"
+
+    def call_bwd(*args):
+        if not on_cuda:  # do_bench resets grad_to_none itself on CUDA
+            for t in grad_none:
+                t.grad = None
+        *xs, dout = args
+        out = p.fn(*xs)
+        (out[0] if isinstance(out, tuple) else out).backward(dout)
+
+    return rotating(call_bwd, [tuple(ls) + (d,) for ls, (_, d) in zip(leaves, sets)]), grad_none
+
+
+def _peak_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory of one call above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def run_entry(family: Any, entry: Any, task: Task, ctx: Context) -> list[dict]:
+    """Check and time every provider of one (case, dtype, group); one record per provider and
+    mode, with ``speedup`` columns (see ``add_speedups``)."""
+    r = Run(task, ctx, family, entry)
+    if entry.prepare is not None:
+        entry.prepare(r)
+    modes = [m for m in ctx.modes if m in entry.modes]
+    provs = _providers(entry, r)
+    flops = (lambda mode: entry.flops(r, mode)) if entry.flops else (lambda mode: None)
+    nbytes = (lambda mode: entry.bytes(r, mode)) if entry.bytes else (lambda mode: None)
+    copies = n_rotations(int(nbytes("fwd") or 0), ctx.dev)
+    sets = [entry.inputs(r, r.gen(i)) for i in range(copies)]
+    checks = _check_all(entry, r, provs, *sets[0], with_grad="fwd+bwd" in modes)
+    records = []
+    for mode in modes:
+        fns, g2n, recs = {}, {}, {}
+        for p in provs:
+            rec = recs[p.name] = {
+                "family": task.family, "case": r.case.name, "group": task.group, "provider": p.name,
+                "kind": p.kind, "backend": p.backend, "mode": mode, "dtype": dtype_name(r.dtype),
+                "batch": r.B, **family.fields(r.case), **r.fields, **p.fields}
+            chk = checks.get(p.name)
+            if chk is not None:
+                rec["check"] = chk
+                rec["max_abs_err"] = max(chk.get("max_abs_err", {}).values(), default=None)
+            if p.fn is None:
+                failed = chk is not None and not chk.get("ok", True)
+                rec.update(status=("error" if chk.get("error") else "wrong") if failed else "skipped",
+                           reason=chk.get("message") if failed else p.skip)
+            elif p.fwd_only and mode != "fwd":
+                rec.update(status="skipped", reason=p.fwd_only)
+            else:
+                fns[p.name], g2n[p.name] = _timed(p, sets, mode, ctx.device)
+        timings = bench_many(fns, ctx.device, quick=ctx.quick, grad_to_none=g2n) if fns else {}
+        for name, t in timings.items():
+            rec = recs[name]
+            if isinstance(t, Exception):  # e.g. a baseline's N x N mask out of memory
+                vk = rec["kind"] == "vitkern"
+                rec.update(status="error" if vk else "skipped", reason=f"{type(t).__name__}: {str(t)[:300]}")
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if vk:
+                    _fail(ctx, f"{r.label} {name} [{mode}]: {rec['reason']}", t)
+                continue
+            rec.update(metrics(t.ms, flops(mode), nbytes(mode), ctx.dev, r.dtype))
+            rec.update(status="ok", ms_p20=t.ms_p20, ms_p80=t.ms_p80, reps=t.reps, timer=t.timer,
+                       flops=flops(mode), bytes=nbytes(mode), rotated_copies=copies,
+                       peak_mem_mb=_peak_mb(fns[name], ctx.device))
+            if entry.throughput:
+                rec[entry.throughput] = r.B / (t.ms * 1e-3)
+        records.extend(recs.values())
+    add_speedups(records)
+    return records
+
+
+def add_speedups(records: list[dict]) -> None:
+    """``speedup[baseline]`` = baseline ms / vitkern ms, same task and mode; ``speedup_vs_vitkern``
+    the same against the other vitkern providers (e.g. cuda vs triton)."""
+    for r in records:
+        if r.get("kind") != "vitkern" or r.get("status") != "ok":
+            continue
+        sp, vs = {}, {}
+        for b in records:
+            if b.get("status") != "ok" or b["mode"] != r["mode"] or b is r:
+                continue
+            ratio = b["ms"] / r["ms"] if r["ms"] > 0 else None
+            if b.get("kind") == "baseline":
+                sp[b["provider"]] = ratio
+            elif b.get("kind") == "vitkern":
+                vs[b["provider"]] = ratio
+        r["speedup"], r["speedup_vs_vitkern"] = sp, vs
 
 
 # ---------------------------------------------------------------------------------------------

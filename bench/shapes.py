@@ -162,17 +162,24 @@ def get_case(name: str) -> HiLoCase:
         raise KeyError(f"unknown HiLo case {name!r}; known: {sorted(_ALL)}") from None
 
 
-def hilo_cases(select: str | None = None, *, quick: bool = False) -> list[HiLoCase]:
-    """Benchmark cases, optionally filtered by a comma-separated list of names / substrings / tags."""
-    cases = [get_case(n) for n in HILO_QUICK_CASES] if quick else list(HILO_CASES)
+def select_cases(family: str, cases: tuple, quick_names: tuple[str, ...], select: str | None,
+                 quick: bool, pool: tuple = ()) -> list:
+    """``cases`` (those named ``quick_names`` with ``quick``), or with ``select`` those of
+    ``pool`` (default ``cases``) matching a comma-separated list of names / substrings / tags."""
+    pool = pool or cases
+    by_name = {c.name: c for c in pool}
     if not select:
-        return cases
-    pool = list(HILO_CASES) + list(HILO_TEST_CASES)
+        return [by_name[n] for n in quick_names] if quick else list(cases)
     keys = [k.strip() for k in select.split(",") if k.strip()]
     out = [c for c in pool if any(k == c.name or k in c.name or k in c.tags for k in keys)]
     if not out:
-        raise KeyError(f"no HiLo case matches {select!r}; known: {sorted(_ALL)}")
+        raise KeyError(f"no {family} case matches {select!r}; known: {sorted(by_name)}")
     return out
+
+
+def hilo_cases(select: str | None = None, *, quick: bool = False) -> list[HiLoCase]:
+    """Benchmark cases, optionally filtered by a comma-separated list of names / substrings / tags."""
+    return select_cases("HiLo", HILO_CASES, HILO_QUICK_CASES, select, quick, HILO_CASES + HILO_TEST_CASES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,10 +213,6 @@ class WindowCase:
         ws = min(self.window_size, self.H, self.W)
         return math.ceil(self.H / ws) * math.ceil(self.W / ws)
 
-    def batch_for(self, device) -> int:
-        kind = getattr(device, "type", str(device))
-        return self.batch if kind == "cuda" else self.cpu_batch
-
     def describe(self) -> str:
         return (f"{self.H}x{self.W} h{self.heads} d{self.head_dim} ws{self.window_size} "
                 f"s{self.shift}")
@@ -237,20 +240,12 @@ WINDOW_TEST_CASES = (
     WindowCase("t_win_small", 14, 14, 2, 32, 7, 3, batch=2, cpu_batch=1),
 )
 WINDOW_QUICK_CASES = ("t_win_small",)
-_WINDOW_ALL = {c.name: c for c in WINDOW_CASES + WINDOW_TEST_CASES}
 
 
 def window_cases(select: str | None = None, *, quick: bool = False) -> list[WindowCase]:
     """Window benchmark cases, optionally filtered by names / substrings / tags (comma list)."""
-    cases = [_WINDOW_ALL[n] for n in WINDOW_QUICK_CASES] if quick else list(WINDOW_CASES)
-    if not select:
-        return cases
-    keys = [k.strip() for k in select.split(",") if k.strip()]
-    out = [c for c in _WINDOW_ALL.values()
-           if any(k == c.name or k in c.name or k in c.tags for k in keys)]
-    if not out:
-        raise KeyError(f"no window case matches {select!r}; known: {sorted(_WINDOW_ALL)}")
-    return out
+    return select_cases("window", WINDOW_CASES, WINDOW_QUICK_CASES, select, quick,
+                        WINDOW_CASES + WINDOW_TEST_CASES)
 
 __all__ += ["WindowCase", "WINDOW_CASES", "WINDOW_TEST_CASES", "WINDOW_QUICK_CASES", "window_cases"]
 
@@ -278,9 +273,6 @@ class LinearCase:
     note: str = ""
     tags: tuple[str, ...] = field(default=())
     landmarks: int = 0       # SOFT only: m
-
-    def batch_for(self, device) -> int:
-        return self.batch if str(getattr(device, "type", device)) == "cuda" else self.cpu_batch
 
     def describe(self) -> str:
         extra = f" {self.preset}" if self.preset else ""
@@ -319,18 +311,10 @@ LINEAR_CASES: tuple[LinearCase, ...] = (
 
 LINEAR_QUICK_CASES: tuple[str, ...] = ("xcit_s_p16_224", "l2vit_t_s3", "soft_t_s3")
 
-_LINEAR_ALL = {c.name: c for c in LINEAR_CASES}
-
 
 def linear_cases(select: str | None = None, *, quick: bool = False) -> list[LinearCase]:
     """Benchmark cases, optionally filtered by a comma-separated list of names / substrings / tags."""
-    if not select:
-        return [_LINEAR_ALL[n] for n in LINEAR_QUICK_CASES] if quick else list(LINEAR_CASES)
-    keys = [k.strip() for k in select.split(",") if k.strip()]
-    out = [c for c in LINEAR_CASES if any(k == c.name or k in c.name or k in c.tags for k in keys)]
-    if not out:
-        raise KeyError(f"no linear case matches {select!r}; known: {sorted(_LINEAR_ALL)}")
-    return out
+    return select_cases("linear", LINEAR_CASES, LINEAR_QUICK_CASES, select, quick)
 
 
 __all__ += ["LinearCase", "LINEAR_CASES", "LINEAR_QUICK_CASES", "linear_cases"]
@@ -382,14 +366,7 @@ PPMA_QUICK_CASES = ("ppma_tsb_s4", "ppma_ts_s3")
 
 def ppma_cases(select: str | None = None, *, quick: bool = False) -> list[PPMACase]:
     """PPMA benchmark cases, optionally filtered by names / substrings / tags (comma list)."""
-    by_name = {c.name: c for c in PPMA_CASES}
-    if not select:
-        return [by_name[n] for n in PPMA_QUICK_CASES] if quick else list(PPMA_CASES)
-    keys = [k.strip() for k in select.split(",") if k.strip()]
-    out = [c for c in PPMA_CASES if any(k == c.name or k in c.name or k in c.tags for k in keys)]
-    if not out:
-        raise KeyError(f"no PPMA case matches {select!r}; known: {sorted(by_name)}")
-    return out
+    return select_cases("PPMA", PPMA_CASES, PPMA_QUICK_CASES, select, quick)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,14 +434,7 @@ TOKEN_MODEL_QUICK_CPU = TokenModelCase("vitti16_64_evit70", "vit_tiny_patch16_22
 
 def token_cases(select: str | None = None, *, quick: bool = False) -> list[TokenCase]:
     """Token-attention benchmark cases, optionally filtered by names / substrings / tags."""
-    by_name = {c.name: c for c in TOKEN_CASES}
-    if not select:
-        return [by_name[n] for n in TOKEN_QUICK_CASES] if quick else list(TOKEN_CASES)
-    keys = [k.strip() for k in select.split(",") if k.strip()]
-    out = [c for c in TOKEN_CASES if any(k == c.name or k in c.name or k in c.tags for k in keys)]
-    if not out:
-        raise KeyError(f"no token case matches {select!r}; known: {sorted(by_name)}")
-    return out
+    return select_cases("token", TOKEN_CASES, TOKEN_QUICK_CASES, select, quick)
 
 
 __all__ += ["TokenCase", "TOKEN_CASES", "TOKEN_QUICK_CASES", "TokenModelCase", "TOKEN_MODEL_CASES",

@@ -338,8 +338,8 @@ def _fake_records():
                          "pct_peak_gbps": None, "status": "ok"})
         recs.append({"family": "hilo", "case": case, "group": "hifi", "provider": "flex", "kind": "baseline",
                      "mode": "fwd", "dtype": "bf16", "status": "skipped", "reason": "no CUDA"})
-    bench_hilo._add_speedups([r for r in recs if r["case"] == "litv2s_s3_224"])
-    bench_hilo._add_speedups([r for r in recs if r["case"] == "litv2b_s3_224"])
+    harness.add_speedups([r for r in recs if r["case"] == "litv2s_s3_224"])
+    harness.add_speedups([r for r in recs if r["case"] == "litv2b_s3_224"])
     return recs
 
 
@@ -368,16 +368,14 @@ def test_wrong_provider_fails_loudly(monkeypatch):
     """A vitkern op that is off is not timed; the record says "wrong" and the run records a failure."""
     if not HAS_REF:
         pytest.skip("vitkern.reference.hilo not available yet")
-    import types
-
+    import vitkern.ops
     import vitkern.reference.hilo as ref
 
     def bad_hilo(q, k, v, **kw):
         kw.pop("backend", None)
         return ref.hilo_attention(q, k, v, **kw) + 0.05
 
-    fake = types.SimpleNamespace(hilo_attention=bad_hilo, hifi_attention=None, lofi_attention=None)
-    monkeypatch.setattr(bench_hilo, "_vitkern_ops", lambda: (fake, ""))
+    monkeypatch.setattr(vitkern.ops, "hilo_attention", bad_hilo)
     ctx = harness.Context(device=torch.device("cpu"), dev=harness.device_info("cpu"), quick=True,
                           batch=1, log=lambda s: None)
     task = harness.Task("hilo", get_case("t_small_even"), torch.float32, "hilo")
@@ -387,13 +385,24 @@ def test_wrong_provider_fails_loudly(monkeypatch):
     assert vk[0]["max_abs_err"] == pytest.approx(0.05, rel=1e-4)
     assert all(r["status"] == "ok" for r in recs if r["kind"] == "baseline")
     ctx.strict = True
-    with pytest.raises(bench_hilo.CorrectnessError):
+    with pytest.raises(harness.CorrectnessError):
         bench_hilo.run_task(task, ctx)
 
 
 # ------------------------------------------------------------------------------------------------
 # End to end: python -m vitkern.bench --quick
 # ------------------------------------------------------------------------------------------------
+
+def test_registry_groups_match_the_cli():
+    """Every family registers the comparison groups that ``--groups`` documents, in that order."""
+    from vitkern.bench import registry
+    from vitkern.bench.__main__ import FAMILIES
+
+    assert {f: registry.get(f).groups for f in FAMILIES} == {
+        "hilo": ("hilo", "hifi", "lofi", "lofi_pooled", "layer"), "linear": ("xca", "linear", "soft"),
+        "ppma": ("full", "criss_cross"), "token": ("kept", "cls", "model"),
+        "window": ("attn", "block_attn", "sparse30", "sparse50", "sparse70")}
+
 
 def test_cli_quick_end_to_end(tmp_path):
     env = dict(os.environ)
@@ -482,7 +491,7 @@ def _gpu_results(path, records, kind="cuda"):
                 "group": group, "mode": mode, "dtype": dtype, "kind": "vitkern"}
         pair = [dict(base, provider="vitkern[triton]", status="ok", ms=triton_ms),
                 {**base, "provider": "vitkern[cuda]", "status": "ok", "ms": cuda_ms, **extra}]
-        bench_hilo._add_speedups(pair)  # per task, as the benchmark does
+        harness.add_speedups(pair)  # per task, as the benchmark does
         rec += pair
     meta = {"device": {"kind": kind, "name": "NVIDIA H100 80GB HBM3", "capability": "9.0"}}
     path.write_text(json.dumps({"schema": "vitkern.bench/1", "meta": meta, "results": rec}))
