@@ -24,17 +24,23 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-PACKAGES = {
-    "vitkern": "vitkern",
-    "vitkern.reference": "vitkern/reference",
-    "vitkern.ops": "vitkern/ops",
-    "vitkern.nn": "vitkern/nn",
-    "vitkern.integrations": "vitkern/integrations",
-    "vitkern.triton_kernels": "triton_kernels",
-    "vitkern.bench": "bench",
-}
-
 ROOT = Path(__file__).resolve().parent
+#: Import name -> folder of the three package roots; their subpackages (one folder per family,
+#: e.g. vitkern.triton_kernels.ppma) are found below them, so a new folder needs no edit here.
+ROOTS = {"vitkern": "vitkern", "vitkern.triton_kernels": "triton_kernels", "vitkern.bench": "bench"}
+
+
+def find_packages_of(roots: dict) -> dict:
+    """Every package (a folder with ``__init__.py``) under ``roots``, as import name -> folder."""
+    packages = {}
+    for name, folder in roots.items():
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            packages[".".join((name, *rel))] = "/".join((folder, *rel))
+    return packages
+
+
+PACKAGES = find_packages_of(ROOTS)
 DEFAULT_CUDA_ARCHS = "80;90"
 
 

@@ -481,3 +481,18 @@ def test_setup_ships_csrc_in_sdist(setup_ns):
     assert "CMakeLists.txt" in ext.depends
     assert "csrc/common.h" in ext.depends and "csrc/bindings.cpp" in ext.depends
     assert all(not os.path.isabs(p) for p in ext.depends)
+
+
+def test_setup_installs_every_subpackage(setup_ns):
+    """Wheels hold every package folder (one folder per family: vitkern.triton_kernels.ppma,
+    vitkern.integrations.timm, ...), not just the roots: the editable install a test run uses
+    finds subpackages through the folders and would hide a missing one."""
+    packages = setup_ns["PACKAGES"]
+    for name in ("vitkern.eager", "vitkern.integrations.timm", "vitkern.triton_kernels.ppma",
+                 "vitkern.triton_kernels.linear", "vitkern.bench"):
+        assert name in packages, name
+    for name, folder in packages.items():
+        assert (ROOT / folder / "__init__.py").is_file(), name
+    folders = {str(p.parent.relative_to(ROOT)) for root in ("vitkern", "triton_kernels", "bench")
+               for p in (ROOT / root).rglob("__init__.py")}
+    assert folders == set(packages.values())
