@@ -242,3 +242,32 @@ def test_ppma_capability_independent_of_candidates(monkeypatch):
             wp = tk.max_width(32, fp32)
             assert kernel.candidates(BLOCK_D=32, DOT_PRECISION=aot_precision(
                 "fp32" if fp32 else "fp16", "ieee"), WP=wp)
+
+
+def test_launches_take_keywords():
+    """No kernel launch in triton_kernels/ passes more than a few positional arguments (issue 14:
+    launches name their arguments, strides by ``strides_of``): a call of a ``Launcher`` or of
+    ``kernel[grid]``. The launcher's own generic calls in tuning.py forward what they are given."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(tuning.__file__).parent
+    checked = 0
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "tuning.py":
+            continue
+        tree = ast.parse(path.read_text())
+        launchers = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                     and isinstance(n.value, ast.Call)
+                     and getattr(n.value.func, "id", None) == "Launcher"
+                     for t in n.targets if isinstance(t, ast.Name)}
+        for n in ast.walk(tree):
+            if not isinstance(n, ast.Call):
+                continue
+            f = n.func
+            if isinstance(f, ast.Subscript) or (isinstance(f, ast.Name) and f.id in launchers):
+                checked += 1
+                where = f"{path.relative_to(root)}:{n.lineno}"
+                assert not any(isinstance(a, ast.Starred) for a in n.args), where
+                assert len(n.args) <= 20, where
+    assert checked >= 20  # every family's launches were seen

@@ -305,26 +305,20 @@ def attention_dkdv(Q, DO, LSE, DELTA, sq, sdo, pid_n, ctx, CFG: tl.constexpr,
 
 @triton.jit
 def attn_bwd_delta_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_lb, stride_lh,
-    n_heads, N, HEAD_DIM,
+    O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, slb, slh, n_heads, N, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, n] = sum_d dO[b, h, n, d] * O[b, h, n, d] (fp32); DELTA (B, h, N), n-stride 1."""
     pid_bh, pid_m = program_coords(N, BLOCK_M)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows64 = rows.to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows64[:, None] * stride_on
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows64[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * stride_lb + h * stride_lh + rows64, tl.sum(o * do, 1), mask=rows < N)
+    dmask = offs_d < HEAD_DIM
+    valid = rows < N
+    o = load_rows(O + bh_offset(pid_bh, n_heads, sob, soh), rows, offs_d, valid, dmask, (son, sod))
+    do = load_rows(DO + bh_offset(pid_bh, n_heads, sdob, sdoh), rows, offs_d, valid, dmask,
+                   (sdon, sdod))
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh_offset(pid_bh, n_heads, slb, slh) + rows.to(tl.int64), delta, mask=valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,10 +331,6 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 def block_d(head_dim: int) -> int:
     """Head dim padded to a power of two, at least 16 (the smallest ``tl.dot`` operand)."""
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())  # type: ignore[return-value]
 
 
 def strides_of(name: str, t: torch.Tensor, dims: str = "bhnd") -> dict:
@@ -389,9 +379,9 @@ def launch_delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.
     delta = torch.empty_strided(lse.shape, lse.stride(), device=o.device, dtype=torch.float32)
     block_m = 64
     attn_bwd_delta_kernel[(cdiv(n, block_m) * b * h,)](
-        o, do, delta, *strides4(o), *strides4(do), *delta.stride()[:2], h, n, d,
-        BLOCK_M=block_m, BLOCK_D=block_d(d),
-    )
+        O=o, DO=do, DELTA=delta, **strides_of("o", o), **strides_of("do", do),
+        **strides_of("l", delta, "bh"), n_heads=h, N=n, HEAD_DIM=d, BLOCK_M=block_m,
+        BLOCK_D=block_d(d))
     return delta
 
 
