@@ -56,7 +56,7 @@ FAMILIES = {
 #: the rest of the suite (stage 6); the ahead-of-time compiles are not GPU work
 REST = ["tests/test_window_nn.py", "tests/test_token_nn.py", "tests/test_training.py",
         "tests/test_integrations.py", "tests/test_papers.py", "tests/test_transformers.py",
-        "tests/test_bench.py", "tests/test_csrc_build.py"]
+        "tests/test_bench.py", "tests/test_csrc_build.py", "tests/test_sync.py"]
 #: the sanitizer's cases: (label, test file, -k expression); the first matching test runs (one
 #: small case per kernel family: forward and backward of each Triton family, each CUDA kernel)
 SANITIZE = [

@@ -10,6 +10,8 @@ the descriptor's reason. Shapes are tiny; the Triton kernels run under the inter
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -62,6 +64,13 @@ def _rope_in(dtype, d, grad):
     return (_rand(1, 2, 12, d, dtype=dtype, grad=grad), sin, cos)
 
 
+@functools.lru_cache(maxsize=None)
+def _keep_idx():
+    """The token case's kept tokens, built once (a copy to the GPU inside a call that
+    tests/test_sync.py checks would be the test's own synchronisation)."""
+    return torch.tensor([[0, 3, 4, 9, 15]], device=DEVICE)
+
+
 #: family name -> (the op's name as errors call it, inputs(dtype, d, grad), call(inputs, backend)).
 #: A family registered without an entry here fails ``test_every_family_has_a_matrix``.
 CALLS = {
@@ -70,7 +79,7 @@ CALLS = {
     "window": ("window_attention", _qkv, lambda x, b: ops.window_attention(
         *x, hw=(4, 4), window_size=2, shift=1, backend=b)),
     "token": ("token_attention", _qkv, lambda x, b: ops.token_attention(
-        *x, keep_idx=torch.tensor([[0, 3, 4, 9, 15]], device=DEVICE), backend=b)),
+        *x, keep_idx=_keep_idx(), backend=b)),
     "linear": ("linear_attention", _qkv, lambda x, b: ops.linear_attention(*x, backend=b)),
     "xca": ("xca_attention", _qkv, lambda x, b: ops.xca_attention(*x, temperature=1.5,
                                                                   backend=b)),
