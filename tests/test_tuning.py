@@ -271,3 +271,14 @@ def test_launches_take_keywords():
                 assert not any(isinstance(a, ast.Starred) for a in n.args), where
                 assert len(n.args) <= 20, where
     assert checked >= 20  # every family's launches were seen
+
+
+def test_keyword_launch_names_missing_arguments():
+    """A keyword launch without one of the kernel's runtime arguments says which (not a bare
+    KeyError from inside the binder)."""
+    import inspect
+
+    launcher = tuning.Launcher(demo.demo_scores_softmax_kernel, _demo_candidates(_FITS), ["M"])
+    first = next(iter(inspect.signature(demo.demo_scores_softmax_kernel.fn).parameters))
+    with pytest.raises(TypeError, match="missing runtime arguments"):
+        launcher._bind((), {first: None})

@@ -200,6 +200,9 @@ class Launcher:
                 p.name for p in params if "constexpr" not in str(p.annotation))
         if not kwargs.keys() & names:
             return args, kwargs
+        missing = [n for n in names[len(args):] if n not in kwargs]
+        if missing:
+            raise TypeError(f"{self.name}: missing runtime arguments {missing}")
         runtime = (*args, *(kwargs.pop(n) for n in names[len(args):]))
         return runtime, kwargs
 
