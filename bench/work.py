@@ -689,9 +689,26 @@ def host_calibration(n: int = 2000) -> float:
     return _median_us(lambda: x + x, n)
 
 
+class GpuValueChecks:
+    """Index values are not read back, as on a GPU without ``VITKERN_DEBUG=1`` (on CPU tensors
+    the ops always check them: a cost a GPU call does not pay)."""
+
+    def __enter__(self):
+        from vitkern.ops import _common, token, window
+        self._saved = [(m, m.check_values) for m in (_common, token, window)]
+        for m, _ in self._saved:
+            m.check_values = lambda t: False
+        return self
+
+    def __exit__(self, *exc):
+        for m, fn in self._saved:
+            m.check_values = fn
+        return False
+
+
 def host_overhead(oc: OpCase, dtype=torch.float16, n: int = 200) -> dict:
-    """Median µs per call of the op's Python path with launches stubbed: inference forward, and
-    training forward + backward."""
+    """Median µs per call of the op's Python path with launches stubbed, index values not read
+    back (as on a GPU): inference forward, and training forward + backward."""
     tensors, other = oc.make(dtype, oc.heads)
     leaves = [x.detach().requires_grad_() if x.is_floating_point() else x for x in tensors]
     need = [x for x in leaves if x.requires_grad]
@@ -705,7 +722,7 @@ def host_overhead(oc: OpCase, dtype=torch.float16, n: int = 200) -> dict:
         o = o[0] if isinstance(o, tuple) else o
         torch.autograd.grad(o, need, torch.ones_like(o))
 
-    with StubbedLaunches():
+    with StubbedLaunches(), GpuValueChecks():
         return {name: _median_us(fn, n) for name, fn in (("fwd", fwd), ("fwd+bwd", train))}
 
 
@@ -922,7 +939,10 @@ def run(out_dir: Path, *, host: bool = True, ops_filter: str | None = None,
                     "per kernel; per kernel max of the four, summed per op"),
         host_note=(f"median µs per call of the op's Python path with the kernel launch stubbed "
                    f"(the interpreter's launch made a no-op; the launch itself, ~10-30 µs in "
-                   f"Triton's JIT launcher on a GPU, is not included), on this machine's CPU "
+                   f"Triton's JIT launcher on a GPU, is not included) and index values not read "
+                   f"back (as on a GPU); the tensors are CPU tensors, so the torch ops on the path "
+                   f"(allocations, and in backward small reductions) run on the CPU; on this "
+                   f"machine's CPU "
                    f"({platform.processor() or platform.machine()}, 2 cores shared, 1 torch thread; "
                    f"one tiny eager op, x + x, takes {calib or float('nan'):.1f} µs here)"),
         host_calibration_us=calib,

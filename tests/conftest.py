@@ -64,6 +64,16 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(autouse=True)
+def fresh_call_caches():
+    """Each test dispatches its calls afresh (tests patch what dispatch reads: approvals, device
+    rules), as a new process would."""
+    from vitkern.ops._dispatch import CallCache
+
+    CallCache.clear_all()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def nan_poison(monkeypatch):
     """Uninitialised memory handed out to vitkern code is NaN (FLA's trick)."""
     for name in ("empty", "empty_like", "empty_strided"):

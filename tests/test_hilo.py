@@ -173,10 +173,12 @@ def test_small_windows_run_the_per_window_kernels(monkeypatch, s, small):
 
     launched = []
     for name in ("hifi_small_fwd", "hifi_small_bwd", "hilo_fwd", "hilo_bwd_dkdv", "hilo_bwd_dq"):
-        def spy(*a, _name=name, _fn=getattr(tk, name), **kw):
+        launcher = getattr(tk, name)
+
+        def spy(*a, _name=name, _fn=launcher.launch, **kw):
             launched.append(_name)
             return _fn(*a, **kw)
-        monkeypatch.setattr(tk, name, spy)
+        monkeypatch.setattr(launcher, "launch", spy)
     monkeypatch.setattr(tk, "launch_delta",
                         lambda *a, _fn=tk.launch_delta: launched.append("delta") or _fn(*a))
     q, k, v = _qkv(1, 1, s * s, 16, torch.float32, KERNEL_DEVICES[0][0])

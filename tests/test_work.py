@@ -195,8 +195,10 @@ def test_roofline_arithmetic():
                                            ("medium", "tf32")])
 def test_fp32_dots_follow_matmul_precision(precision, cls):
     """fp32 inputs keep fp32 accuracy (tf32x3 dots) by default; torch's matmul precision "high" /
-    "medium" (the user choosing speed, as torch.matmul and SDPA do) makes them one TF32 pass."""
-    from vitkern.ops import token_attention, window_attention
+    "medium" (the user choosing speed, as torch.matmul and SDPA do) makes them one TF32 pass, in
+    every family (the linear family too)."""
+    from vitkern.ops import linear_attention, soft_attention, token_attention, window_attention
+    from vitkern.ops import xca_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 36, 16, generator=g) for _ in range(3))
@@ -205,7 +207,10 @@ def test_fp32_dots_follow_matmul_precision(precision, cls):
     try:
         for op in (lambda: window_attention(q, k, v, hw=(6, 6), window_size=3, shift=1,
                                             backend="triton"),
-                   lambda: token_attention(q, k, v, backend="triton")):
+                   lambda: token_attention(q, k, v, backend="triton"),
+                   lambda: linear_attention(q, k, v, backend="triton"),
+                   lambda: xca_attention(q, k, v, temperature=1.0, backend="triton"),
+                   lambda: soft_attention(q, q[:, :, :4], v, backend="triton")):
             _, c = work.count(op)
             classes = {name for kw in c.kernels.values() for name in kw.dot_flops}
             assert classes == {cls}, classes

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .compat import patch_interpreter_scalar_index
+from .tuning import Launcher, launch_key
 
 patch_interpreter_scalar_index()  # older interpreters under NumPy >= 2.4 (see compat.py)
 
@@ -373,15 +374,20 @@ def qk_scale_log2(scale: float) -> float:
     return float(scale) * LOG2E
 
 
+#: the delta pre-pass: one tile (a row reduction; nothing to tune)
+attn_bwd_delta = Launcher(attn_bwd_delta_kernel,
+                          lambda **_: [triton.Config({"BLOCK_M": 64}, num_warps=4)], [])
+
+
 def launch_delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """delta = rowsum(dO * O), fp32, laid out like ``lse`` so kernels index both alike."""
     b, h, n, d = o.shape
     delta = torch.empty_strided(lse.shape, lse.stride(), device=o.device, dtype=torch.float32)
-    block_m = 64
-    attn_bwd_delta_kernel[(cdiv(n, block_m) * b * h,)](
-        O=o, DO=do, DELTA=delta, **strides_of("o", o), **strides_of("do", do),
-        **strides_of("l", delta, "bh"), n_heads=h, N=n, HEAD_DIM=d, BLOCK_M=block_m,
-        BLOCK_D=block_d(d))
+    attn_bwd_delta.launch(
+        launch_key(o, do, delta), row_grid(b * h, n, "BLOCK_M"), dict(O=o, DO=do, DELTA=delta),
+        lambda: dict(**strides_of("o", o), **strides_of("do", do),
+                     **strides_of("l", delta, "bh"), n_heads=h, N=n, HEAD_DIM=d,
+                     BLOCK_D=block_d(d)))
     return delta
 
 

@@ -30,6 +30,8 @@ All other softmax math is the shared core in ``attention_core``.
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -53,7 +55,7 @@ from .attention_core import (
     tile_ptrs,
     window_span,
 )
-from .tuning import Launcher, capability_reason, table_candidates
+from .tuning import Launcher, capability_reason, launch_key, table_candidates
 
 # --------------------------------------------------------------------------------------------
 # geometry helpers
@@ -590,6 +592,7 @@ hifi_small_bwd = Launcher(hifi_small_bwd_kernel, _small_candidates("bwd"), ["n_w
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # read-only: computed once per map and mode
 def _geometry(H: int, W: int, s: int, window: bool, kv_pooled: bool) -> dict:
     """Tile-space geometry and mode constexprs of one head group."""
     if window:  # virtual sequence of ceil(H/s)·ceil(W/s) windows of s² tokens
@@ -609,6 +612,7 @@ def _small(window: bool, s: int) -> bool:
     return window and 2 <= s <= SMALL_WINDOW_MAX
 
 
+@functools.lru_cache(maxsize=1024)
 def _small_geometry(H: int, W: int, s: int) -> dict:
     """Runtime geometry and constexprs of the per-window kernels."""
     gw = cdiv(W, s)
@@ -616,11 +620,10 @@ def _small_geometry(H: int, W: int, s: int) -> dict:
                 SS=triton.next_power_of_2(s * s))
 
 
-def _tensors(**named) -> dict:
-    """Keyword arguments of (B, h, N, d) tensors: ``Q=q`` with q's strides sqb .. sqd."""
+def _strides(**named) -> dict:
+    """Strides of (B, h, N, d) tensors as the kernels name them: ``Q=q`` gives sqb .. sqd."""
     args = {}
     for name, t in named.items():
-        args[name] = t
         args.update(strides_of(name.lower(), t))
     return args
 
@@ -630,15 +633,21 @@ def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
     """One head group (all Hi-Fi if ``window`` else all Lo-Fi) of q, k, v (B, h, N, d) into
     o (B, h, N, d) and the base-2 log-sum-exp ``lse`` (B, h, N, fp32, token stride 1)."""
     b, h, n, d = q.shape
-    args = dict(_tensors(Q=q, K=k, V=v, O=o), LSE=lse, **strides_of("l", lse, "bh"), n_heads=h,
-                HEAD_DIM=d, qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
+    key = launch_key(H, W, s, scale, window, kv_pooled, q, k, v, o, lse)
+    tensors = dict(Q=q, K=k, V=v, O=o, LSE=lse)
+
+    def common():
+        return dict(_strides(Q=q, K=k, V=v, O=o), **strides_of("l", lse, "bh"), n_heads=h,
+                    HEAD_DIM=d, qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
+
     if _small(window, s):
         geo = _small_geometry(H, W, s)
-        hifi_small_fwd(row_grid(b * h, geo["n_win"], "BLOCK_W"), **geo, **args)
+        hifi_small_fwd.launch(key, row_grid(b * h, geo["n_win"], "BLOCK_W"), tensors,
+                              lambda: dict(common(), **geo))
         return
     geo = _geometry(H, W, s, window, kv_pooled)
-    hilo_fwd(row_grid(b * h, geo["n_rows"], "BLOCK_M"), N=n, **geo,
-             DOT_PRECISION=dot_precision(q.dtype), **args)
+    hilo_fwd.launch(key, row_grid(b * h, geo["n_rows"], "BLOCK_M"), tensors,
+                    lambda: dict(common(), N=n, **geo, DOT_PRECISION=dot_precision(q.dtype)))
 
 
 def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: float,
@@ -646,18 +655,29 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
     """Gradients of one head group into dq, dk, dv; every element of them is written (each
     token lies in exactly one window / pooled block, pad tokens are never stored)."""
     b, h, n, d = q.shape
-    args = dict(_tensors(Q=q, K=k, V=v, DO=do), n_heads=h, HEAD_DIM=d, scale=float(scale),
-                qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
+    key = launch_key(H, W, s, scale, window, kv_pooled, q, k, v, o, lse, do, dq, dk, dv)
+
+    def common(**more):
+        return dict(_strides(Q=q, K=k, V=v, DO=do, **more), n_heads=h, HEAD_DIM=d,
+                    scale=float(scale), qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
+
     if _small(window, s):  # P recomputed exactly per window: o and lse are not needed
         geo = _small_geometry(H, W, s)
-        hifi_small_bwd(row_grid(b * h, geo["n_win"], "BLOCK_W"),
-                       **_tensors(DQ=dq, DK=dk, DV=dv), **geo, **args)
+        hifi_small_bwd.launch(key, row_grid(b * h, geo["n_win"], "BLOCK_W"),
+                              dict(Q=q, K=k, V=v, DO=do, DQ=dq, DK=dk, DV=dv),
+                              lambda: dict(common(DQ=dq, DK=dk, DV=dv), **geo))
         return
     geo = _geometry(H, W, s, window, kv_pooled)
-    args.update(LSE=lse, DELTA=launch_delta(o, do, lse), **strides_of("l", lse, "bh"), N=n,
-                **geo, DOT_PRECISION=dot_precision(q.dtype))
-    hilo_bwd_dkdv(row_grid(b * h, geo["n_keys"], "BLOCK_N"), **_tensors(DK=dk, DV=dv), **args)
-    hilo_bwd_dq(row_grid(b * h, geo["n_rows"], "BLOCK_M"), **_tensors(DQ=dq), **args)
+    tensors = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=launch_delta(o, do, lse))
+
+    def rows(**more):
+        return dict(common(**more), **strides_of("l", lse, "bh"), N=n, **geo,
+                    DOT_PRECISION=dot_precision(q.dtype))
+
+    hilo_bwd_dkdv.launch(key, row_grid(b * h, geo["n_keys"], "BLOCK_N"),
+                         dict(tensors, DK=dk, DV=dv), lambda: rows(DK=dk, DV=dv))
+    hilo_bwd_dq.launch(key, row_grid(b * h, geo["n_rows"], "BLOCK_M"), dict(tensors, DQ=dq),
+                       lambda: rows(DQ=dq))
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from .attention_core import (
     store_rows,
     strides_of,
 )
-from .tuning import Launcher, capability_reason, table_candidates
+from .tuning import Launcher, capability_reason, launch_key, table_candidates
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -439,25 +439,41 @@ def _launch_args(q, k, keep_idx, key_bias, cu, lse, scale: float, n_rows: int) -
         BLOCK_D=block_d(q.shape[3]))
 
 
+def _tensors(q, k, keep_idx, key_bias, cu, lse, **more) -> dict:
+    """The tensor arguments of :func:`_launch_args` (absent ones: a dummy pointer), plus more."""
+    return dict(Q=q, K=k, LSE=lse, IDX=q if keep_idx is None else keep_idx,
+                CU=q if cu is None else cu, BIAS=q if key_bias is None else key_bias, **more)
+
+
 def forward(q, k, v, keep_idx, key_bias, cu, o, lse, scale: float, n_rows: int):
     """o (B, h, K, d) and base-2 log-sum-exp lse (B, h, K, fp32, unit K stride)."""
-    token_fwd(row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_M"), V=v, O=o,
-              **strides_of("v", v), **strides_of("o", o), DOT_PRECISION=dot_precision(q.dtype),
-              **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
+    token_fwd.launch(
+        launch_key(scale, n_rows, q, k, v, keep_idx, key_bias, cu, o, lse),
+        row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_M"),
+        _tensors(q, k, keep_idx, key_bias, cu, lse, V=v, O=o),
+        lambda: dict(**strides_of("v", v), **strides_of("o", o),
+                     DOT_PRECISION=dot_precision(q.dtype),
+                     **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows)))
 
 
 def cls_probs(q, k, keep_idx, key_bias, cu, lse, p0, scale: float, n_rows: int):
     """p0 (B, h, K) fp32 = row 0 (the first kept query) of the attention probabilities."""
-    token_cls_probs(row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_N"), P0=p0,
-                    **strides_of("p", p0, "bh"),
-                    **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
+    token_cls_probs.launch(
+        launch_key(scale, n_rows, q, k, keep_idx, key_bias, cu, lse, p0),
+        row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_N"),
+        _tensors(q, k, keep_idx, key_bias, cu, lse, P0=p0),
+        lambda: dict(**strides_of("p", p0, "bh"),
+                     **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows)))
 
 
 def colsum(q, k, keep_idx, key_bias, cu, lse, c, scale: float, n_rows: int):
     """c (B, h, K) fp32 = column sums of the attention probabilities (a second QKᵀ pass)."""
-    token_colsum(row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_N"), C=c,
-                 **strides_of("c", c, "bh"), DOT_PRECISION=dot_precision(q.dtype),
-                 **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
+    token_colsum.launch(
+        launch_key(scale, n_rows, q, k, keep_idx, key_bias, cu, lse, c),
+        row_grid(q.shape[0] * q.shape[1], n_rows, "BLOCK_N"),
+        _tensors(q, k, keep_idx, key_bias, cu, lse, C=c),
+        lambda: dict(**strides_of("c", c, "bh"), DOT_PRECISION=dot_precision(q.dtype),
+                     **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows)))
 
 
 def _add_importance_delta(delta, p0, g0, cu):
@@ -486,14 +502,23 @@ def backward(do, q, k, v, o, lse, keep_idx, key_bias, cu, p0, g0, dq, dk, dv, db
         delta = launch_delta(o[:1], do[:1], lse[:1]).expand(lse.shape)
     if g0 is not None:
         _add_importance_delta(delta, p0, g0, cu)
-    args = dict(V=v, DO=do, DELTA=delta, G0=q if g0 is None else g0, **strides_of("v", v),
-                **strides_of("do", do), **strides_of("g", g0 if g0 is not None else lse, "bh"),
-                scale=float(scale), HAS_G0=g0 is not None, DOT_PRECISION=dot_precision(q.dtype),
-                **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows))
-    token_bwd_dkdv(row_grid(b * h, n_rows, "BLOCK_N"), DK=dk, DV=dv, DB=q if db is None else db,
-                   **strides_of("dk", dk), **strides_of("dv", dv),
-                   **strides_of("db", db if db is not None else lse, "bh"), **args)
-    token_bwd_dq(row_grid(b * h, n_rows, "BLOCK_M"), DQ=dq, **strides_of("dq", dq), **args)
+    key = launch_key(scale, n_rows, q, k, v, o, lse, keep_idx, key_bias, cu, g0, dq, dk, dv, db,
+                     do)
+    tensors = _tensors(q, k, keep_idx, key_bias, cu, lse, V=v, DO=do, DELTA=delta,
+                       G0=q if g0 is None else g0)
+
+    def common(**more):
+        return dict(**strides_of("v", v), **strides_of("do", do),
+                    **strides_of("g", g0 if g0 is not None else lse, "bh"), scale=float(scale),
+                    HAS_G0=g0 is not None, DOT_PRECISION=dot_precision(q.dtype),
+                    **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows), **more)
+
+    token_bwd_dkdv.launch(key, row_grid(b * h, n_rows, "BLOCK_N"),
+                          dict(tensors, DK=dk, DV=dv, DB=q if db is None else db),
+                          lambda: common(**strides_of("dk", dk), **strides_of("dv", dv),
+                                         **strides_of("db", db if db is not None else lse, "bh")))
+    token_bwd_dq.launch(key, row_grid(b * h, n_rows, "BLOCK_M"), dict(tensors, DQ=dq),
+                        lambda: common(**strides_of("dq", dq)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ All softmax math is the shared core in ``attention_core``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -72,7 +74,7 @@ from .attention_core import (
     tile_ptrs,
     window_span,
 )
-from .tuning import Launcher, capability_reason, table_candidates
+from .tuning import Launcher, capability_reason, launch_key, table_candidates
 
 # --------------------------------------------------------------------------------------------
 # geometry helpers
@@ -417,17 +419,19 @@ window_bwd_dbias = Launcher(window_bwd_dbias_kernel, table_candidates(TILES["dbi
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def geometry(H: int, W: int, wh: int, ww: int, sh: int, sw: int, pad_then_shift: bool,
              n_active: int | None = None) -> dict:
     """Runtime geometry of an *effective* wh × ww window and (sh, sw) shift (see the module
     docstring). ``n_active``: windows computed per image (None: all of them); n_win / n_virt
-    count those."""
+    count those; ``key`` is the arguments (for launch plans). Cached: treat it as read-only."""
     Hp, Wp = cdiv(H, wh) * wh, cdiv(W, ww) * ww
     MH, MW = (Hp, Wp) if pad_then_shift else (H, W)
     n_win = (Hp // wh) * (Wp // ww) if n_active is None else n_active
     ns = window_slots(wh * ww)
     return dict(n_virt=n_win * ns, GW=Wp // ww, H=H, W=W, MH=MH, MW=MW, LH=MH, LW=MW, Hp=Hp,
-                Wp=Wp, SH=sh, SW=sw, n_win=n_win, WH=wh, WW=ww, NS=ns)
+                Wp=Wp, SH=sh, SW=sw, n_win=n_win, WH=wh, WW=ww, NS=ns,
+                key=(H, W, wh, ww, sh, sw, pad_then_shift, n_active))
 
 
 def window_slots(area: int) -> int:
@@ -456,11 +460,15 @@ def bias_strides(bias, wh: int, ww: int) -> dict:
     return dict(zip(("sbh", "boff", "b0", "b1", "b2", "b3"), vals))
 
 
+def _tensors(q, k, v, lse, bias, active, **more) -> dict:
+    """The tensor arguments every window kernel takes (absent ones: a dummy pointer)."""
+    return dict(Q=q, K=k, V=v, LSE=lse, BIAS=bias if bias is not None else lse,
+                AW=active if active is not None else lse, **more)
+
+
 def _launch_args(q, k, v, lse, bias, geo: dict, scale: float, mask_value: float, active) -> dict:
-    """The keyword arguments every window kernel takes (absent tensors: a dummy pointer)."""
+    """The other keyword arguments every window kernel takes (strides, geometry, scalars)."""
     return dict(
-        Q=q, K=k, V=v, LSE=lse, BIAS=bias if bias is not None else lse,
-        AW=active if active is not None else lse,
         **strides_of("q", q), **strides_of("k", k), **strides_of("v", v),
         **strides_of("l", lse, "bh"), n_heads=q.shape[1],
         saw=active.stride(0) if active is not None else 0,
@@ -478,9 +486,11 @@ def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, a
     b, h, n, d = q.shape
     if b * h * geo["n_virt"] == 0:
         return
-    window_fwd(row_grid(b * h, geo["n_virt"], "BLOCK_M"), O=o, **strides_of("o", o),
-               n_virt=geo["n_virt"], NS=geo["NS"],
-               **_launch_args(q, k, v, lse, bias, geo, scale, mask_value, active))
+    window_fwd.launch(
+        launch_key(geo["key"], scale, mask_value, q, k, v, o, lse, bias, active),
+        row_grid(b * h, geo["n_virt"], "BLOCK_M"), _tensors(q, k, v, lse, bias, active, O=o),
+        lambda: dict(**strides_of("o", o), n_virt=geo["n_virt"], NS=geo["NS"],
+                     **_launch_args(q, k, v, lse, bias, geo, scale, mask_value, active)))
 
 
 def _n_chunks(n_pairs: int, heads: int) -> int:
@@ -497,13 +507,21 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     ns = geo["WH"] * geo["WW"]
     if b * h * geo["n_virt"] == 0:
         return None if not need_dbias or bias is None else lse.new_zeros((h, ns, ns))
-    args = dict(DO=do, DELTA=launch_delta(o, do, lse), **strides_of("do", do),
-                **_launch_args(q, k, v, lse, bias, geo, scale, mask_value, active))
-    rows = dict(args, n_virt=geo["n_virt"], NS=geo["NS"], scale=float(scale))
-    window_bwd_dkdv(row_grid(b * h, geo["n_virt"], "BLOCK_N"), DK=dk, DV=dv,
-                    **strides_of("dk", dk), **strides_of("dv", dv), **rows)
-    window_bwd_dq(row_grid(b * h, geo["n_virt"], "BLOCK_M"), DQ=dq, **strides_of("dq", dq),
-                  **rows)
+    key = launch_key(geo["key"], scale, mask_value, q, k, v, o, lse, bias, active, do, dq, dk, dv)
+    tensors = _tensors(q, k, v, lse, bias, active, DO=do, DELTA=launch_delta(o, do, lse))
+
+    def common():
+        return dict(**strides_of("do", do),
+                    **_launch_args(q, k, v, lse, bias, geo, scale, mask_value, active))
+
+    def rows(**more):
+        return dict(common(), n_virt=geo["n_virt"], NS=geo["NS"], scale=float(scale), **more)
+
+    window_bwd_dkdv.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_N"),
+                           dict(tensors, DK=dk, DV=dv),
+                           lambda: rows(**strides_of("dk", dk), **strides_of("dv", dv)))
+    window_bwd_dq.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_M"), dict(tensors, DQ=dq),
+                         lambda: rows(**strides_of("dq", dq)))
     if bias is None or not need_dbias:
         return None
     n_pairs = b * geo["n_win"]
@@ -515,9 +533,12 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     def grid(meta):
         return (h * n_chunks * cdiv(ns, meta["BLOCK_M"]) * cdiv(ns, meta["BLOCK_N"]),)
 
-    window_bwd_dbias(grid, DB=scratch, n_win=geo["n_win"], n_pairs=n_pairs, per_chunk=per_chunk,
-                     D_CHUNK=dbias_chunk(args["BLOCK_D"], args["DOT_PRECISION"] != "native"),
-                     **args)
+    def dbias_args():
+        args = common()
+        return dict(args, n_win=geo["n_win"], n_pairs=n_pairs, per_chunk=per_chunk,
+                    D_CHUNK=dbias_chunk(args["BLOCK_D"], args["DOT_PRECISION"] != "native"))
+
+    window_bwd_dbias.launch(key, grid, dict(tensors, DB=scratch), dbias_args)
     return scratch.sum(0)
 
 

@@ -99,7 +99,8 @@ def reference_status() -> tuple[bool, str]:
 #: What vitkern.eager covers (the other ops run their reference under backend="eager").
 EAGER_OPS = ("token_attention (SDPA on the gathered kept tokens, the CLS row alone)",
              "ppma_attention (log-masks per block of query rows from the 1D row / column masks, "
-             "SDPA above 1024 tokens)")
+             "SDPA above 1024 tokens)",
+             "window_attention (SDPA per shift-mask pattern on windows gathered by one index)")
 
 
 def eager_status() -> tuple[bool, str]:

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..attention_core import (aot_precision, bh_offset, block_d, cdiv, dot_precision, load_rows,
                               mma, strides_of)
-from ..tuning import Launcher, capability_reason
+from ..tuning import Launcher, capability_reason, check_no_tensors, launch_key
 
 FEATURES = {"identity": 0, "relu": 1, "elu1": 2}
 
@@ -257,9 +257,10 @@ def configs(preferred, fallback, name: str = "BLOCK_M") -> list:
 
 
 def dots(x: torch.Tensor) -> str:
-    """DOT_PRECISION of a launch on ``x``: this family keeps tf32x3 for fp32 inputs whatever
-    torch's matmul precision (following it, as the softmax families do, is still to do)."""
-    return dot_precision(x.dtype, follow_torch=False)
+    """DOT_PRECISION of a launch on ``x``: tf32x3 for fp32 inputs (fp32 accuracy), one TF32 pass
+    where the user chose speed with torch's fp32 matmul precision, as every family does (see
+    :func:`..attention_core.dot_precision`)."""
+    return dot_precision(x.dtype)
 
 
 def token_tiles(table: dict, kernel, floor: int = 0):
@@ -296,50 +297,73 @@ def _sm_count(index: int) -> int:
 def split_plan(t: torch.Tensor, bh: int, n: int, block_m: int) -> tuple[int, int]:
     """(n_split, tiles_per_split) for ``bh`` heads of ``n`` tokens: about 4 programs per SM on a
     GPU; under the interpreter up to 3 splits, so that small test shapes cross split boundaries."""
+    return _split_sizes((t.device.index or 0) if t.is_cuda else None, bh, n, block_m)
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_sizes(cuda_index: int | None, bh: int, n: int, block_m: int) -> tuple[int, int]:
     n_tiles = max(1, cdiv(n, block_m))
-    if t.is_cuda:
-        want = max(1, cdiv(4 * _sm_count(t.device.index or 0), max(bh, 1)))
-    else:
-        want = 3
+    want = 3 if cuda_index is None else max(1, cdiv(4 * _sm_count(cuda_index), max(bh, 1)))
     per = cdiv(n_tiles, min(want, n_tiles))
     return cdiv(n_tiles, per), per  # no empty split: each one writes its partial
 
 
-def launch(launcher: Launcher, plan, **constexprs):
-    """Launch ``launcher``'s kernel with the candidate it picks for ``constexprs``; returns the
-    third item of ``plan(tile)`` = (grid, runtime arguments by name, result), ``tile`` a
-    candidate's sizes. The grid, and the buffers sized by it, depend on the tile: only on the
-    first call on a GPU, when the pick compiles the candidates, are they also planned for the
-    preferred one."""
-    probed = {}
+def launch(launcher: Launcher, key, tensors: dict, setup, buffers=None):
+    """Launch ``launcher``'s kernel with the candidate it picks (never autotuned: the grid, and
+    buffers sized by it, depend on the tile).
 
-    def probe_args():  # the preferred candidate's arguments, for the spill check
+    ``tensors``: this call's tensor arguments by name. ``setup()`` returns (constexprs,
+    ``scalars(tile)``: the other runtime arguments, ``grid(tile)``) for a candidate's sizes
+    ``tile``; it runs, with the choice of the candidate, once per ``key`` (a
+    :func:`..tuning.launch_key` of everything it reads), so a repeated call binds nothing.
+    ``buffers(tile)`` allocates this call's tile-sized buffers (a dict by name, passed to the
+    kernel too), which are returned (None without)."""
+    tile, kernel, static = launcher.memo(key, lambda: _plan(launcher, tensors, setup, buffers))
+    extra = None if buffers is None else buffers(tile)
+    if extra is None:
+        kernel(**tensors, **static)
+    else:
+        kernel(**tensors, **extra, **static)
+    return extra
+
+
+def _plan(launcher: Launcher, tensors: dict, setup, buffers):
+    """(tile, kernel bound to its grid, fixed keyword arguments) of :func:`launch`."""
+    constexprs, scalars, grid = setup()
+
+    def runtime():  # the preferred candidate's arguments: the spill probe's (first GPU call)
         tile = launcher.candidates(**constexprs)[0].kwargs
-        probed["plan"] = (tile, plan(tile))
-        return probed["plan"][1][1]
+        return dict(scalars(tile), **tensors, **(buffers(tile) if buffers else {}))
 
-    cfg = launcher.pick(probe_args, **constexprs)
-    tile, planned = probed.get("plan", (None, None))
-    grid, args, result = planned if tile == cfg.kwargs else plan(cfg.kwargs)
-    launcher.fn[grid](**args, **constexprs, **cfg.all_kwargs())
-    return result
+    tile = launcher.pick(runtime, **constexprs)
+    args = scalars(tile.kwargs)
+    check_no_tensors(launcher.name, args)
+    return (tile.kwargs, launcher.fn[grid(tile.kwargs)],
+            dict(args, **constexprs, **tile.all_kwargs()))
 
 
-def split_launch(launcher: Launcher, t: torch.Tensor, args: dict, part_len: int | None = None,
-                 **constexprs):
+def split_launch(launcher: Launcher, t: torch.Tensor, key, tensors: dict, setup,
+                 part_len: int | None = None):
     """Split-N launch over the tokens of ``t`` (B, h, N, ·) (grid (B·h, n_split), see
-    :func:`split_plan`): ``args`` the runtime arguments by name but ``tiles_per_split`` (and
-    ``P``, the (B·h, n_split, part_len) fp32 partial buffer allocated here when ``part_len`` is
-    given); returns that buffer (or None)."""
+    :func:`split_plan`): ``tensors`` this call's tensor arguments by name, ``setup()`` ->
+    (the other runtime arguments but ``tiles_per_split``, constexprs), run once per ``key`` (see
+    :func:`launch`). Returns ``P``, the (B·h, n_split, part_len) fp32 partial buffer allocated
+    here when ``part_len`` is given (else None)."""
     bh, n = t.shape[0] * t.shape[1], t.shape[2]
 
-    def plan(tile):
-        n_split, per = split_plan(t, bh, n, tile["BLOCK_M"])
-        if part_len is None:
-            return (bh, n_split), dict(args, tiles_per_split=per), None
-        part = t.new_empty((bh, n_split, part_len), dtype=torch.float32)
-        return (bh, n_split), dict(args, P=part, tiles_per_split=per), part
-    return launch(launcher, plan, **constexprs)
+    def sizes(tile):
+        return split_plan(t, bh, n, tile["BLOCK_M"])
+
+    def plan():
+        args, constexprs = setup()
+        return (constexprs, lambda tile: dict(args, tiles_per_split=sizes(tile)[1]),
+                lambda tile: (bh, sizes(tile)[0]))
+
+    def partials(tile):
+        return dict(P=t.new_empty((bh, sizes(tile)[0], part_len), dtype=torch.float32))
+
+    out = launch(launcher, key, tensors, plan, None if part_len is None else partials)
+    return None if out is None else out["P"]
 
 
 def head_args(t: torch.Tensor) -> dict:
@@ -347,21 +371,22 @@ def head_args(t: torch.Tensor) -> dict:
     return dict(n_heads=t.shape[1], N=t.shape[2])
 
 
-def tensor_args(**tensors) -> dict:
-    """``NAME=t`` and t's strides (``s<name>b``, …) per (B, h, N, ·) tensor given by keyword."""
+def stride_args(**tensors) -> dict:
+    """The strides (``s<name>b``, …) of each (B, h, N, ·) tensor given by keyword."""
     out = {}
     for name, t in tensors.items():
-        out[name.upper()] = t
         out.update(strides_of(name, t))
     return out
 
 
-def mask_args(mask) -> dict:
-    """MASK (a (B, N) bool padding mask read as uint8) and its strides, or a None mask."""
-    if mask is None:
-        return dict(MASK=None, smb=0, smn=0)
-    m = mask.view(torch.uint8)
-    return dict(MASK=m, **strides_of("m", m, "bn"))
+def mask_tensor(mask):
+    """The (B, N) bool padding mask as the kernels read it (uint8, no copy), or None."""
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def mask_strides(mask) -> dict:
+    """The padding mask's strides (zero without one)."""
+    return dict(smb=0, smn=0) if mask is None else dict(smb=mask.stride(0), smn=mask.stride(1))
 
 
 def fold_partials(part: torch.Tensor) -> torch.Tensor:
@@ -370,19 +395,24 @@ def fold_partials(part: torch.Tensor) -> torch.Tensor:
     if n_split == 1:
         return part[:, 0]
     out = part.new_empty((r, m))
-    return launch(fold, lambda tile: ((r, cdiv(m, tile["BLOCK"])),
-                                      dict(P=part, OUT=out, n_split=n_split, M=m), out))
+    launch(fold, part.shape, dict(P=part, OUT=out),
+           lambda: ({}, lambda tile: dict(n_split=n_split, M=m),
+                    lambda tile: (r, cdiv(m, tile["BLOCK"]))))
+    return out
 
 
 def gram(x, y, mask, feat: int, colsum: bool, sq: bool) -> torch.Tensor:
     """(B·h, n_split, M) fp32 partials of φ(x)ᵀy (+ Σφ(x) or Σx², Σy²) — see the kernel."""
     dx, dy = x.shape[-1], y.shape[-1]
     m = dx * dy + (dx if (colsum or sq) else 0) + (dy if sq else 0)
-    return split_launch(
-        gram_partials, x, dict(tensor_args(x=x, y=y), **mask_args(mask), **head_args(x),
-                               DX=dx, DY=dy, M=m),
-        part_len=m, FEAT=feat, HAS_MASK=mask is not None, COLSUM=colsum, SQ=sq,
-        DOT_PRECISION=dots(x), BLOCK_D=block_d(dx), BLOCK_E=block_d(dy))
+
+    def setup():
+        return (dict(stride_args(x=x, y=y), **mask_strides(mask), **head_args(x), DX=dx, DY=dy,
+                     M=m),
+                dict(FEAT=feat, HAS_MASK=mask is not None, COLSUM=colsum, SQ=sq,
+                     DOT_PRECISION=dots(x), BLOCK_D=block_d(dx), BLOCK_E=block_d(dy)))
+    return split_launch(gram_partials, x, launch_key(x, y, mask, feat, colsum, sq),
+                        dict(X=x, Y=y, MASK=mask_tensor(mask)), setup, part_len=m)
 
 
 # --------------------------------------------------------------------------------------------

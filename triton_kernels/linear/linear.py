@@ -15,10 +15,11 @@ import triton
 import triton.language as tl
 
 from ..attention_core import bh_offset, block_d, load_rows, mma, store_rows
+from ..tuning import launch_key
 from .common import (FEATURES, aot_spec, declared_reason, dots, dphi, fold_partials, gram, head,
-                     head_args, kept, lanes, load_state, mask_args, partial_slot, phi_tile,
-                     split_launch, store_mat, tensor_args, tile_launcher, tile_rows, token_chunk,
-                     token_tiles)
+                     head_args, kept, lanes, load_state, mask_strides, mask_tensor, partial_slot,
+                     phi_tile, split_launch, store_mat, stride_args, tile_launcher, tile_rows,
+                     token_chunk, token_tiles)
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -205,10 +206,11 @@ def la_forward(q, k, v, temp, mask, o, feature_map: str, scale: float, clamp: bo
     meta = _meta(q, v, feature_map)
     state = fold_partials(gram(k, v, mask, meta["FEAT"], colsum=True, sq=False))
     split_launch(
-        la_apply, q, dict(tensor_args(q=q, o=o), ST=state, TEMP=temp, **head_args(q),
-                          D=q.shape[3], E=v.shape[3], M=state.shape[1], scale=float(scale),
-                          eps=float(eps)),
-        CLAMP=clamp, HAS_TEMP=temp is not None, **meta)
+        la_apply, q, launch_key(q, v, o, temp, state, feature_map, scale, clamp, eps),
+        dict(Q=q, O=o, ST=state, TEMP=temp),
+        lambda: (dict(stride_args(q=q, o=o), **head_args(q), D=q.shape[3], E=v.shape[3],
+                      M=state.shape[1], scale=float(scale), eps=float(eps)),
+                 dict(CLAMP=clamp, HAS_TEMP=temp is not None, **meta)))
     return state
 
 
@@ -219,15 +221,19 @@ def la_backward(do, q, k, v, temp, mask, state, dq, dk, dv, feature_map: str, sc
     meta = _meta(q, v, feature_map)
     mp_len = d * e + d + 1
     part = split_launch(
-        la_bwd_q, q, dict(tensor_args(q=q, do=do, dq=dq), ST=state, TEMP=temp, **head_args(q),
-                          D=d, E=e, M=state.shape[1], MP=mp_len, scale=float(scale),
-                          eps=float(eps)),
-        part_len=mp_len, CLAMP=clamp, HAS_TEMP=temp is not None, **meta)
+        la_bwd_q, q, launch_key(q, v, do, dq, temp, state, feature_map, scale, clamp, eps),
+        dict(Q=q, DO=do, DQ=dq, ST=state, TEMP=temp),
+        lambda: (dict(stride_args(q=q, do=do, dq=dq), **head_args(q), D=d, E=e,
+                      M=state.shape[1], MP=mp_len, scale=float(scale), eps=float(eps)),
+                 dict(CLAMP=clamp, HAS_TEMP=temp is not None, **meta)),
+        part_len=mp_len)
     grads = fold_partials(part)
     split_launch(
-        la_bwd_kv, k, dict(tensor_args(k=k, v=v, dk=dk, dv=dv), **mask_args(mask), G=grads,
-                           **head_args(k), D=d, E=e, MP=mp_len),
-        HAS_MASK=mask is not None, **meta)
+        la_bwd_kv, k, launch_key(q, k, v, dk, dv, mask, grads, feature_map),
+        dict(K=k, V=v, DK=dk, DV=dv, MASK=mask_tensor(mask), G=grads),
+        lambda: (dict(stride_args(k=k, v=v, dk=dk, dv=dv), **mask_strides(mask),
+                      **head_args(k), D=d, E=e, MP=mp_len),
+                 dict(HAS_MASK=mask is not None, **meta)))
     return grads[:, d * e + d]
 
 

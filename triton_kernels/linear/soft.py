@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ..attention_core import bh_offset, block_d, load_rows, mma, store_rows
-from ..tuning import capability_reason
+from ..tuning import capability_reason, launch_key
 from .common import (FORWARD_RUNS, aot_spec, dots, fold_partials, head, head_args, lanes,
-                     load_mat, partial_slot, split_launch, store_mat, tensor_args, tile_launcher,
+                     load_mat, partial_slot, split_launch, store_mat, stride_args, tile_launcher,
                      tile_rows, token_chunk, token_tiles)
 
 # --------------------------------------------------------------------------------------------
@@ -239,27 +239,28 @@ soft_bwd = tile_launcher(soft_bwd_kernel, token_tiles(TILES, _bwd_pass, 32))
 # --------------------------------------------------------------------------------------------
 
 
-def _launch_args(q, landmarks, e: int, **tensors) -> tuple[dict, dict]:
-    """(runtime arguments, constexprs) of a SOFT launch on q, the landmarks and the (B, h, N, e)
-    ``tensors`` given by name."""
+def _setup(q, landmarks, e: int, **tensors):
+    """``setup`` of a SOFT launch (see :func:`.common.split_launch`) on q, the landmarks and
+    the (B, h, N, e) ``tensors`` given by name: (runtime arguments but tensors, constexprs)."""
     m, d = landmarks.shape[2], q.shape[3]
-    args = dict(tensor_args(q=q, l=landmarks, **tensors), **head_args(q), m=m, D=d, E=e)
-    return args, dict(DOT_PRECISION=dots(q), BLOCK_L=block_d(m), BLOCK_D=block_d(d),
-                      BLOCK_E=block_d(e))
+    return lambda **flags: (
+        dict(stride_args(q=q, l=landmarks, **tensors), **head_args(q), m=m, D=d, E=e),
+        dict(DOT_PRECISION=dots(q), BLOCK_L=block_d(m), BLOCK_D=block_d(d),
+             BLOCK_E=block_d(e), **flags))
 
 
 def _soft_reduce(q, landmarks, y) -> torch.Tensor:
     """K1ᵀy (B·h, m, e) fp32, a deterministic split-N reduction."""
     m, e = landmarks.shape[2], y.shape[3]
-    args, meta = _launch_args(q, landmarks, e, y=y)
-    part = split_launch(soft_reduce, q, args, part_len=m * e, **meta)
+    part = split_launch(soft_reduce, q, launch_key(q, landmarks, y), dict(Q=q, L=landmarks, Y=y),
+                        _setup(q, landmarks, e, y=y), part_len=m * e)
     return fold_partials(part).view(q.shape[0] * q.shape[1], m, e)
 
 
 def _soft_apply(q, landmarks, w, out) -> None:
     """out = K1·w for the tokens of q; w (B·h, m, e) fp32."""
-    args, meta = _launch_args(q, landmarks, out.shape[3], o=out)
-    split_launch(soft_apply, q, dict(args, W2=w), **meta)
+    split_launch(soft_apply, q, launch_key(q, landmarks, w, out),
+                 dict(Q=q, L=landmarks, O=out, W2=w), _setup(q, landmarks, out.shape[3], o=out))
 
 
 def soft_forward(q, landmarks, v, ainv, o) -> torch.Tensor:
@@ -283,14 +284,18 @@ def soft_backward(do, q, landmarks, v, ainv, state, dq, dv):
     dw2 = _soft_reduce(q, landmarks, do)                       # K1ᵀ dO
     dainv = torch.bmm(dw2, w.transpose(1, 2))                  # dW2 Wᵀ
     dw = torch.bmm(a.transpose(1, 2), dw2).contiguous()        # Ainvᵀ dW2
-    args, meta = _launch_args(q, landmarks, v.shape[3], v=v, do=do, dq=dq)
-    args.update(W2=w2.contiguous(), DW=dw, P=None)
+    setup = _setup(q, landmarks, v.shape[3], v=v, do=do, dq=dq)
+    tensors = dict(Q=q, L=landmarks, V=v, DO=do, DQ=dq, W2=w2.contiguous(), DW=dw, P=None)
+    key = launch_key(q, landmarks, v, do, dq)
     # 16-bit: one pass for dq and the landmark partials; fp32: a dq pass and a partials pass
-    passes = ("soft_bwd",) if meta["DOT_PRECISION"] == "native" else ("soft_bwd_q", "soft_bwd_l")
+    passes = ("soft_bwd",) if dots(q) == "native" else ("soft_bwd_q", "soft_bwd_l")
     for kname in passes:
         flags = BWD_PASSES[kname]
-        p = split_launch(soft_bwd, q, args, part_len=m * d + m if flags["DO_L"] else None,
-                         **meta, **flags)
+        if flags["DO_L"]:
+            del tensors["P"]  # the partials: allocated by the launch
+        p = split_launch(soft_bwd, q, (kname, *key), tensors,
+                         lambda flags=flags: setup(**flags),
+                         part_len=m * d + m if flags["DO_L"] else None)
         if flags["DO_L"]:
             part = p
     _soft_apply(q, landmarks, dw, dv)                          # dv = K1·dW

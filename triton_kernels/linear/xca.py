@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 from ..attention_core import bh_offset, block_d, load_rows, mma, store_rows
+from ..tuning import launch_key
 from .common import (FEATURES, aot_spec, configs, declared_reason, dots, fold_mat, fold_vec, gram,
                      head, head_args, lanes, launch, load_mat, partial_slot, split_launch,
-                     store_mat, tensor_args, tile_launcher, tile_rows, token_chunk, token_tiles)
+                     store_mat, stride_args, tile_launcher, tile_rows, token_chunk, token_tiles)
 
 # --------------------------------------------------------------------------------------------
 # the per-(b, h) d×d kernels: one program per head and block of BLOCK_I rows
@@ -218,10 +219,9 @@ xca_bwd_small = tile_launcher(xca_bwd_small_kernel, _small_tiles)
 # --------------------------------------------------------------------------------------------
 
 
-def _small_args(part, temp, h: int, d: int, eps: float) -> dict:
-    """The runtime arguments the d×d kernels share (``part``: the gram partials)."""
-    return dict(P=part, TEMP=temp, n_split=part.shape[1], n_heads=h, D=d, M=part.shape[2],
-                eps=float(eps))
+def _small_args(part, h: int, d: int, eps: float) -> dict:
+    """The runtime arguments but tensors the d×d kernels share (``part``: the gram partials)."""
+    return dict(n_split=part.shape[1], n_heads=h, D=d, M=part.shape[2], eps=float(eps))
 
 
 def xca_forward(q, k, v, temp, o, eps: float):
@@ -232,10 +232,13 @@ def xca_forward(q, k, v, temp, o, eps: float):
     gn = torch.empty((b * h, d, d), device=q.device, dtype=torch.float32)
     attn = torch.empty_like(gn)
     norms = torch.empty((b * h, 2, d), device=q.device, dtype=torch.float32)
-    args = dict(_small_args(part, temp, h, d, eps), GN=gn, NORMS=norms, A=attn)
-    launch(xca_softmax, lambda tile: ((b * h, bd // tile["BLOCK_I"]), args, None), BLOCK_D=bd)
-    split_launch(xca_apply, q, dict(tensor_args(v=v, o=o), A=attn, **head_args(q), D=d),
-                 DOT_PRECISION=dots(q), BLOCK_D=bd)
+    launch(xca_softmax, launch_key(part, eps, q),
+           dict(P=part, TEMP=temp, GN=gn, NORMS=norms, A=attn),
+           lambda: (dict(BLOCK_D=bd), lambda tile: _small_args(part, h, d, eps),
+                    lambda tile: (b * h, bd // tile["BLOCK_I"])))
+    split_launch(xca_apply, q, launch_key(q, v, o), dict(V=v, O=o, A=attn),
+                 lambda: (dict(stride_args(v=v, o=o), **head_args(q), D=d),
+                          dict(DOT_PRECISION=dots(q), BLOCK_D=bd)))
     return gn, norms
 
 
@@ -247,24 +250,28 @@ def xca_backward(do, q, k, v, temp, gn, norms, dq, dk, dv, eps: float) -> torch.
     f32 = dict(device=q.device, dtype=torch.float32)
     dg, attn = torch.empty((b * h, d, d), **f32), torch.empty((b * h, d, d), **f32)
     cq = torch.empty((b * h, d), **f32)
-    args = dict(_small_args(part, temp, h, d, eps), GN=gn, NORMS=norms, DG=dg, CQ=cq, A=attn)
 
-    def small(tile):  # the row-block partials of ck and dτ: one per program
+    def row_block_partials(tile):  # of ck and dτ: one per program
         n_rb = bd // tile["BLOCK_I"]
-        ck_part, dt_part = torch.empty((b * h, n_rb, d), **f32), torch.empty((b * h, n_rb), **f32)
-        return (b * h, n_rb), dict(args, CKP=ck_part, DTP=dt_part), (ck_part, dt_part)
+        return dict(CKP=torch.empty((b * h, n_rb, d), **f32),
+                    DTP=torch.empty((b * h, n_rb), **f32))
 
-    ck_part, dt_part = launch(xca_bwd_small, small, BLOCK_D=bd)
+    small = launch(xca_bwd_small, launch_key(part, eps, q),
+                   dict(P=part, GN=gn, NORMS=norms, TEMP=temp, DG=dg, CQ=cq, A=attn),
+                   lambda: (dict(BLOCK_D=bd), lambda tile: _small_args(part, h, d, eps),
+                            lambda tile: (b * h, bd // tile["BLOCK_I"])), row_block_partials)
     # fold the row-block partials (a fixed-order sum of bd / BLOCK_I terms) and finish ck
     nk = norms[:, 1]
     rk = 1.0 / nk.clamp_min(eps)
-    ck = torch.where(nk >= eps, -rk * rk * ck_part.sum(1), 0.0)
-    dt = dt_part.sum(1)
-    tokens = dict(tensor_args(q=q, k=k, do=do, dq=dq, dk=dk, dv=dv), DG=dg, CQ=cq, CK=ck,
-                  A=attn, **head_args(q), D=d)
+    ck = torch.where(nk >= eps, -rk * rk * small["CKP"].sum(1), 0.0)
+    dt = small["DTP"].sum(1)
+    tensors = dict(Q=q, K=k, DO=do, DQ=dq, DK=dk, DV=dv, DG=dg, CQ=cq, CK=ck, A=attn)
+    key = launch_key(q, k, do, dq, dk, dv)
     for dv_pass in (False, True):
-        split_launch(xca_bwd_apply, q, tokens, DV_PASS=dv_pass, DOT_PRECISION=dots(q),
-                     BLOCK_D=bd)
+        split_launch(xca_bwd_apply, q, (dv_pass, *key), tensors,
+                     lambda: (dict(stride_args(q=q, k=k, do=do, dq=dq, dk=dk, dv=dv),
+                                   **head_args(q), D=d),
+                              dict(DV_PASS=dv_pass, DOT_PRECISION=dots(q), BLOCK_D=bd)))
     return dt
 
 

@@ -57,7 +57,7 @@ from ..attention_core import (
     store_rows,
     strides_of,
 )
-from ..tuning import Launcher, capability_reason, table_candidates
+from ..tuning import Launcher, capability_reason, launch_key, table_candidates
 from .common import LOG2E_JIT, aot_signature, load_pq, sign
 
 # --------------------------------------------------------------------------------------------
@@ -409,9 +409,11 @@ def _launch_args(q, k, v, pq, lse, H: int, W: int, scale: float) -> dict:
 def forward(q, k, v, pq, o, o1, lse, H: int, W: int, scale: float):
     """q, k, v (B, h, N, d) -> o (B, h, N, d), o1 (direction-1 output, fp32) and lse (B, h, 2, N)
     (base-2 log-sum-exp per direction); pq from :func:`.common.prefix_table`."""
-    args = _launch_args(q, k, v, pq, lse, H, W, scale)
-    ppma_fwd(row_grid(q.shape[0] * q.shape[1], args["n_virt"], "BLOCK_M"), O=o, O1=o1,
-             **strides_of("o", o), **strides_of("o1", o1), **args)
+    ppma_fwd.launch(launch_key(H, W, scale, q, k, v, pq, o, o1, lse),
+                    row_grid(q.shape[0] * q.shape[1], _geometry(H, W)[1], "BLOCK_M"),
+                    dict(Q=q, K=k, V=v, PQ=pq, LSE=lse, O=o, O1=o1),
+                    lambda: dict(**strides_of("o", o), **strides_of("o1", o1),
+                                 **_launch_args(q, k, v, pq, lse, H, W, scale)))
 
 
 def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: float):
@@ -424,12 +426,20 @@ def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: flo
     delta = torch.stack([launch_delta(o1, do, lse1), launch_delta(o, do, lse1)], dim=2)
     delta[:, :, 1].mul_(2.0).sub_(delta[:, :, 0])
     gpq, gqq, gpk, gqk = (q.new_empty((b, h, n), dtype=torch.float32) for _ in range(4))
-    args = dict(_launch_args(q, k, v, pq, lse, H, W, scale), DO=do, DELTA=delta,
-                **strides_of("do", do), scale=float(scale))
-    ppma_bwd_dq(row_grid(b * h, args["n_virt"], "BLOCK_M"), DQ=dq, GPQ=gpq, GQQ=gqq,
-                **strides_of("dq", dq), **args)
-    ppma_bwd_dkdv(row_grid(b * h, args["n_virt"], "BLOCK_N"), DK=dk, DV=dv, GPK=gpk, GQK=gqk,
-                  **strides_of("dk", dk), **strides_of("dv", dv), **args)
+    key = launch_key(H, W, scale, q, k, v, pq, lse, do, delta, dq, dk, dv, gpq)
+    tensors = dict(Q=q, K=k, V=v, PQ=pq, LSE=lse, DO=do, DELTA=delta)
+
+    def common(**more):
+        return dict(_launch_args(q, k, v, pq, lse, H, W, scale), **strides_of("do", do),
+                    scale=float(scale), **more)
+
+    n_virt = _geometry(H, W)[1]
+    ppma_bwd_dq.launch(key, row_grid(b * h, n_virt, "BLOCK_M"),
+                       dict(tensors, DQ=dq, GPQ=gpq, GQQ=gqq),
+                       lambda: common(**strides_of("dq", dq)))
+    ppma_bwd_dkdv.launch(key, row_grid(b * h, n_virt, "BLOCK_N"),
+                         dict(tensors, DK=dk, DV=dv, GPK=gpk, GQK=gqk),
+                         lambda: common(**strides_of("dk", dk), **strides_of("dv", dv)))
     return gpq + gpk, gqq + gqk
 
 

@@ -5,12 +5,12 @@ same signature, through PyTorch's fused primitives (``F.scaled_dot_product_atten
 gathered kept tokens; PPMA's masks formed per block of query rows from the 1D row / column masks)
 instead of the reference's literal formulation that materialises every N×N matrix. Everything is
 differentiable through autograd and runs in fp16 / bf16 / fp32 / fp64 on any device. The
-reference stays the definition and the oracle: ``tests/test_eager.py`` checks every output and
+reference stays the definition and the oracle: ``tests/test_eager*.py`` check every output and
 gradient against it.
 
 Covered: :mod:`~vitkern.eager.token` (``token_attention``), :mod:`~vitkern.eager.ppma`
-(``ppma_attention``), each named as its family's ``eager`` in the op's descriptor
+(``ppma_attention``), :mod:`~vitkern.eager.window` (``window_attention``: one gather per input
+and SDPA per shift-mask pattern), each named as its family's ``eager`` in the op's descriptor
 (:mod:`vitkern.ops._dispatch`). ``auto`` picks ``eager`` for CPU tensors of these ops; every other
-op runs its reference under ``backend="eager"`` (HiLo's reference is already fast; for Swin
-windows an SDPA-per-window re-composition measured no faster than the reference on one CPU core).
+op runs its reference under ``backend="eager"`` (HiLo's reference is already fast).
 """

@@ -28,6 +28,7 @@ Lo-Fi on pooled k, v (or s = 1)    d <= 256      d <= 128      d <= 64
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -36,8 +37,8 @@ from torch import Tensor
 from vitkern.reference import hilo as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_qkv,
-                      check_scale, is_int, lse_empty, on_device)
-from ._dispatch import Capability, Family, HeadDims, dispatch, inputs
+                      check_scale, is_int, kernel_op, lse_empty, needs_grad, on_device)
+from ._dispatch import CallCache, Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["hilo_attention", "hifi_attention", "lofi_attention"]
 
@@ -177,14 +178,15 @@ def _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad=False):
 # --------------------------------------------------------------------------------------------
 
 
-def _head_groups(n_heads: int, num_lo_heads: int):
+@functools.lru_cache(maxsize=256)
+def _head_groups(n_heads: int, num_lo_heads: int) -> tuple:
     """(head slice, Hi-Fi?) of the non-empty head groups: Hi-Fi heads first, then Lo-Fi."""
     n_hi = n_heads - num_lo_heads
     groups = ((slice(0, n_hi), True), (slice(n_hi, n_heads), False))
-    return [(heads, window) for heads, window in groups if heads.stop > heads.start]
+    return tuple((heads, window) for heads, window in groups if heads.stop > heads.start)
 
 
-@torch.library.custom_op("vitkern::hilo_fwd", mutates_args=())
+@kernel_op("hilo_fwd")
 def _hilo_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
               num_lo_heads: int, scale: float, kv_pooled: bool) -> tuple[Tensor, Tensor]:
     """Triton HiLo forward: (o, lse2); lse2 is the base-2 log-sum-exp, fp32 (B, heads, N)."""
@@ -203,7 +205,7 @@ def _(q, k, v, H, W, window_size, num_lo_heads, scale, kv_pooled):
     return bhnd_empty(q, q.shape[2]), lse_empty(q)
 
 
-@torch.library.custom_op("vitkern::hilo_bwd", mutates_args=())
+@kernel_op("hilo_bwd")
 def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, H: int,
               W: int, window_size: int, num_lo_heads: int, scale: float,
               kv_pooled: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,11 +236,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vitkern.hilo_bwd(do, q, k, v, o, lse, *ctx.args)
+    dq, dk, dv = _hilo_bwd(do, q, k, v, o, lse, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
 
 
-torch.library.register_autograd("vitkern::hilo_fwd", _backward, setup_context=_setup_context)
+_hilo_fwd.register_autograd(_backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ torch.library.register_autograd("vitkern::hilo_fwd", _backward, setup_context=_s
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vitkern::hifi_cuda_fwd", mutates_args=())
+@kernel_op("hifi_cuda_fwd")
 def _hifi_cuda_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
                    scale: float) -> Tensor:
     """CUDA C++ Hi-Fi forward: o (B, heads, N, d), stored (B, N, heads, d)."""
@@ -263,7 +265,7 @@ def _(q, k, v, H, W, window_size, scale):
     return bhnd_empty(q, q.shape[2])
 
 
-@torch.library.custom_op("vitkern::hifi_cuda_bwd", mutates_args=())
+@kernel_op("hifi_cuda_bwd")
 def _hifi_cuda_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, H: int, W: int,
                    window_size: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """CUDA C++ Hi-Fi backward: (dq, dk, dv); the window scores are recomputed from q, k (no
@@ -282,7 +284,7 @@ def _(do, q, k, v, H, W, window_size, scale):
     return tuple(bhnd_empty(t, t.shape[2]) for t in (q, k, v))
 
 
-@torch.library.custom_op("vitkern::hilo_cuda_fwd", mutates_args=())
+@kernel_op("hilo_cuda_fwd")
 def _hilo_cuda_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
                    num_lo_heads: int, scale: float, kv_pooled: bool) -> Tensor:
     """CUDA C++ HiLo forward with Lo-Fi heads (inference only: the Lo-Fi kernel has no backward;
@@ -316,12 +318,11 @@ def _hifi_cuda_setup_context(ctx, inputs, output):
 
 def _hifi_cuda_backward(ctx, do):
     q, k, v = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vitkern.hifi_cuda_bwd(do, q, k, v, *ctx.args)
+    dq, dk, dv = _hifi_cuda_bwd(do, q, k, v, *ctx.args)
     return dq, dk, dv, None, None, None, None
 
 
-torch.library.register_autograd("vitkern::hifi_cuda_fwd", _hifi_cuda_backward,
-                                setup_context=_hifi_cuda_setup_context)
+_hifi_cuda_fwd.register_autograd(_hifi_cuda_backward, _hifi_cuda_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,24 +354,17 @@ def hilo_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], wind
     q, k, v (fp32 / fp16 / bf16, mixed allowed) are cast to the autocast dtype, which is then
     the input dtype.
     """
-    op = "hilo_attention"
     q, k, v = autocast_inputs(q, k, v)
-    H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad)
-    heads = q.shape[1]
-    if not is_int(num_lo_heads) or not 0 <= num_lo_heads <= heads:
-        raise ValueError(f"{op}: num_lo_heads must be an int in [0, {heads}], got "
-                         f"{num_lo_heads!r}")
-    return _run(op, backend, q, k, v, H, W, s, num_lo_heads, scale, pad, False)
+    return _run("hilo_attention", backend, q, k, v, hw, window_size, num_lo_heads, scale, pad,
+                False)
 
 
 def hifi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], window_size: int,
                    scale: Optional[float] = None, pad: Optional[str] = None,
                    backend: str = "auto") -> Tensor:
     """Hi-Fi heads only: softmax attention inside s×s windows. Shapes as :func:`hilo_attention`."""
-    op = "hifi_attention"
     q, k, v = autocast_inputs(q, k, v)
-    H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad)
-    return _run(op, backend, q, k, v, H, W, s, 0, scale, pad, False)
+    return _run("hifi_attention", backend, q, k, v, hw, window_size, 0, scale, pad, False)
 
 
 def lofi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], window_size: int,
@@ -386,13 +380,32 @@ def lofi_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int], wind
     q, k, v = autocast_inputs(q, k, v)
     if not isinstance(kv_pooled, bool):
         raise TypeError(f"{op}: kv_pooled must be a bool, got {type(kv_pooled).__name__}")
-    H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad, kv_pooled=kv_pooled)
-    return _run(op, backend, q, k, v, H, W, s, q.shape[1], scale, pad, kv_pooled)
+    return _run(op, backend, q, k, v, hw, window_size, None, scale, pad, kv_pooled)
 
 
-def _run(op, backend, q, k, v, H, W, s, n_lo, scale, pad, kv_pooled):
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    name = _backend(op, backend, q, s, n_lo, kv_pooled, needs_grad)
+_CALLS = CallCache()
+
+
+def _plan(op, backend, q, k, v, hw, window_size, n_lo, scale, pad, kv_pooled):
+    """(H, W, s, n_lo, scale, backend) of a call (``n_lo`` None: every head is Lo-Fi), checked
+    and dispatched once per call signature."""
+    grad = needs_grad(q, k, v)
+    key = _CALLS.key(op, q, k, v, hw, window_size, n_lo, scale, pad, kv_pooled, backend, grad)
+    plan = _CALLS.get(key)
+    if plan is None:
+        H, W, s, scale = _check(op, q, k, v, hw, window_size, scale, pad, kv_pooled=kv_pooled)
+        heads = q.shape[1]
+        n_lo = heads if n_lo is None else n_lo
+        if not is_int(n_lo) or not 0 <= n_lo <= heads:
+            raise ValueError(f"{op}: num_lo_heads must be an int in [0, {heads}], got {n_lo!r}")
+        name = _backend(op, backend, q, s, n_lo, kv_pooled, grad)
+        plan = _CALLS.put(key, (H, W, s, n_lo, scale, name))
+    return plan
+
+
+def _run(op, backend, q, k, v, hw, window_size, n_lo, scale, pad, kv_pooled):
+    H, W, s, n_lo, scale, name = _plan(op, backend, q, k, v, hw, window_size, n_lo, scale, pad,
+                                       kv_pooled)
     if name == "reference" or q.numel() == 0:
         kw = dict(hw=(H, W), window_size=s, scale=scale, pad=pad)
         with autocast_off(q):
@@ -403,6 +416,6 @@ def _run(op, backend, q, k, v, H, W, s, n_lo, scale, pad, kv_pooled):
             return ref.hilo_attention(q, k, v, num_lo_heads=n_lo, **kw)
     if name == "cuda":
         if n_lo == 0:  # differentiable
-            return torch.ops.vitkern.hifi_cuda_fwd(q, k, v, H, W, s, scale)
-        return torch.ops.vitkern.hilo_cuda_fwd(q, k, v, H, W, s, n_lo, scale, kv_pooled)
-    return torch.ops.vitkern.hilo_fwd(q, k, v, H, W, s, n_lo, scale, kv_pooled)[0]
+            return _hifi_cuda_fwd(q, k, v, H, W, s, scale)
+        return _hilo_cuda_fwd(q, k, v, H, W, s, n_lo, scale, kv_pooled)
+    return _hilo_fwd(q, k, v, H, W, s, n_lo, scale, kv_pooled)[0]

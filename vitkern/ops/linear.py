@@ -43,8 +43,8 @@ from torch import Tensor
 from vitkern.reference import linear as ref
 from vitkern.reference.linear import FEATURE_MAPS, PRESETS
 
-from ._common import bhnd_empty, check_qkv, needs_grad, on_device
-from ._dispatch import Capability, Family, dispatch, inputs
+from ._common import bhnd_empty, check_qkv, kernel_op, needs_grad, on_device
+from ._dispatch import CallCache, Capability, Family, dispatch, inputs
 
 __all__ = ["linear_attention", "xca_attention", "soft_attention", "newton_schulz_inverse",
            "PRESETS", "FEATURE_MAPS"]
@@ -75,7 +75,7 @@ def _check_temperature(op: str, temperature, q: Tensor, required: bool) -> Optio
                             "or a float)")
         return None
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        return torch.full((h,), float(temperature), device=q.device, dtype=torch.float32)
+        return _temperature(temperature, q)
     if not isinstance(temperature, Tensor):
         raise TypeError(f"{op}: temperature must be a torch.Tensor, a float or None, got "
                         f"{type(temperature).__name__}")
@@ -86,7 +86,14 @@ def _check_temperature(op: str, temperature, q: Tensor, required: bool) -> Optio
                          f"{tuple(temperature.shape)}")
     if temperature.device != q.device:
         raise ValueError(f"{op}: temperature is on {temperature.device}, q on {q.device}")
-    return temperature.reshape(h).contiguous()  # the kernels index it with stride 1
+    return _temperature(temperature, q)
+
+
+def _temperature(temperature, q: Tensor) -> Tensor:
+    """A checked temperature (float or tensor) as the (heads,) tensor the kernels index."""
+    if isinstance(temperature, Tensor):
+        return temperature.reshape(q.shape[1]).contiguous()  # the kernels index with stride 1
+    return torch.full((q.shape[1],), float(temperature), device=q.device, dtype=torch.float32)
 
 
 def _check_linear(op, q, k, v, feature_map, scale, denom, eps, key_padding_mask):
@@ -165,7 +172,7 @@ def _state_empty(q: Tensor, v: Tensor) -> Tensor:
     return q.new_empty((b * h, d * v.shape[-1] + d), dtype=torch.float32)
 
 
-@torch.library.custom_op("vitkern::linear_attn_fwd", mutates_args=())
+@kernel_op("linear_attn_fwd")
 def _linear_fwd(q: Tensor, k: Tensor, v: Tensor, temperature: Optional[Tensor],
                 key_padding_mask: Optional[Tensor], feature_map: str, scale: float, clamp: bool,
                 eps: float) -> tuple[Tensor, Tensor]:
@@ -184,7 +191,7 @@ def _(q, k, v, temperature, key_padding_mask, feature_map, scale, clamp, eps):
     return bhnd_empty(v, q.shape[2]), _state_empty(q, v)
 
 
-@torch.library.custom_op("vitkern::linear_attn_bwd", mutates_args=())
+@kernel_op("linear_attn_bwd")
 def _linear_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, temperature: Optional[Tensor],
                 key_padding_mask: Optional[Tensor], state: Tensor, feature_map: str,
                 scale: float, clamp: bool, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -219,13 +226,12 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, do, _dstate):
     q, k, v, temperature, mask, state = ctx.saved_tensors
-    dq, dk, dv, dtemp = torch.ops.vitkern.linear_attn_bwd(do, q, k, v, temperature, mask, state,
+    dq, dk, dv, dtemp = _linear_bwd(do, q, k, v, temperature, mask, state,
                                                           *ctx.args)
     return dq, dk, dv, (dtemp if temperature is not None else None), None, None, None, None, None
 
 
-torch.library.register_autograd("vitkern::linear_attn_fwd", _linear_backward,
-                                setup_context=_linear_setup)
+_linear_fwd.register_autograd(_linear_backward, _linear_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +239,7 @@ torch.library.register_autograd("vitkern::linear_attn_fwd", _linear_backward,
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vitkern::xca_fwd", mutates_args=())
+@kernel_op("xca_fwd")
 def _xca_fwd(q: Tensor, k: Tensor, v: Tensor, temperature: Tensor,
              eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Triton XCA forward: (o, gn, norms); gn = cosine Gram (B·h, d, d), norms = channel L2
@@ -253,7 +259,7 @@ def _(q, k, v, temperature, eps):
             q.new_empty((b * h, 2, d), dtype=torch.float32))
 
 
-@torch.library.custom_op("vitkern::xca_bwd", mutates_args=())
+@kernel_op("xca_bwd")
 def _xca_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, temperature: Tensor, gn: Tensor,
              norms: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton XCA backward: (dq, dk, dv, dtemperature (heads,) in the temperature's dtype)."""
@@ -281,11 +287,11 @@ def _xca_setup(ctx, inputs, output):
 
 def _xca_backward(ctx, do, _dgn, _dnorms):
     q, k, v, temperature, gn, norms = ctx.saved_tensors
-    dq, dk, dv, dtemp = torch.ops.vitkern.xca_bwd(do, q, k, v, temperature, gn, norms, ctx.eps)
+    dq, dk, dv, dtemp = _xca_bwd(do, q, k, v, temperature, gn, norms, ctx.eps)
     return dq, dk, dv, dtemp, None
 
 
-torch.library.register_autograd("vitkern::xca_fwd", _xca_backward, setup_context=_xca_setup)
+_xca_fwd.register_autograd(_xca_backward, _xca_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +335,11 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu
         return ref.linear_attention(q, k, v, feature_map=feature_map, scale=scale,
                                     temperature=temp, denom=denom, eps=eps,
                                     key_padding_mask=key_padding_mask)
-    return torch.ops.vitkern.linear_attn_fwd(q, k, v, temp, key_padding_mask, feature_map, scale,
+    return _linear_fwd(q, k, v, temp, key_padding_mask, feature_map, scale,
                                              denom == "clamp", eps)[0]
+
+
+_CALLS = CallCache()
 
 
 def xca_attention(q: Tensor, k: Tensor, v: Tensor, *, temperature: Union[Tensor, float],
@@ -354,16 +363,23 @@ def xca_attention(q: Tensor, k: Tensor, v: Tensor, *, temperature: Union[Tensor,
         (B, heads, N, d) in the input dtype.
     """
     op = "xca_attention"
-    check_qkv(op, q, k, v)
-    if tuple(k.shape) != tuple(q.shape) or tuple(v.shape) != tuple(q.shape):
-        raise ValueError(f"{op}: q, k, v must have one shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    eps = _check_float(op, "eps", eps, positive=True)
-    temp = _check_temperature(op, temperature, q, required=True)
-    name = _backend(op, backend, q, None, xca=True, backward=needs_grad(q, k, v, temp))
+    grad = needs_grad(q, k, v, temperature)
+    key = _CALLS.key(op, q, k, v, temperature, eps, backend, grad)
+    plan = _CALLS.get(key)
+    if plan is None:
+        check_qkv(op, q, k, v)
+        if tuple(k.shape) != tuple(q.shape) or tuple(v.shape) != tuple(q.shape):
+            raise ValueError(f"{op}: q, k, v must have one shape, got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        eps = _check_float(op, "eps", eps, positive=True)
+        temp = _check_temperature(op, temperature, q, required=True)
+        name = _backend(op, backend, q, None, xca=True, backward=grad)
+        _CALLS.put(key, (eps, name))
+    else:
+        (eps, name), temp = plan, _temperature(temperature, q)
     if name == "reference" or q.numel() == 0:
         return ref.xca_attention(q, k, v, temperature=temp, eps=eps)
-    return torch.ops.vitkern.xca_fwd(q, k, v, temp, eps)[0]
+    return _xca_fwd(q, k, v, temp, eps)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +387,7 @@ def xca_attention(q: Tensor, k: Tensor, v: Tensor, *, temperature: Union[Tensor,
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vitkern::soft_attn_fwd", mutates_args=())
+@kernel_op("soft_attn_fwd")
 def _soft_fwd(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Tensor) -> tuple[Tensor, Tensor]:
     """Triton SOFT core: (o, state); state = (K1ᵀV | Ainv·K1ᵀV) fp32 (B·h, 2, m, e)."""
     from vitkern.triton_kernels import linear as tk
@@ -389,7 +405,7 @@ def _(q, landmarks, v, ainv):
             q.new_empty((b * h, 2, m, v.shape[-1]), dtype=torch.float32))
 
 
-@torch.library.custom_op("vitkern::soft_attn_bwd", mutates_args=())
+@kernel_op("soft_attn_bwd")
 def _soft_bwd(do: Tensor, q: Tensor, landmarks: Tensor, v: Tensor, ainv: Tensor,
               state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton SOFT backward: (dq, dlandmarks, dv, dainv), each in its input's dtype."""
@@ -413,11 +429,10 @@ def _soft_setup(ctx, inputs, output):
 
 
 def _soft_backward(ctx, do, _dstate):
-    return torch.ops.vitkern.soft_attn_bwd(do, *ctx.saved_tensors)
+    return _soft_bwd(do, *ctx.saved_tensors)
 
 
-torch.library.register_autograd("vitkern::soft_attn_fwd", _soft_backward,
-                                setup_context=_soft_setup)
+_soft_fwd.register_autograd(_soft_backward, _soft_setup)
 
 
 def _check_int(op: str, name: str, x) -> int:
@@ -509,4 +524,4 @@ def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tenso
                                               needs_grad=needs_grad(q, landmarks, v, ainv)))
     if name == "reference" or q.numel() == 0 or v.numel() == 0:
         return ref.soft_attention(q, landmarks, v, ainv)
-    return torch.ops.vitkern.soft_attn_fwd(q, landmarks, v, ainv)[0]
+    return _soft_fwd(q, landmarks, v, ainv)[0]

@@ -26,8 +26,8 @@ from vitkern.eager import ppma as eager
 from vitkern.reference import ppma as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_qkv,
-                      check_scale, needs_grad, on_device)
-from ._dispatch import Capability, Family, HeadDims, dispatch, inputs
+                      check_scale, kernel_op, needs_grad, on_device)
+from ._dispatch import CallCache, Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["ppma_attention", "ppma_criss_cross_attention", "ppma_decays", "ppma_rope",
            "ppma_rel_pos"]
@@ -115,7 +115,7 @@ def _o1_empty(q: Tensor) -> Tensor:
     return q.new_empty((b, n, h, d), dtype=torch.float32).transpose(1, 2)
 
 
-@torch.library.custom_op("vitkern::ppma_fwd", mutates_args=())
+@kernel_op("ppma_fwd")
 def _ppma_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_decay_v: Tensor,
               H: int, W: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Triton PPMA forward: (o, o1, lse); o1 is the direction-1 output (fp32), lse the base-2
@@ -137,7 +137,7 @@ def _(q, k, v, log_decay_h, log_decay_v, H, W, scale):
     return (bhnd_empty(q, n), _o1_empty(q), q.new_empty((b, h, 2, n), dtype=torch.float32))
 
 
-@torch.library.custom_op("vitkern::ppma_bwd", mutates_args=())
+@kernel_op("ppma_bwd")
 def _ppma_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor,
               log_decay_v: Tensor, o: Tensor, o1: Tensor, lse: Tensor, H: int, W: int,
               scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -177,16 +177,19 @@ def _backward(ctx, do, _do1, _dlse):
     # a forward run without grad enabled may have taken a map too wide for the backward
     if why := tk.unsupported(q.shape[-1], q.dtype == torch.float32, W, backward=True):
         raise RuntimeError(f"ppma_attention backward: {why}; run with backend='reference'")
-    grads = torch.ops.vitkern.ppma_bwd(do, q, k, v, a, g, o, o1, lse, *ctx.args)
+    grads = _ppma_bwd(do, q, k, v, a, g, o, o1, lse, *ctx.args)
     return (*grads, None, None, None)
 
 
-torch.library.register_autograd("vitkern::ppma_fwd", _backward, setup_context=_setup_context)
+_ppma_fwd.register_autograd(_backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------
 # public ops
 # --------------------------------------------------------------------------------------------
+
+
+_CALLS = CallCache()
 
 
 def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_decay_v: Tensor,
@@ -215,22 +218,27 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
     """
     op = "ppma_attention"
     q, k, v = autocast_inputs(q, k, v)  # SDPA's rule; log-decays keep their dtype
-    H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
-    name = _backend(op, backend, q, W, needs_grad(q, k, v, log_decay_h, log_decay_v))
+    grad = needs_grad(q, k, v, log_decay_h, log_decay_v)
+    key = _CALLS.key(op, q, k, v, log_decay_h, log_decay_v, hw, scale, backend, grad)
+    plan = _CALLS.get(key)
+    if plan is None:
+        H, W, scale = _check(op, q, k, v, log_decay_h, log_decay_v, hw, scale)
+        plan = _CALLS.put(key, (H, W, scale, _backend(op, backend, q, W, grad)))
+    H, W, scale, name = plan
     if name == "eager" and q.numel():
         with autocast_off(q):
             return PPMA.eager(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
     if name == "reference" or q.numel() == 0:
         with autocast_off(q):
             return PPMA.reference(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
-    return torch.ops.vitkern.ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
+    return _ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
 
 
 def _f32_empty(q: Tensor) -> Tensor:
     return q.new_empty(q.shape, dtype=torch.float32)  # contiguous (B, h, N, d)
 
 
-@torch.library.custom_op("vitkern::ppma_cc_fwd", mutates_args=())
+@kernel_op("ppma_cc_fwd")
 def _cc_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_decay_v: Tensor,
             H: int, W: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Triton criss-cross forward: (o, y, z); y = Aw·v, z = Ah·v (fp32, kept for the backward)."""
@@ -248,7 +256,7 @@ def _(q, k, v, log_decay_h, log_decay_v, H, W, scale):
     return bhnd_empty(q, q.shape[2]), _f32_empty(q), _f32_empty(q)
 
 
-@torch.library.custom_op("vitkern::ppma_cc_bwd", mutates_args=())
+@kernel_op("ppma_cc_bwd")
 def _cc_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor,
             log_decay_v: Tensor, y: Tensor, z: Tensor, H: int, W: int,
             scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -281,11 +289,11 @@ def _cc_setup(ctx, inputs, output):
 
 
 def _cc_backward(ctx, do, _dy, _dz):
-    grads = torch.ops.vitkern.ppma_cc_bwd(do, *ctx.saved_tensors, *ctx.args)
+    grads = _cc_bwd(do, *ctx.saved_tensors, *ctx.args)
     return (*grads, None, None, None)
 
 
-torch.library.register_autograd("vitkern::ppma_cc_fwd", _cc_backward, setup_context=_cc_setup)
+_cc_fwd.register_autograd(_cc_backward, _cc_setup)
 
 
 def ppma_criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor,
@@ -308,10 +316,10 @@ def ppma_criss_cross_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Ten
         with autocast_off(q):
             return ref.ppma_criss_cross_attention(q, k, v, log_decay_h, log_decay_v,
                                                   hw=(H, W), scale=scale)
-    return torch.ops.vitkern.ppma_cc_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
+    return _cc_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
 
 
-@torch.library.custom_op("vitkern::ppma_decays_fwd", mutates_args=())
+@kernel_op("ppma_decays_fwd")
 def _decays_fwd(x: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
                 num_heads: int) -> tuple[Tensor, Tensor]:
     """Triton decays: x (B, N, C) -> a, g (B, heads, N) contiguous."""
@@ -334,7 +342,7 @@ def _(x, dt_weight, dt_bias, A_log, num_heads):
     return tuple(x.new_empty((B, num_heads, N), dtype=_decay_dtype(x, A_log)) for _ in range(2))
 
 
-@torch.library.custom_op("vitkern::ppma_decays_bwd", mutates_args=())
+@kernel_op("ppma_decays_bwd")
 def _decays_bwd(da: Tensor, dg: Tensor, x: Tensor, dt_weight: Tensor, dt_bias: Tensor,
                 A_log: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton decays backward: (dx, d dt_weight, d dt_bias, d A_log)."""
@@ -357,12 +365,11 @@ def _decays_setup(ctx, inputs, output):
 
 
 def _decays_backward(ctx, da, dg):
-    grads = torch.ops.vitkern.ppma_decays_bwd(da, dg, *ctx.saved_tensors)
+    grads = _decays_bwd(da, dg, *ctx.saved_tensors)
     return (*grads, None)
 
 
-torch.library.register_autograd("vitkern::ppma_decays_fwd", _decays_backward,
-                                setup_context=_decays_setup)
+_decays_fwd.register_autograd(_decays_backward, _decays_setup)
 
 
 def ppma_decays(x: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
@@ -401,11 +408,11 @@ def ppma_decays(x: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
         x, head_dim=d, other_dtypes=params, needs_grad=needs_grad(x, dt_weight, dt_bias, A_log)))
     if name == "reference" or x.numel() == 0:
         return ref.ppma_decays(x, dt_weight, dt_bias, A_log, num_heads)
-    return torch.ops.vitkern.ppma_decays_fwd(x.reshape(x.shape[0], -1, x.shape[-1]), dt_weight,
+    return _decays_fwd(x.reshape(x.shape[0], -1, x.shape[-1]), dt_weight,
                                              dt_bias, A_log, num_heads)
 
 
-@torch.library.custom_op("vitkern::ppma_rope", mutates_args=())
+@kernel_op("ppma_rope")
 def _rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     """Triton RoPE: x (B, heads, N, d), sin / cos fp32 (N, d) contiguous."""
     from vitkern.triton_kernels import ppma as tk
@@ -421,7 +428,7 @@ def _(x, sin, cos):
     return bhnd_empty(x, x.shape[2])
 
 
-@torch.library.custom_op("vitkern::ppma_rope_bwd", mutates_args=())
+@kernel_op("ppma_rope_bwd")
 def _rope_bwd(dy: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     from vitkern.triton_kernels import ppma as tk
 
@@ -442,10 +449,10 @@ def _rope_setup(ctx, inputs, output):
 
 def _rope_backward(ctx, dy):
     sin, cos = ctx.saved_tensors
-    return torch.ops.vitkern.ppma_rope_bwd(dy, sin, cos), None, None
+    return _rope_bwd(dy, sin, cos), None, None
 
 
-torch.library.register_autograd("vitkern::ppma_rope", _rope_backward, setup_context=_rope_setup)
+_rope.register_autograd(_rope_backward, _rope_setup)
 
 
 def ppma_rope(x: Tensor, sin: Tensor, cos: Tensor, *, backend: str = "auto") -> Tensor:
@@ -474,4 +481,4 @@ def ppma_rope(x: Tensor, sin: Tensor, cos: Tensor, *, backend: str = "auto") -> 
     if name == "reference" or x.numel() == 0 or sin.requires_grad or cos.requires_grad:
         return ref.ppma_rope(x, sin, cos)
     tables = [t.detach().reshape(N, d).to(torch.float32).contiguous() for t in (sin, cos)]
-    return torch.ops.vitkern.ppma_rope(x, *tables)
+    return _rope(x, *tables)

@@ -21,8 +21,9 @@ from vitkern.eager import token as eager
 from vitkern.reference import token as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_qkv, check_scale,
-                      check_values, is_int, lse_empty, on_device)
-from ._dispatch import Capability, Family, HeadDims, dispatch, inputs
+                      check_values, is_int, kernel_op, lse_empty, needs_grad, on_device,
+                      reads_values)
+from ._dispatch import CallCache, Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["token_attention"]
 
@@ -227,7 +228,7 @@ def _bias_view(key_bias):
     return key_bias if key_bias is None or key_bias.dim() == 1 else key_bias.t()
 
 
-@torch.library.custom_op("vitkern::token_fwd", mutates_args=())
+@kernel_op("token_fwd")
 def _token_fwd(q: Tensor, k: Tensor, v: Tensor, keep_idx: Optional[Tensor],
                key_bias: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
                importance: str, max_seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -266,7 +267,7 @@ def _bias_grad_empty(q: Tensor, key_bias: Optional[Tensor]) -> Tensor:
         key_bias, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("vitkern::token_bwd", mutates_args=())
+@kernel_op("token_bwd")
 def _token_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, p0: Tensor,
                dp0: Optional[Tensor], keep_idx: Optional[Tensor], key_bias: Optional[Tensor],
                cu_seqlens: Optional[Tensor], scale: float,
@@ -337,19 +338,22 @@ def _backward(ctx, do, _dlse, dimp):
         do = torch.zeros_like(o)
     if p0 is None:
         p0 = lse.new_empty((0,))
-    dq, dk, dv, dbias = torch.ops.vitkern.token_bwd(
+    dq, dk, dv, dbias = _token_bwd(
         do, q, k, v, o, lse, p0, dimp if ctx.want_cls else None, keep_idx, key_bias,
         cu_seqlens, ctx.scale, ctx.max_seqlen)
     return (dq, dk, dv, None, (dbias if key_bias is not None else None), None, None, None,
             None)
 
 
-torch.library.register_autograd("vitkern::token_fwd", _backward, setup_context=_setup_context)
+_token_fwd.register_autograd(_backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------
 # public op
 # --------------------------------------------------------------------------------------------
+
+
+_CALLS = CallCache()
 
 
 def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tensor] = None,
@@ -406,11 +410,22 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
     """
     op = "token_attention"
     q, k, v = autocast_inputs(q, k, v)
-    keep_idx, cu, max_seqlen, scale = _check(op, q, k, v, keep_idx, cu_seqlens, max_seqlen,
-                                             key_bias, return_importance, scale)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, key_bias))
-    name = _backend(op, backend, q, key_bias, needs_grad)
+    grad = needs_grad(q, k, v, key_bias)
+    # checked arguments and backend, per call signature, unless the checks read index values
+    # (CPU index tensors; max_seqlen computed from cu_seqlens)
+    key = None if (cu_seqlens is not None and max_seqlen is None) or reads_values(
+        keep_idx, cu_seqlens) else _CALLS.key(q, k, v, keep_idx, cu_seqlens, max_seqlen,
+                                              key_bias, return_importance, scale, backend, grad)
+    plan = _CALLS.get(key)
+    if plan is None:
+        keep_idx, cu, max_seqlen, scale = _check(op, q, k, v, keep_idx, cu_seqlens, max_seqlen,
+                                                 key_bias, return_importance, scale)
+        name = _backend(op, backend, q, key_bias, grad)
+        _CALLS.put(key, (max_seqlen, scale, name))
+    else:
+        max_seqlen, scale, name = plan
+        keep_idx = None if keep_idx is None else keep_idx.long()
+        cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
     varlen = cu is not None
     if name == "eager" and q.numel() and _n_keep(q, keep_idx, varlen):
         with autocast_off(q):
@@ -422,8 +437,8 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
             return TOKEN.reference(q, k, v, keep_idx=keep_idx, cu_seqlens=cu_seqlens,
                                    key_bias=key_bias, return_importance=return_importance,
                                    scale=scale)
-    o, _, imp = torch.ops.vitkern.token_fwd(q, k, v, keep_idx, key_bias, cu, scale,
-                                            return_importance or "", max_seqlen)
+    o, _, imp = _token_fwd(q, k, v, keep_idx, key_bias, cu, scale, return_importance or "",
+                           max_seqlen)
     if return_importance is None:
         return o
     return o, imp.mean(0 if varlen else 1).to(q.dtype)

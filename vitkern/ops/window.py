@@ -22,12 +22,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from vitkern.eager import window as eager
 from vitkern.reference import window as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_out_overlap,
-                      check_qkv, check_scale, check_values, is_int, lse_empty, needs_grad,
-                      on_device)
-from ._dispatch import Capability, Family, dispatch, inputs
+                      check_qkv, check_scale, check_values, is_int, kernel_op, lse_empty,
+                      needs_grad, on_device, reads_values)
+from ._dispatch import CallCache, Capability, Family, dispatch, inputs
 
 __all__ = ["window_attention"]
 
@@ -137,6 +138,10 @@ def _check_active(op, active_windows, B, hw, ws, device) -> Tensor:
             row = int(dup.nonzero()[0, 0])
             raise ValueError(f"{op}: active_windows lists a window twice in row {row}; each row "
                              "must list distinct windows")
+    return _active32(active_windows)
+
+
+def _active32(active_windows: Tensor) -> Tensor:
     return active_windows.to(torch.int32).contiguous()
 
 
@@ -202,7 +207,7 @@ def _cuda_kernel_reason(code: int, d: int, ws: int) -> str:
     return why if status else ""
 
 
-@torch.library.custom_op("vitkern::window_cuda_fwd", mutates_args=())
+@kernel_op("window_cuda_fwd")
 def _window_cuda_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], H: int, W: int,
                      window_size: int, shift: int, mask_value: float, scale: float,
                      pad_order: str) -> Tensor:
@@ -241,12 +246,13 @@ def _triton_check(inp) -> Optional[str]:
 
 
 #: The window family (window_attention). cuda: Swin forward for inference, square 7 / 12
-#: windows, fp16 / bf16, head_dim 32 (vitkern._C declares them); triton: every mode, trains.
+#: windows, fp16 / bf16, head_dim 32 (vitkern._C declares them); triton: every mode, trains;
+#: eager (SDPA per shift-mask pattern on gathered windows) is auto's CPU path.
 WINDOW = Family("window", ref.window_attention, (
     Capability("cuda", training=False, forward_only=_CUDA_FORWARD_ONLY, check=_cuda_check,
                kernels=lambda inp: ("window_fwd",)),
     Capability.triton(check=_triton_check),
-))
+), eager=eager.window_attention)
 
 
 def _backend(op, backend, q, win, sft=(0, 0), active=None, needs_grad=False, out=None):
@@ -271,7 +277,7 @@ def _geo(H, W, wh, ww, sh, sw, pad_then_shift, active):
                        None if active is None else active.shape[1])
 
 
-@torch.library.custom_op("vitkern::window_fwd", mutates_args=())
+@kernel_op("window_fwd")
 def _window_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], active: Optional[Tensor],
                 H: int, W: int, wh: int, ww: int, sh: int, sw: int, scale: float,
                 mask_value: float, pad_then_shift: bool) -> tuple[Tensor, Tensor]:
@@ -294,7 +300,7 @@ def _(q, k, v, bias, active, H, W, wh, ww, sh, sw, scale, mask_value, pad_then_s
     return bhnd_empty(q, q.shape[2]), lse_empty(q)
 
 
-@torch.library.custom_op("vitkern::window_fwd_out", mutates_args=("out",))
+@kernel_op("window_fwd_out", mutates_args=("out",))
 def _window_fwd_out(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
                     active: Optional[Tensor], out: Tensor, H: int, W: int, wh: int, ww: int,
                     sh: int, sw: int, scale: float, mask_value: float,
@@ -314,7 +320,7 @@ def _(q, k, v, bias, active, out, H, W, wh, ww, sh, sw, scale, mask_value, pad_t
     return None
 
 
-@torch.library.custom_op("vitkern::window_bwd", mutates_args=())
+@kernel_op("window_bwd")
 def _window_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                 bias: Optional[Tensor], active: Optional[Tensor], H: int, W: int, wh: int,
                 ww: int, sh: int, sw: int, scale: float, mask_value: float, pad_then_shift: bool,
@@ -360,17 +366,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, bias, active = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.vitkern.window_bwd(do, q, k, v, o, lse, bias, active,
-                                                     *ctx.args, need_dbias)
+    dq, dk, dv, dbias = _window_bwd(do, q, k, v, o, lse, bias, active, *ctx.args, need_dbias)
     return (dq, dk, dv, (dbias if need_dbias else None)) + (None,) * (1 + len(ctx.args))
 
 
-torch.library.register_autograd("vitkern::window_fwd", _backward, setup_context=_setup_context)
+_window_fwd.register_autograd(_backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------
 # public op
 # --------------------------------------------------------------------------------------------
+
+
+_CALLS = CallCache()
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
@@ -430,16 +438,27 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
     op = "window_attention"
     if out is None:  # out= calls are not autocast-eligible (PyTorch's rule for out= functions)
         q, k, v = autocast_inputs(q, k, v)
-    H, W, win, sft, scale, mask_value, active = _check(
-        op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale, pad_order,
-        active_windows, out, clamp)
-    name = _backend(op, backend, q, win, sft, active, needs_grad(q, k, v, rel_pos_bias), out)
-    if name == "reference" or q.numel() == 0:
+    grad = needs_grad(q, k, v, rel_pos_bias)
+    # checked arguments and backend, per call signature (out= and CPU index checks read values)
+    key = None if out is not None or reads_values(active_windows) else _CALLS.key(
+        q, k, v, rel_pos_bias, active_windows, hw, window_size, shift, mask_value, scale,
+        pad_order, clamp, backend, grad)
+    plan = _CALLS.get(key)
+    if plan is None:
+        H, W, win, sft, scale, mask_value, active = _check(
+            op, q, k, v, hw, window_size, shift, rel_pos_bias, mask_value, scale, pad_order,
+            active_windows, out, clamp)
+        name = _backend(op, backend, q, win, sft, active, grad, out)
+        _CALLS.put(key, (H, W, win, sft, scale, mask_value, name))
+    else:
+        H, W, win, sft, scale, mask_value, name = plan
+        active = None if active_windows is None else _active32(active_windows)
+    if name in ("reference", "eager") or q.numel() == 0:
+        fn = WINDOW.eager if name == "eager" and q.numel() else ref.window_attention
         with autocast_off(q):
-            o = ref.window_attention(q, k, v, hw=(H, W), window_size=win, shift=sft,
-                                     rel_pos_bias=rel_pos_bias, mask_value=mask_value,
-                                     scale=scale, pad_order=pad_order, active_windows=active,
-                                     clamp=None)
+            o = fn(q, k, v, hw=(H, W), window_size=win, shift=sft, rel_pos_bias=rel_pos_bias,
+                   mask_value=mask_value, scale=scale, pad_order=pad_order,
+                   active_windows=active, clamp=None)
         if out is None:
             return o
         if active is None:
@@ -447,10 +466,10 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
         keep = ref.active_token_mask((H, W), win, sft, active, pad_order, None)
         return out.copy_(torch.where(keep[:, None, :, None], o, out))
     if name == "cuda":
-        return torch.ops.vitkern.window_cuda_fwd(q, k, v, rel_pos_bias, H, W, win[0], sft[0],
-                                                 mask_value, scale, pad_order)
+        return _window_cuda_fwd(q, k, v, rel_pos_bias, H, W, win[0], sft[0], mask_value, scale,
+                                pad_order)
     geo = (H, W, *win, *sft, scale, mask_value, pad_order == "pad_then_shift")
     if out is not None:
-        torch.ops.vitkern.window_fwd_out(q, k, v, rel_pos_bias, active, out, *geo)
+        _window_fwd_out(q, k, v, rel_pos_bias, active, out, *geo)
         return out
-    return torch.ops.vitkern.window_fwd(q, k, v, rel_pos_bias, active, *geo)[0]
+    return _window_fwd(q, k, v, rel_pos_bias, active, *geo)[0]
