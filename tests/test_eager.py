@@ -229,10 +229,10 @@ def test_auto_picks_eager_for_cpu_tensors(monkeypatch):
     assert backends.AUTO_ORDER.index("eager") == backends.AUTO_ORDER.index("reference") - 1
     assert T._backend("x", "auto", q, None) == "eager"
     assert ppma_ops._backend("x", "auto", q, 4, True) == "eager"
-    # ops without an eager module keep their reference under auto and under backend="eager"
     assert window_ops._backend("x", "auto", q, (2, 2)) == "eager"
+    assert linear_ops._backend("x", "auto", q, 8, False) == "eager"
+    # ops without an eager module keep their reference under auto and under backend="eager"
     for be in ("auto", "eager"):
-        assert linear_ops._backend("x", be, q, 8, False) == "reference"
         assert hilo_ops._backend("x", be, q, 2, 1, False) == "reference"
     # VITKERN_BACKEND replaces auto; explicit arguments still win
     monkeypatch.setenv("VITKERN_BACKEND", "eager")

@@ -384,7 +384,7 @@ def test_xca_bad_inputs_raise_clear_errors(kwargs, exc, match):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch rules")
 def test_dispatch_on_cpu():
     q = _t(1, 2, 16, 8)
-    assert L._backend("x", "auto", q, 8, False) == "reference"
+    assert L._backend("x", "auto", q, 8, False) == "eager"
     assert L._backend("x", "triton", q, 8, True) == "triton"
     with pytest.raises(backends.BackendError) as info:
         xca_attention(q.double(), q.double(), q.double(), temperature=1.0, backend="triton")

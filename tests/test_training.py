@@ -540,9 +540,15 @@ def test_op_autocast_leaves_fp64_and_out_alone():
 
 
 @pytest.mark.parametrize("name", ["swin", "vit_drop"])
-def test_compile_under_autocast_no_graph_break(name):
+def test_compile_under_autocast_no_graph_break(name, monkeypatch):
     """torch.compile(fullgraph=True) of a patched model under bf16 autocast equals eager
-    (aot_eager: the graph capture and autograd tracing, without Inductor's codegen time)."""
+    (aot_eager: the graph capture and autograd tracing, without Inductor's codegen time).
+
+    Inside torch.compile CPU window attention traces its reference (the eager module plans its
+    gathers from index values); both sides run it here so that they compare bit for bit (the
+    eager module against the reference: tests/test_eager_window.py)."""
+    if name == "swin":
+        monkeypatch.setenv("VITKERN_BACKEND", "reference")
     model = build(name).eval()
     x, _ = batch(name, 2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

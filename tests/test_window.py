@@ -546,6 +546,24 @@ def test_torch_compile_fullgraph_no_recompile():
             torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="CPU dispatch rules")
+def test_torch_compile_of_auto_on_cpu_traces_the_reference():
+    """auto runs the eager module on CPU tensors; inside torch.compile (fullgraph) it traces the
+    reference instead (the eager module plans its gathers from index values), equal within fp32
+    rounding."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 2, 36, 16) for _ in range(3))
+    table = torch.randn(25, 2)
+
+    def f(q, k, v):
+        return window_attention(q, k, v, hw=(6, 6), window_size=3, shift=1, rel_pos_bias=table)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(got, f(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 def test_active_windows_checked_without_a_device_sync(monkeypatch):
     """active_windows values are checked for CPU tensors (and on a GPU only with
     VITKERN_DEBUG=1); with the check off, as on a GPU, the call reads no value back."""

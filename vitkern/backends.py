@@ -100,7 +100,9 @@ def reference_status() -> tuple[bool, str]:
 EAGER_OPS = ("token_attention (SDPA on the gathered kept tokens, the CLS row alone)",
              "ppma_attention (log-masks per block of query rows from the 1D row / column masks, "
              "SDPA above 1024 tokens)",
-             "window_attention (SDPA per shift-mask pattern on windows gathered by one index)")
+             "window_attention (SDPA per shift-mask pattern on windows gathered by one index)",
+             "linear_attention / xca_attention / soft_attention (matrix-vector denominator; "
+             "Gram matrix scaled by channel norms; bmm + baddbmm Newton-Schulz)")
 
 
 def eager_status() -> tuple[bool, str]:

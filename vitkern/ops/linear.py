@@ -40,6 +40,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from vitkern.eager import linear as eager
 from vitkern.reference import linear as ref
 from vitkern.reference.linear import FEATURE_MAPS, PRESETS
 
@@ -147,12 +148,16 @@ def _soft_check(inp) -> Optional[str]:
     return tk.soft_unsupported(m, inp.head_dim, e, inp.dtype == torch.float32, inp.needs_grad)
 
 
-#: The linear-attention family (linear_attention) and XCA (xca_attention): triton only (the
-#: head-dim table of this module's docstring), no CUDA C++ kernel, no eager module.
-LINEAR = Family("linear", ref.linear_attention, (Capability.triton(check=_triton_check),))
-XCA = Family("xca", ref.xca_attention, (Capability.triton(check=_triton_check),))
+#: The linear-attention family (linear_attention) and XCA (xca_attention): triton (the head-dim
+#: table of this module's docstring), no CUDA C++ kernel; eager (vitkern.eager.linear) is auto's
+#: CPU path.
+LINEAR = Family("linear", ref.linear_attention, (Capability.triton(check=_triton_check),),
+                eager=eager.linear_attention)
+XCA = Family("xca", ref.xca_attention, (Capability.triton(check=_triton_check),),
+             eager=eager.xca_attention)
 #: SOFT's Nyström core (soft_attention): triton up to 64 landmarks / head dims (32 in fp32).
-SOFT = Family("soft", ref.soft_attention, (Capability.triton(check=_soft_check),))
+SOFT = Family("soft", ref.soft_attention, (Capability.triton(check=_soft_check),),
+              eager=eager.soft_attention)
 
 
 def _backend(op, backend, q, v_dim, xca, backward=True):
@@ -319,7 +324,8 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu
         key_padding_mask: (B, M) bool, **True marks a padding key** (the ``nn.MultiheadAttention``
             convention): it contributes neither to φ(K)ᵀV nor to Σφ(K) and gets zero gradients.
             Needed for elu+1, whose φ(0) = 1 would count zero-padded keys.
-        backend: "auto", "triton", "cuda" or "reference".
+        backend: "auto", "triton", "cuda", "eager" or "reference" (``auto`` runs "eager",
+            :mod:`vitkern.eager.linear`, for CPU tensors).
 
     Presets: ``linear_attention(q, k, v, **PRESETS["katharopoulos" | "l2vit" | "efficientvit"])``.
 
@@ -331,12 +337,15 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu
     temp = _check_temperature(op, temperature, q, required=False)
     name = _backend(op, backend, q, v.shape[-1], xca=False,
                     backward=needs_grad(q, k, v, temp))
+    if name == "eager":
+        return LINEAR.eager(q, k, v, feature_map=feature_map, scale=scale, temperature=temp,
+                            denom=denom, eps=eps, key_padding_mask=key_padding_mask)
     if name == "reference" or q.numel() == 0 or k.shape[2] == 0:
         return ref.linear_attention(q, k, v, feature_map=feature_map, scale=scale,
                                     temperature=temp, denom=denom, eps=eps,
                                     key_padding_mask=key_padding_mask)
-    return _linear_fwd(q, k, v, temp, key_padding_mask, feature_map, scale,
-                                             denom == "clamp", eps)[0]
+    return _linear_fwd(q, k, v, temp, key_padding_mask, feature_map, scale, denom == "clamp",
+                       eps)[0]
 
 
 _CALLS = CallCache()
@@ -357,7 +366,8 @@ def xca_attention(q: Tensor, k: Tensor, v: Tensor, *, temperature: Union[Tensor,
             a tensor of ``heads`` values (timm's (heads, 1, 1) parameter; differentiable) or a
             float.
         eps: the norm floor of ``F.normalize`` (1e-12), > 0.
-        backend: "auto", "triton", "cuda" or "reference".
+        backend: "auto", "triton", "cuda", "eager" or "reference" (``auto`` runs "eager",
+            :mod:`vitkern.eager.linear`, for CPU tensors).
 
     Returns:
         (B, heads, N, d) in the input dtype.
@@ -377,6 +387,8 @@ def xca_attention(q: Tensor, k: Tensor, v: Tensor, *, temperature: Union[Tensor,
         _CALLS.put(key, (eps, name))
     else:
         (eps, name), temp = plan, _temperature(temperature, q)
+    if name == "eager":
+        return XCA.eager(q, k, v, temperature=temp, eps=eps)
     if name == "reference" or q.numel() == 0:
         return ref.xca_attention(q, k, v, temperature=temp, eps=eps)
     return _xca_fwd(q, k, v, temp, eps)[0]
@@ -501,7 +513,8 @@ def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tenso
         v: (B, heads, N, e).
         ainv: (B, heads, m, m) or None (then computed as above).
         iters, reg: the Newton–Schulz step count and shift (SOFT: 20, 0.01).
-        backend: "auto", "triton", "cuda" or "reference".
+        backend: "auto", "triton", "cuda", "eager" or "reference" (``auto`` runs "eager",
+            :mod:`vitkern.eager.linear`, for CPU tensors).
 
     Decisions (the spec's open points): the squared distance is ``‖q‖² + ‖l‖² − 2q·l`` (SOFT's
     torch form, used by its plain configs) **without a clamp at 0**; the kernel groups the
@@ -517,11 +530,15 @@ def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tenso
     iters = _check_int(op, "iters", iters)
     reg = _check_float(op, "reg", reg)
     m = landmarks.shape[2]
+    # dispatched before Ainv is computed (eager computes it faster itself); a computed Ainv
+    # needs gradients exactly when the landmarks do
+    name = dispatch(SOFT, op, backend, inputs(q, m, v.shape[-1],
+                                              needs_grad=needs_grad(q, landmarks, v, ainv)))
+    if name == "eager":
+        return SOFT.eager(q, landmarks, v, ainv, iters=iters, reg=reg)
     if ainv is None:
         lm = landmarks if landmarks.dtype == torch.float64 else landmarks.float()
         ainv = ref.newton_schulz_inverse(ref.gaussian_kernel(lm, lm), iters, reg)
-    name = dispatch(SOFT, op, backend, inputs(q, m, v.shape[-1],
-                                              needs_grad=needs_grad(q, landmarks, v, ainv)))
     if name == "reference" or q.numel() == 0 or v.numel() == 0:
         return ref.soft_attention(q, landmarks, v, ainv)
     return _soft_fwd(q, landmarks, v, ainv)[0]

@@ -454,7 +454,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
         H, W, win, sft, scale, mask_value, name = plan
         active = None if active_windows is None else _active32(active_windows)
     if name in ("reference", "eager") or q.numel() == 0:
-        fn = WINDOW.eager if name == "eager" and q.numel() else ref.window_attention
+        # eager builds its gather plan from index values: torch.compile traces the reference
+        fast = name == "eager" and q.numel() and not torch.compiler.is_compiling()
+        fn = WINDOW.eager if fast else ref.window_attention
         with autocast_off(q):
             o = fn(q, k, v, hw=(H, W), window_size=win, shift=sft, rel_pos_bias=rel_pos_bias,
                    mask_value=mask_value, scale=scale, pad_order=pad_order,
