@@ -208,30 +208,11 @@ def _newton_schulz(a: Tensor, iters: int, reg: float, alpha_scale: float) -> Ten
     return v.view(shape)
 
 
-class _NewtonSchulzInverse(torch.autograd.Function):
-    """The reference's ``_NewtonSchulzInverse`` with the faster iteration: forward in fp32 for
-    16-bit inputs (fp64 stays fp64) without autograd; backward SOFT's ``dA = −Vᵀ G Vᵀ``."""
-
-    @staticmethod
-    def forward(ctx, a, iters, reg, alpha_scale):
-        math_dtype = a.dtype if a.dtype == torch.float64 else torch.float32
-        with torch.no_grad():
-            v = _newton_schulz(a.to(math_dtype), iters, reg, alpha_scale)
-        ctx.save_for_backward(v)
-        ctx.in_dtype = a.dtype
-        return v
-
-    @staticmethod
-    def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        vt = v.transpose(-1, -2)
-        return -(vt @ g.to(v.dtype) @ vt).to(ctx.in_dtype), None, None, None
-
-
 def newton_schulz_inverse(a: Tensor, iters: int = 20, reg: float = 0.01,
                           alpha_scale: float = 0.9) -> Tensor:
-    """:func:`vitkern.reference.linear.newton_schulz_inverse`, fast (same result and backward)."""
-    return _NewtonSchulzInverse.apply(a, iters, reg, alpha_scale)
+    """:func:`vitkern.reference.linear.newton_schulz_inverse`, fast (same result and backward:
+    the reference's autograd function with this module's iteration)."""
+    return ref._NewtonSchulzInverse.apply(a, iters, reg, alpha_scale, _newton_schulz)
 
 
 def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tensor] = None, *,

@@ -128,13 +128,15 @@ def _newton_schulz(a: Tensor, iters: int, reg: float, alpha_scale: float) -> Ten
 
 class _NewtonSchulzInverse(torch.autograd.Function):
     """Forward: the iteration without autograd; backward: ``dA = −Vᵀ G Vᵀ`` (the gradient of an
-    exact inverse evaluated at the approximate one, computed once — SOFT's custom backward)."""
+    exact inverse evaluated at the approximate one, computed once — SOFT's custom backward).
+    ``iterate``: the iteration, this module's :func:`_newton_schulz` (vitkern.eager.linear
+    passes a faster one with the same iterates)."""
 
     @staticmethod
-    def forward(ctx, a, iters, reg, alpha_scale):
+    def forward(ctx, a, iters, reg, alpha_scale, iterate):
         math_dtype = a.dtype if a.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            v = _newton_schulz(a.to(math_dtype), iters, reg, alpha_scale)
+            v = iterate(a.to(math_dtype), iters, reg, alpha_scale)
         ctx.save_for_backward(v)
         ctx.in_dtype = a.dtype
         return v
@@ -143,7 +145,7 @@ class _NewtonSchulzInverse(torch.autograd.Function):
     def backward(ctx, g):
         (v,) = ctx.saved_tensors
         vt = v.transpose(-1, -2)
-        return -(vt @ g.to(v.dtype) @ vt).to(ctx.in_dtype), None, None, None
+        return -(vt @ g.to(v.dtype) @ vt).to(ctx.in_dtype), None, None, None, None
 
 
 def newton_schulz_inverse(a: Tensor, iters: int = 20, reg: float = 0.01,
@@ -156,7 +158,7 @@ def newton_schulz_inverse(a: Tensor, iters: int = 20, reg: float = 0.01,
     and the result is returned in fp32 then; fp64 stays fp64. The backward is SOFT's
     ``−Vᵀ G Vᵀ``, the exact gradient only once the iteration has converged.
     """
-    return _NewtonSchulzInverse.apply(a, iters, reg, alpha_scale)
+    return _NewtonSchulzInverse.apply(a, iters, reg, alpha_scale, _newton_schulz)
 
 
 def soft_attention(q: Tensor, landmarks: Tensor, v: Tensor, ainv: Optional[Tensor] = None, *,
