@@ -119,7 +119,7 @@ def _sdpa(r) -> Provider:
 # Registry entries
 # ---------------------------------------------------------------------------------------------
 LINEAR = registry.Family(
-    FAMILY, linear_cases, tol=ERR_FLOOR, quick_cpu_batch=1,
+    FAMILY, linear_cases, tol=ERR_FLOOR, quick_cpu_batch=1, eager=True,
     fields=lambda c: {"shape": c.describe(), "N": c.N, "heads": c.heads, "head_dim": c.head_dim,
                       "preset": c.preset or None})
 

@@ -176,7 +176,7 @@ def flex_windows(r) -> Callable:
 # Registry entries
 # ---------------------------------------------------------------------------------------------
 WINDOW = registry.Family(
-    FAMILY, window_cases, backends=("triton", "cuda"),
+    FAMILY, window_cases, backends=("triton", "cuda"), eager=True,
     fields=lambda c: {"shape": c.describe(), "H": c.H, "W": c.W, "heads": c.heads,
                       "head_dim": c.head_dim, "window_size": c.window_size, "shift": c.shift,
                       "n_windows": c.n_windows})

@@ -404,6 +404,19 @@ def test_registry_groups_match_the_cli():
         "window": ("attn", "block_attn", "sparse30", "sparse50", "sparse70")}
 
 
+def test_registry_eager_flags_match_the_op_descriptors():
+    """A benchmark family labels ``auto`` on a CPU as the eager path exactly when one of its ops
+    declares an eager module (vitkern.ops' descriptors)."""
+    from vitkern.bench import registry
+    from vitkern.bench.__main__ import FAMILIES
+    from vitkern.ops._dispatch import FAMILIES as OPS
+
+    ops_of = {"linear": ("linear", "xca", "soft"), "ppma": ("ppma", "ppma_criss_cross")}
+    for f in FAMILIES:
+        declared = any(OPS[o].eager is not None for o in ops_of.get(f, (f,)))
+        assert registry.get(f).eager == declared, f
+
+
 def test_cli_quick_end_to_end(tmp_path):
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "vitkern.bench", "--quick", "--out", str(tmp_path), "--no-progress"],
