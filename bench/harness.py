@@ -299,7 +299,10 @@ def bench_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
                           max_reps: int = 50, min_time_s: float = 0.25, max_time_s: float = 3.0,
                           timer: str = "perf_counter median (interleaved)") -> dict[str, Timing]:
     """Like ``bench_cpu`` for several callables at once, timed round-robin (one call of each per
-    round) so that load changes on a shared CPU hit every provider alike; median per callable."""
+    round) so that load changes on a shared CPU hit every provider alike; median per callable.
+    Each round starts one provider later, so none always runs right after the same one (a
+    baseline that allocates gigabytes, e.g. SDPA materialising N×N at 16k tokens, leaves cold
+    caches and freed pages to whoever runs next)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -307,7 +310,8 @@ def bench_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
     times: dict[str, list[float]] = {n: [] for n in names}
     t_all = 0.0
     while True:
-        for n in names:
+        start = len(times[names[0]]) % len(names)
+        for n in names[start:] + names[:start]:
             t0 = time.perf_counter()
             fns[n]()
             dt = time.perf_counter() - t0
