@@ -187,15 +187,28 @@ def test_cache_follows_backend_environment(monkeypatch):
 
 def test_value_checks_are_never_skipped():
     """Index tensors whose values the op checks (CPU tensors) are checked on every call, even
-    after a valid call of the same signature."""
-    q, k, v = _inputs((2, 2, 20, 16), 3)
-    q, k, v = (x.cpu() for x in (q, k, v))
-    keep = torch.tensor([[0, 3, 5], [1, 2, 4]])
+    after a valid call of the same signature (whose metadata checks are then looked up)."""
+    q, k, v = (x.cpu() for x in _inputs((2, 2, 36, 16), 3))
     with torch.no_grad():
+        keep = torch.tensor([[0, 3, 5], [1, 2, 4]])
         ops.token_attention(q, k, v, keep_idx=keep, backend="eager")
         with pytest.raises(ValueError, match="out-of-range"):
             ops.token_attention(q, k, v, keep_idx=torch.tensor([[0, 3, 50], [1, 2, 4]]),
                                 backend="eager")
+        with pytest.raises(ValueError, match="duplicate"):
+            ops.token_attention(q, k, v, keep_idx=torch.tensor([[0, 3, 3], [1, 2, 4]]),
+                                backend="eager")
+        tokens = q.transpose(1, 2).reshape(72, 2, 16)
+        cu, kw = torch.tensor([0, 30, 72]), dict(max_seqlen=42, backend="eager")
+        ops.token_attention(tokens, tokens, tokens, cu_seqlens=cu, **kw)
+        with pytest.raises(ValueError, match="shorter than the longest"):
+            ops.token_attention(tokens, tokens, tokens, cu_seqlens=torch.tensor([0, 10, 72]), **kw)
+        win = dict(hw=(6, 6), window_size=3, backend="reference")
+        ops.window_attention(q, k, v, active_windows=torch.tensor([[0, 1], [2, 3]]), **win)
+        with pytest.raises(ValueError, match="out-of-range"):
+            ops.window_attention(q, k, v, active_windows=torch.tensor([[0, 9], [2, 3]]), **win)
+        with pytest.raises(ValueError, match="twice"):
+            ops.window_attention(q, k, v, active_windows=torch.tensor([[1, 1], [2, 3]]), **win)
 
 
 def test_call_cache_is_bounded_and_skips_unhashable():

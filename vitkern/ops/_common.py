@@ -79,16 +79,6 @@ def check_values(t: Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("VITKERN_DEBUG", "0") not in ("", "0")
 
 
-def reads_values(*index) -> bool:
-    """Whether a call's checks read the values of any of its ``index`` tensors (see
-    :func:`check_values`; None entries ignored, anything else not a tensor counts: the checks
-    refuse it), so that they cannot be looked up by the call's signature."""
-    for t in index:
-        if t is not None and (not isinstance(t, Tensor) or check_values(t)):
-            return True
-    return False
-
-
 def check_hw(op: str, hw, n_tokens: int) -> tuple[int, int]:
     """``hw`` is a pair of positive ints whose product is the token count."""
     if (not isinstance(hw, (tuple, list)) or len(hw) != 2

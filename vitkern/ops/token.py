@@ -21,8 +21,7 @@ from vitkern.eager import token as eager
 from vitkern.reference import token as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_qkv, check_scale,
-                      check_values, is_int, kernel_op, lse_empty, needs_grad, on_device,
-                      reads_values)
+                      check_values, is_int, kernel_op, lse_empty, needs_grad, on_device)
 from ._dispatch import CallCache, Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["token_attention"]
@@ -108,11 +107,9 @@ def _check_varlen(op, q, k, v, keep_idx, cu, max_seqlen, key_bias, scale):
     if cu.dtype not in INDEX_DTYPES or cu.dim() != 1 or cu.shape[0] < 2:
         raise ValueError(f"{op}: cu_seqlens must be a 1-D int32 (or int64) tensor of S + 1 >= 2 "
                          f"prefix sums, got {cu.dtype} of shape {tuple(cu.shape)}")
-    n_rows = T
     if keep_idx is not None:
         _check_tensor(op, "keep_idx", keep_idx, q.device)
         _check_index(op, keep_idx, keep_idx.dim() == 1, "(R,) with cu_seqlens (packed rows)")
-        n_rows = keep_idx.shape[0]
         keep_idx = keep_idx.long()
     if key_bias is not None:
         _check_bias(op, key_bias, q.device, ((T,), (T, h)),
@@ -120,27 +117,47 @@ def _check_varlen(op, q, k, v, keep_idx, cu, max_seqlen, key_bias, scale):
     if max_seqlen is not None and (not is_int(max_seqlen) or max_seqlen < 0):
         raise ValueError(f"{op}: max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if check_values(cu):
-        lens = cu[1:] - cu[:-1]
-        first, last = int(cu[0]), int(cu[-1])
-        longest = int(lens.max())
-        if first != 0 or int(lens.min()) < 0 or last != n_rows:
-            what = "keep_idx.shape[0]" if keep_idx is not None else "T = q.shape[0]"
-            raise ValueError(f"{op}: cu_seqlens must start at 0, never decrease and end at "
-                             f"{what} = {n_rows}; got first {first}, last {last}, smallest "
-                             f"step {int(lens.min())}")
-        if max_seqlen is None:
-            max_seqlen = longest
-        elif max_seqlen < longest:
-            raise ValueError(f"{op}: max_seqlen={max_seqlen} is shorter than the longest "
-                             f"sequence in cu_seqlens ({longest})")
-        if keep_idx is not None and n_rows:
-            _check_index_values(op, keep_idx[None], T)
+        max_seqlen = _check_varlen_values(op, cu, keep_idx, T, max_seqlen)
     elif max_seqlen is None:
         if torch.compiler.is_compiling():
             raise ValueError(f"{op}: inside torch.compile pass max_seqlen (an int) with "
                              f"cu_seqlens")
         max_seqlen = int((cu[1:] - cu[:-1]).max())  # a device sync: pass max_seqlen to avoid it
     return keep_idx, cu.to(torch.int32), int(max_seqlen), float(scale)
+
+
+def _check_varlen_values(op, cu: Tensor, keep_idx: Optional[Tensor], T: int,
+                         max_seqlen: Optional[int]) -> int:
+    """The values of a varlen call's cu_seqlens (and keep_idx); returns max_seqlen (computed
+    when None). Reads values back: see ``check_values``."""
+    n_rows = T if keep_idx is None else keep_idx.shape[0]
+    lens = cu[1:] - cu[:-1]
+    first, last = int(cu[0]), int(cu[-1])
+    longest = int(lens.max())
+    if first != 0 or int(lens.min()) < 0 or last != n_rows:
+        what = "keep_idx.shape[0]" if keep_idx is not None else "T = q.shape[0]"
+        raise ValueError(f"{op}: cu_seqlens must start at 0, never decrease and end at "
+                         f"{what} = {n_rows}; got first {first}, last {last}, smallest "
+                         f"step {int(lens.min())}")
+    if max_seqlen is None:
+        max_seqlen = longest
+    elif max_seqlen < longest:
+        raise ValueError(f"{op}: max_seqlen={max_seqlen} is shorter than the longest "
+                         f"sequence in cu_seqlens ({longest})")
+    if keep_idx is not None and n_rows:
+        _check_index_values(op, keep_idx[None], T)
+    return max_seqlen
+
+
+def _check_values_again(op, q: Tensor, keep_idx: Optional[Tensor], cu: Optional[Tensor],
+                        max_seqlen: int) -> None:
+    """The value checks of a call whose metadata a cached call of its signature passed (CPU
+    index tensors: every call; see ``check_values``)."""
+    if cu is not None:
+        if check_values(cu):
+            _check_varlen_values(op, cu, keep_idx, q.shape[0], max_seqlen)
+    elif keep_idx is not None and q.shape[0] and check_values(keep_idx):
+        _check_index_values(op, keep_idx, q.shape[2])
 
 
 def _check_index_values(op, keep_idx: Tensor, N: int):
@@ -411,11 +428,11 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
     op = "token_attention"
     q, k, v = autocast_inputs(q, k, v)
     grad = needs_grad(q, k, v, key_bias)
-    # checked arguments and backend, per call signature, unless the checks read index values
-    # (CPU index tensors; max_seqlen computed from cu_seqlens)
-    key = None if (cu_seqlens is not None and max_seqlen is None) or reads_values(
-        keep_idx, cu_seqlens) else _CALLS.key(q, k, v, keep_idx, cu_seqlens, max_seqlen,
-                                              key_bias, return_importance, scale, backend, grad)
+    # checked arguments and backend, per call signature (not when max_seqlen is computed from
+    # cu_seqlens' values); the values of CPU index tensors are checked on every call
+    key = None if cu_seqlens is not None and max_seqlen is None else _CALLS.key(
+        q, k, v, keep_idx, cu_seqlens, max_seqlen, key_bias, return_importance, scale, backend,
+        grad)
     plan = _CALLS.get(key)
     if plan is None:
         keep_idx, cu, max_seqlen, scale = _check(op, q, k, v, keep_idx, cu_seqlens, max_seqlen,
@@ -426,6 +443,7 @@ def token_attention(q: Tensor, k: Tensor, v: Tensor, *, keep_idx: Optional[Tenso
         max_seqlen, scale, name = plan
         keep_idx = None if keep_idx is None else keep_idx.long()
         cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
+        _check_values_again(op, q, keep_idx, cu, max_seqlen)
     varlen = cu is not None
     if name == "eager" and q.numel() and _n_keep(q, keep_idx, varlen):
         with autocast_off(q):

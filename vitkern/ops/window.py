@@ -27,7 +27,7 @@ from vitkern.reference import window as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_out_overlap,
                       check_qkv, check_scale, check_values, is_int, kernel_op, lse_empty,
-                      needs_grad, on_device, reads_values)
+                      needs_grad, on_device)
 from ._dispatch import CallCache, Capability, Family, dispatch, inputs
 
 __all__ = ["window_attention"]
@@ -127,18 +127,28 @@ def _check_active(op, active_windows, B, hw, ws, device) -> Tensor:
                          f"has only {n_win} ({gh}x{gw}) windows of {ws[0]}x{ws[1]}")
     if active_windows.device != device:
         raise ValueError(f"{op}: active_windows is on {active_windows.device}, q on {device}")
-    if B and K and check_values(active_windows):
-        lo, hi = active_windows.min().item(), active_windows.max().item()
-        if lo < 0 or hi >= n_win:
-            raise ValueError(f"{op}: active_windows has out-of-range ids (min {lo}, max {hi}); "
-                             f"they must lie in [0, {n_win}) ({gh}x{gw} windows, raster order)")
-        srt = active_windows.sort(dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
-        if dup.any().item():
-            row = int(dup.nonzero()[0, 0])
-            raise ValueError(f"{op}: active_windows lists a window twice in row {row}; each row "
-                             "must list distinct windows")
+    _check_active_values(op, active_windows, (gh, gw))
     return _active32(active_windows)
+
+
+def _check_active_values(op, active_windows: Tensor, grid) -> None:
+    """Range and uniqueness of the window ids, where ``check_values`` says so (CPU tensors);
+    ``grid``: the (gh, gw) window grid."""
+    B, K = active_windows.shape
+    if not (B and K and check_values(active_windows)):
+        return
+    gh, gw = grid
+    n_win = gh * gw
+    lo, hi = active_windows.min().item(), active_windows.max().item()
+    if lo < 0 or hi >= n_win:
+        raise ValueError(f"{op}: active_windows has out-of-range ids (min {lo}, max {hi}); "
+                         f"they must lie in [0, {n_win}) ({gh}x{gw} windows, raster order)")
+    srt = active_windows.sort(dim=1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+    if dup.any().item():
+        row = int(dup.nonzero()[0, 0])
+        raise ValueError(f"{op}: active_windows lists a window twice in row {row}; each row "
+                         "must list distinct windows")
 
 
 def _active32(active_windows: Tensor) -> Tensor:
@@ -439,8 +449,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
     if out is None:  # out= calls are not autocast-eligible (PyTorch's rule for out= functions)
         q, k, v = autocast_inputs(q, k, v)
     grad = needs_grad(q, k, v, rel_pos_bias)
-    # checked arguments and backend, per call signature (out= and CPU index checks read values)
-    key = None if out is not None or reads_values(active_windows) else _CALLS.key(
+    # checked arguments and backend, per call signature (not out=: its overlap check reads
+    # addresses); the values of CPU window ids are checked on every call
+    key = None if out is not None else _CALLS.key(
         q, k, v, rel_pos_bias, active_windows, hw, window_size, shift, mask_value, scale,
         pad_order, clamp, backend, grad)
     plan = _CALLS.get(key)
@@ -452,7 +463,10 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, hw: tuple[int, int],
         _CALLS.put(key, (H, W, win, sft, scale, mask_value, name))
     else:
         H, W, win, sft, scale, mask_value, name = plan
-        active = None if active_windows is None else _active32(active_windows)
+        active = None
+        if active_windows is not None:
+            _check_active_values(op, active_windows, ref.window_grid((H, W), win, clamp=None))
+            active = _active32(active_windows)
     if name in ("reference", "eager") or q.numel() == 0:
         # eager builds its gather plan from index values: torch.compile traces the reference
         fast = name == "eager" and q.numel() and not torch.compiler.is_compiling()
