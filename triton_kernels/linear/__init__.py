@@ -21,7 +21,8 @@ from . import common, linear, soft, xca
 from .common import FOLD_BLOCK, fold, gram_partials, split_plan
 from .linear import la_apply, la_backward, la_bwd_kv, la_bwd_q, la_forward
 from .soft import soft_apply, soft_backward, soft_bwd, soft_forward, soft_reduce
-from .xca import xca_apply, xca_backward, xca_bwd_apply, xca_bwd_small, xca_forward, xca_softmax
+from .xca import (xca_apply, xca_backward, xca_bwd_apply, xca_bwd_small, xca_forward,
+                  xca_fused, xca_softmax)
 from .xca import unsupported as _xca_unsupported
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
     "aot_specs", "fold", "gram_partials", "la_apply", "la_backward", "la_bwd_kv", "la_bwd_q",
     "la_forward", "soft_apply", "soft_backward", "soft_bwd", "soft_forward", "soft_reduce",
     "soft_unsupported", "split_plan", "unsupported", "xca_apply", "xca_backward",
-    "xca_bwd_apply", "xca_bwd_small", "xca_forward", "xca_softmax",
+    "xca_bwd_apply", "xca_bwd_small", "xca_forward", "xca_fused", "xca_softmax",
 ]
 
 #: The token-streaming tile tables of the shared reduction, linear attention and XCA, by kernel

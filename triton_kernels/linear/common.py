@@ -159,6 +159,33 @@ def fold_mat(P, pid_bh, n_split, M, offs_r, offs_c, R, C):
 
 
 @triton.jit
+def gram_tiles(X, Y, MASK, b, sx, sy, smb, smn, N, t0, t1, offs_d, dmask, offs_e, emask,
+               FEAT: tl.constexpr, HAS_MASK: tl.constexpr, COLSUM: tl.constexpr,
+               SQ: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(φ(X)ᵀY [BLOCK_D, BLOCK_E], Σφ(X) or ΣX² [BLOCK_D], ΣY² [BLOCK_E]) over token tiles
+    [t0, t1) of one head (X, Y at this head; ``sx``, ``sy`` their (token, channel) strides),
+    fp32, tiles in order."""
+    acc = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+    vec_x = tl.zeros([BLOCK_D], tl.float32)
+    vec_y = tl.zeros([BLOCK_E], tl.float32)
+    for t in range(t0, t1):
+        rows, valid = tile_rows(t, N, BLOCK_M)
+        valid = kept(MASK, b, rows, valid, smb, smn, HAS_MASK)
+        x = load_rows(X, rows, offs_d, valid, dmask, sx)
+        y = load_rows(Y, rows, offs_e, valid, emask, sy)
+        xf = phi_tile(x, valid, dmask, FEAT)
+        acc += mma(tl.trans(xf.to(x.dtype)), y, DOT_PRECISION)
+        if COLSUM:
+            vec_x += tl.sum(xf, 0)
+        if SQ:
+            vec_x += tl.sum(xf * xf, 0)
+            yf = y.to(tl.float32)
+            vec_y += tl.sum(yf * yf, 0)
+    return acc, vec_x, vec_y
+
+
+@triton.jit
 def gram_partials_kernel(
     X, Y, MASK, P,
     sxb, sxh, sxn, sxd, syb, syh, syn, syd, smb, smn,
@@ -173,27 +200,13 @@ def gram_partials_kernel(
     X: (B, h, N, DX), Y: (B, h, N, DY), MASK: (B, N) uint8, nonzero = padding token (skipped).
     """
     pid_bh, b, _ = head(n_heads)
-    X += bh_offset(pid_bh, n_heads, sxb, sxh)
-    Y += bh_offset(pid_bh, n_heads, syb, syh)
     offs_d, dmask = lanes(BLOCK_D, DX)
     offs_e, emask = lanes(BLOCK_E, DY)
     t0, t1 = token_chunk(N, tiles_per_split, BLOCK_M)
-    acc = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
-    vec_x = tl.zeros([BLOCK_D], tl.float32)
-    vec_y = tl.zeros([BLOCK_E], tl.float32)
-    for t in range(t0, t1):
-        rows, valid = tile_rows(t, N, BLOCK_M)
-        valid = kept(MASK, b, rows, valid, smb, smn, HAS_MASK)
-        x = load_rows(X, rows, offs_d, valid, dmask, (sxn, sxd))
-        y = load_rows(Y, rows, offs_e, valid, emask, (syn, syd))
-        xf = phi_tile(x, valid, dmask, FEAT)
-        acc += mma(tl.trans(xf.to(x.dtype)), y, DOT_PRECISION)
-        if COLSUM:
-            vec_x += tl.sum(xf, 0)
-        if SQ:
-            vec_x += tl.sum(xf * xf, 0)
-            yf = y.to(tl.float32)
-            vec_y += tl.sum(yf * yf, 0)
+    acc, vec_x, vec_y = gram_tiles(
+        X + bh_offset(pid_bh, n_heads, sxb, sxh), Y + bh_offset(pid_bh, n_heads, syb, syh), MASK,
+        b, (sxn, sxd), (syn, syd), smb, smn, N, t0, t1, offs_d, dmask, offs_e, emask, FEAT,
+        HAS_MASK, COLSUM, SQ, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_E)
     P = partial_slot(P, pid_bh, M)
     store_mat(P, offs_d, offs_e, DX, DY, acc)
     if COLSUM or SQ:

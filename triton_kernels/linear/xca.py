@@ -1,10 +1,12 @@
 """XCiT's cross-covariance attention (XCA): q, k, v (B, h, N, d); the channels are the rows of a
 d×d attention map.
 
-* forward: ``gram_partials`` (common.py) → (qᵀk | Σq² | Σk²) partials → ``xca_softmax`` (fold,
-  cosine Gram Gn = G/(|q_i||k_j|), A = softmax(τ·Gn); per head and block of rows) →
-  ``xca_apply``: ``o = V Aᵀ``. Saved for the backward: Gn and the channel norms (fp32, d×d + 2d
-  per head);
+* forward, maps of up to FUSED_MAX_N tokens and d <= 64: ``xca_fused_fwd`` (one program per
+  head: q, k, v read once, o written once, one launch);
+* forward otherwise: ``gram_partials`` (common.py) → (qᵀk | Σq² | Σk²) partials →
+  ``xca_softmax`` (fold, cosine Gram Gn = G/(|q_i||k_j|), A = softmax(τ·Gn); per head and block
+  of rows) → ``xca_apply``: ``o = V Aᵀ``. Saved for the backward (both): Gn and the channel
+  norms (fp32, d×d + 2d per head);
 * backward: ``gram_partials`` → dA = dOᵀV partials → ``xca_bwd_small`` (fold; dL = softmax'
   of dA; dG = τ·dL/(|q_i||k_j|); the norm-chain terms cq, ck; dτ) → ``xca_bwd_apply`` twice:
   ``dq = K dGᵀ + q·cq``, ``dk = Q dG + k·ck`` from q, k, then ``dv = dO A`` from dO.
@@ -18,8 +20,9 @@ import triton.language as tl
 from ..attention_core import bh_offset, block_d, load_rows, mma, store_rows
 from ..tuning import launch_key
 from .common import (FEATURES, aot_spec, configs, declared_reason, dots, fold_mat, fold_vec, gram,
-                     head, head_args, lanes, launch, load_mat, partial_slot, split_launch,
-                     store_mat, stride_args, tile_launcher, tile_rows, token_chunk, token_tiles)
+                     gram_tiles, head, head_args, lanes, launch, load_mat, partial_slot,
+                     split_launch, store_mat, stride_args, tile_launcher, tile_rows, token_chunk,
+                     token_tiles)
 
 # --------------------------------------------------------------------------------------------
 # the per-(b, h) d×d kernels: one program per head and block of BLOCK_I rows
@@ -132,6 +135,36 @@ def xca_apply_kernel(
 
 
 @triton.jit
+def xca_fused_fwd_kernel(
+    Q, K, V, TEMP, O, GN, NORMS,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    n_heads, N, D, eps,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The whole forward of one (b, h) in one program, for maps of up to FUSED_MAX_N tokens:
+    QᵀK and the channel norms over q, k (read once), Gn and A = softmax(τ·Gn) in registers
+    (Gn and the norms stored for the backward), then o = V Aᵀ over v (read once). The three
+    launches, the partials and A of the split path are gone; the token loops are those of the
+    split kernels (gram_tiles, _times_mat) over one split."""
+    pid_bh, _, h = head(n_heads)
+    offs_d, dmask = lanes(BLOCK_D, D)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    g, sq, sk = gram_tiles(
+        Q + bh_offset(pid_bh, n_heads, sqb, sqh), K + bh_offset(pid_bh, n_heads, skb, skh), Q,
+        0, (sqn, sqd), (skn, skd), 0, 0, N, 0, n_tiles, offs_d, dmask, offs_d, dmask, 0, False,
+        False, True, DOT_PRECISION, BLOCK_M, BLOCK_D, BLOCK_D)
+    nq, nk = tl.sqrt(sq), tl.sqrt(sk)
+    gn = g * (1.0 / tl.maximum(nq, eps))[:, None] * (1.0 / tl.maximum(nk, eps))[None, :]
+    a = _xca_probs(gn, tl.load(TEMP + h).to(tl.float32), offs_d, offs_d, D)
+    store_mat(GN + pid_bh * D * D, offs_d, offs_d, D, D, gn)
+    tl.store(NORMS + pid_bh * 2 * D + offs_d, nq, mask=dmask)
+    tl.store(NORMS + pid_bh * 2 * D + D + offs_d, nk, mask=dmask)
+    _times_mat(V + bh_offset(pid_bh, n_heads, svb, svh), O + bh_offset(pid_bh, n_heads, sob, soh),
+               (svn, svd), (son, sod), tl.trans(a), N, offs_d, dmask, n_tiles, DOT_PRECISION,
+               BLOCK_M)
+
+
+@triton.jit
 def xca_bwd_apply_kernel(
     Q, K, DO, DG, CQ, CK, A, DQ, DK, DV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, sdob, sdoh, sdon, sdod,
@@ -174,6 +207,9 @@ def xca_bwd_apply_kernel(
 # --------------------------------------------------------------------------------------------
 
 TILES = {
+    # the fused forward holds a d×d Gram, then A, across its token loops (as gram and xca_apply)
+    "xca_fused": {(16, False): (64, 4, 2), (32, False): (64, 4, 2), (64, False): (64, 8, 2),
+                  (16, True): (64, 4, 2), (32, True): (64, 4, 2), (64, True): (32, 8, 2)},
     "xca_apply": {(16, False): (128, 4, 2), (32, False): (128, 4, 2), (64, False): (64, 4, 2),
                   (128, False): (64, 8, 2),
                   (16, True): (128, 4, 2), (32, True): (128, 4, 2), (64, True): (64, 4, 2),
@@ -207,6 +243,13 @@ def _small_tiles(*, BLOCK_D):
     return configs(SMALL_TILES.get(BLOCK_D), SMALL_FALLBACK, "BLOCK_I")
 
 
+#: maps of up to this many tokens run the fused forward (one program per head: XCiT's 196 /
+#: 784-token maps at 224 px; at 1024 px the token loops want the split path's parallelism);
+#: head dims up to FUSED_MAX_BLOCK_D (a d×d fp32 state per program)
+FUSED_MAX_N = 1024
+FUSED_MAX_BLOCK_D = 64
+
+xca_fused = tile_launcher(xca_fused_fwd_kernel, token_tiles(TILES, "xca_fused"))
 xca_apply = tile_launcher(xca_apply_kernel, token_tiles(TILES, "xca_apply"))
 xca_bwd_apply = tile_launcher(xca_bwd_apply_kernel, token_tiles(
     TILES, lambda DV_PASS: "xca_bwd_v" if DV_PASS else "xca_bwd_qk"))
@@ -224,14 +267,27 @@ def _small_args(part, h: int, d: int, eps: float) -> dict:
     return dict(n_split=part.shape[1], n_heads=h, D=d, M=part.shape[2], eps=float(eps))
 
 
+def fused(n: int, d: int) -> bool:
+    """Whether the forward of n tokens, head dim d, runs the fused kernel (one launch)."""
+    return n <= FUSED_MAX_N and block_d(d) <= FUSED_MAX_BLOCK_D
+
+
 def xca_forward(q, k, v, temp, o, eps: float):
     """XCA into o (B, h, N, d); returns (gn (B·h, d, d), norms (B·h, 2, d)) fp32 for backward."""
     b, h, n, d = q.shape
     bd = block_d(d)
-    part = gram(q, k, None, FEATURES["identity"], colsum=False, sq=True)
     gn = torch.empty((b * h, d, d), device=q.device, dtype=torch.float32)
-    attn = torch.empty_like(gn)
     norms = torch.empty((b * h, 2, d), device=q.device, dtype=torch.float32)
+    if fused(n, d):
+        launch(xca_fused, launch_key(q, k, v, o, eps), dict(Q=q, K=k, V=v, TEMP=temp, O=o, GN=gn,
+                                                             NORMS=norms),
+               lambda: (dict(DOT_PRECISION=dots(q), BLOCK_D=bd),
+                        lambda tile: dict(stride_args(q=q, k=k, v=v, o=o), **head_args(q), D=d,
+                                          eps=float(eps)),
+                        lambda tile: (b * h,)))
+        return gn, norms
+    part = gram(q, k, None, FEATURES["identity"], colsum=False, sq=True)
+    attn = torch.empty_like(gn)
     launch(xca_softmax, launch_key(part, eps, q),
            dict(P=part, TEMP=temp, GN=gn, NORMS=norms, A=attn),
            lambda: (dict(BLOCK_D=bd), lambda tile: _small_args(part, h, d, eps),
@@ -282,10 +338,13 @@ def xca_backward(do, q, k, v, temp, gn, norms, dq, dk, dv, eps: float) -> torch.
 
 def aot_specs():
     """The token-streaming kernels in fp16 at BLOCK_D 64 (XCiT-S head dim 48 -> class 64), the
-    per-head d×d kernels in fp32 at BLOCK_D 128 (row blocks)."""
+    fused forward at its largest head-dim class in fp16 and fp32, the per-head d×d kernels in
+    fp32 at BLOCK_D 128 (row blocks)."""
     passes = {"xca_apply": (xca_apply, {}), "xca_bwd_qk": (xca_bwd_apply, dict(DV_PASS=False)),
               "xca_bwd_v": (xca_bwd_apply, dict(DV_PASS=True))}
     specs = [aot_spec(k, fn, "fp16", dict(BLOCK_D=64), flags) for k, (fn, flags) in passes.items()]
+    specs += [aot_spec("xca_fused", xca_fused, dtype, dict(BLOCK_D=FUSED_MAX_BLOCK_D))
+              for dtype in ("fp16", "fp32")]
     specs += [aot_spec(k, fn, "fp32", dict(BLOCK_D=128))
               for k, fn in (("xca_softmax", xca_softmax), ("xca_bwd_small", xca_bwd_small))]
     return specs
