@@ -179,8 +179,8 @@ def test_small_windows_run_the_per_window_kernels(monkeypatch, s, small):
             launched.append(_name)
             return _fn(*a, **kw)
         monkeypatch.setattr(launcher, "launch", spy)
-    monkeypatch.setattr(tk, "launch_delta",
-                        lambda *a, _fn=tk.launch_delta: launched.append("delta") or _fn(*a))
+    monkeypatch.setattr(tk, "launch_delta", lambda *a, _fn=tk.launch_delta, **kw: (
+        launched.append("delta") or _fn(*a, **kw)))
     q, k, v = _qkv(1, 1, s * s, 16, torch.float32, KERNEL_DEVICES[0][0])
     ops.hifi_attention(q, k, v, hw=(s, s), window_size=s, backend="triton").sum().backward()
     assert launched == (["hifi_small_fwd", "hifi_small_bwd"] if small else

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
@@ -177,14 +178,21 @@ def _put_kv(ctx, CFG: tl.constexpr, ktag, offs_d, dmask, dk, dv, dbias):
 
 
 @triton.jit
+def _head_offset(pid_bh, n_heads, head0, sb, sh):
+    """Offset of (batch, head0 + head) of program ``pid_bh`` over a group of ``n_heads`` heads:
+    a head group is launched on the whole tensors (no per-group views on the host)."""
+    return bh_offset(pid_bh, n_heads, sb, sh) + head0 * sh
+
+
+@triton.jit
 def _context(pid_bh, K, V, DK, DV, skb, skh, skn, skd, svb, svh, svn, svd, sdkb, sdkh, sdkn,
-             sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, n_rows, n_keys, MH, MW, GW):
+             sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, head0, n_rows, n_keys, MH, MW, GW):
     """The hooks' ctx for program (batch·head) ``pid_bh`` (DK, DV: the dK/dV kernel's outputs,
     else any pointer)."""
-    return (K + bh_offset(pid_bh, n_heads, skb, skh), V + bh_offset(pid_bh, n_heads, svb, svh),
+    return (K + _head_offset(pid_bh, n_heads, head0, skb, skh), V + _head_offset(pid_bh, n_heads, head0, svb, svh),
             (skn, skd), (svn, svd), n_rows, n_keys, MH, MW, GW,
-            DK + bh_offset(pid_bh, n_heads, sdkb, sdkh),
-            DV + bh_offset(pid_bh, n_heads, sdvb, sdvh),
+            DK + _head_offset(pid_bh, n_heads, head0, sdkb, sdkh),
+            DV + _head_offset(pid_bh, n_heads, head0, sdvb, sdvh),
             (sdkn, sdkd), (sdvn, sdvd))
 
 
@@ -202,16 +210,16 @@ def _context(pid_bh, K, V, DK, DV, skb, skh, skn, skd, svb, svh, svn, svd, sdkb,
 def hilo_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, qk_scale_log2,
+    n_heads, head0, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, qk_scale_log2,
     WINDOW: tl.constexpr, POOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
     ctx = _context(pid_bh, K, V, K, V, skb, skh, skn, skd, svb, svh, svn, svd, 0, 0, 0, 0, 0, 0,
-                   0, 0, n_heads, n_rows, n_keys, MH, MW, GW)
-    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    O += bh_offset(pid_bh, n_heads, sob, soh)
-    LSE += bh_offset(pid_bh, n_heads, slb, slh)
+                   0, 0, n_heads, head0, n_rows, n_keys, MH, MW, GW)
+    Q += _head_offset(pid_bh, n_heads, head0, sqb, sqh)
+    O += _head_offset(pid_bh, n_heads, head0, sob, soh)
+    LSE += _head_offset(pid_bh, n_heads, head0, slb, slh)
     attention_fwd(Q, O, LSE, (sqn, sqd), (son, sod), pid_m, ctx,
                   (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows, _keys, _score, _span, HEAD_DIM,
                   qk_scale_log2, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
@@ -222,17 +230,19 @@ def hilo_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
+    n_heads, head0, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale,
+    qk_scale_log2,
     WINDOW: tl.constexpr, POOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_n = program_coords(n_keys, BLOCK_N)
     ctx = _context(pid_bh, K, V, DK, DV, skb, skh, skn, skd, svb, svh, svn, svd, sdkb, sdkh,
-                   sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, n_rows, n_keys, MH, MW, GW)
-    lse = bh_offset(pid_bh, n_heads, slb, slh)
+                   sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, head0, n_rows, n_keys, MH,
+                   MW, GW)
+    lse = _head_offset(pid_bh, n_heads, head0, slb, slh)
     # pad queries have no output, so no gradient: ROWS marks them invalid
-    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
+    Q += _head_offset(pid_bh, n_heads, head0, sqb, sqh)
+    DO += _head_offset(pid_bh, n_heads, head0, sdob, sdoh)
     attention_dkdv(Q, DO, LSE + lse, DELTA + lse, (sqn, sqd), (sdon, sdod), pid_n, ctx,
                    (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows, _keys, _score, no_dscore, _span,
                    _put_kv, HEAD_DIM, scale, qk_scale_log2, False, DOT_PRECISION, BLOCK_M,
@@ -244,17 +254,18 @@ def hilo_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
-    n_heads, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
+    n_heads, head0, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale,
+    qk_scale_log2,
     WINDOW: tl.constexpr, POOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = program_coords(n_rows, BLOCK_M)
     ctx = _context(pid_bh, K, V, K, V, skb, skh, skn, skd, svb, svh, svn, svd, 0, 0, 0, 0, 0, 0,
-                   0, 0, n_heads, n_rows, n_keys, MH, MW, GW)
-    lse = bh_offset(pid_bh, n_heads, slb, slh)
-    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
-    DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
+                   0, 0, n_heads, head0, n_rows, n_keys, MH, MW, GW)
+    lse = _head_offset(pid_bh, n_heads, head0, slb, slh)
+    Q += _head_offset(pid_bh, n_heads, head0, sqb, sqh)
+    DO += _head_offset(pid_bh, n_heads, head0, sdob, sdoh)
+    DQ += _head_offset(pid_bh, n_heads, head0, sdqb, sdqh)
     attention_dq(Q, DO, DQ, LSE + lse, DELTA + lse, (sqn, sqd),
                  (sdon, sdod), (sdqn, sdqd), pid_m, ctx, (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows,
                  _keys, _score, no_dscore, _span, HEAD_DIM, scale, qk_scale_log2, DOT_PRECISION,
@@ -324,15 +335,15 @@ def _small_softmax(s, used, qk_scale_log2):
 def hifi_small_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    n_heads, slb, slh, n_win, MH, MW, GW, HEAD_DIM, qk_scale_log2,
+    n_heads, head0, slb, slh, n_win, MH, MW, GW, HEAD_DIM, qk_scale_log2,
     S: tl.constexpr, SS: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_w = program_coords(n_win, BLOCK_W)
-    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
-    O += bh_offset(pid_bh, n_heads, sob, soh)
+    Q += _head_offset(pid_bh, n_heads, head0, sqb, sqh)
+    K += _head_offset(pid_bh, n_heads, head0, skb, skh)
+    V += _head_offset(pid_bh, n_heads, head0, svb, svh)
+    O += _head_offset(pid_bh, n_heads, head0, sob, soh)
     tok, real, used = _small_windows(pid_w, n_win, GW, MH, MW, S, SS, BLOCK_W)
 
     s = tl.zeros([BLOCK_W, SS, SS], tl.float32)
@@ -347,7 +358,7 @@ def hifi_small_fwd_kernel(
         v = _small_load(V, tok, real, offs_c, HEAD_DIM, svn, svd)
         _small_store(O, tok, real, offs_c, HEAD_DIM, son, sod,
                      tl.sum(p[:, :, :, None] * v[:, None, :, :], 2))
-    tl.store(LSE + bh_offset(pid_bh, n_heads, slb, slh) + tok, m + tl.log2(l), mask=real)
+    tl.store(LSE + _head_offset(pid_bh, n_heads, head0, slb, slh) + tok, m + tl.log2(l), mask=real)
 
 
 @triton.jit
@@ -356,18 +367,18 @@ def hifi_small_bwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd,
     sdvb, sdvh, sdvn, sdvd,
-    n_heads, n_win, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
+    n_heads, head0, n_win, MH, MW, GW, HEAD_DIM, scale, qk_scale_log2,
     S: tl.constexpr, SS: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_w = program_coords(n_win, BLOCK_W)
-    Q += bh_offset(pid_bh, n_heads, sqb, sqh)
-    K += bh_offset(pid_bh, n_heads, skb, skh)
-    V += bh_offset(pid_bh, n_heads, svb, svh)
-    DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
-    DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
-    DK += bh_offset(pid_bh, n_heads, sdkb, sdkh)
-    DV += bh_offset(pid_bh, n_heads, sdvb, sdvh)
+    Q += _head_offset(pid_bh, n_heads, head0, sqb, sqh)
+    K += _head_offset(pid_bh, n_heads, head0, skb, skh)
+    V += _head_offset(pid_bh, n_heads, head0, svb, svh)
+    DO += _head_offset(pid_bh, n_heads, head0, sdob, sdoh)
+    DQ += _head_offset(pid_bh, n_heads, head0, sdqb, sdqh)
+    DK += _head_offset(pid_bh, n_heads, head0, sdkb, sdkh)
+    DV += _head_offset(pid_bh, n_heads, head0, sdvb, sdvh)
     tok, real, used = _small_windows(pid_w, n_win, GW, MH, MW, S, SS, BLOCK_W)
 
     # Pad queries read dO = 0 (they have no output), so their rows of dS and P·dO vanish.
@@ -629,16 +640,20 @@ def _strides(**named) -> dict:
 
 
 def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
-            kv_pooled: bool = False):
-    """One head group (all Hi-Fi if ``window`` else all Lo-Fi) of q, k, v (B, h, N, d) into
-    o (B, h, N, d) and the base-2 log-sum-exp ``lse`` (B, h, N, fp32, token stride 1)."""
-    b, h, n, d = q.shape
-    key = launch_key(H, W, s, scale, window, kv_pooled, q, k, v, o, lse)
+            kv_pooled: bool = False, heads: slice | None = None):
+    """Head group ``heads`` (all Hi-Fi if ``window`` else all Lo-Fi; None: every head) of q, k,
+    v (B, heads, N, d) into o (B, heads, N, d) and the base-2 log-sum-exp ``lse`` (B, heads, N,
+    fp32, token stride 1). The tensors are the whole ones: the kernels offset by the group's
+    first head (no per-group views)."""
+    b, n, d = q.shape[0], q.shape[2], q.shape[3]
+    h0, h = (0, q.shape[1]) if heads is None else (heads.start, heads.stop - heads.start)
+    key = launch_key(H, W, s, scale, window, kv_pooled, h0, h, q, k, v, o, lse)
     tensors = dict(Q=q, K=k, V=v, O=o, LSE=lse)
 
     def common():
         return dict(_strides(Q=q, K=k, V=v, O=o), **strides_of("l", lse, "bh"), n_heads=h,
-                    HEAD_DIM=d, qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
+                    head0=h0, HEAD_DIM=d, qk_scale_log2=qk_scale_log2(scale),
+                    BLOCK_D=block_d(d))
 
     if _small(window, s):
         geo = _small_geometry(H, W, s)
@@ -651,14 +666,18 @@ def forward(q, k, v, o, lse, H: int, W: int, s: int, scale: float, window: bool,
 
 
 def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: float,
-             window: bool, kv_pooled: bool = False):
-    """Gradients of one head group into dq, dk, dv; every element of them is written (each
-    token lies in exactly one window / pooled block, pad tokens are never stored)."""
-    b, h, n, d = q.shape
-    key = launch_key(H, W, s, scale, window, kv_pooled, q, k, v, o, lse, do, dq, dk, dv)
+             window: bool, kv_pooled: bool = False, heads: slice | None = None,
+             delta: torch.Tensor | None = None):
+    """Gradients of head group ``heads`` (as :func:`forward`) into dq, dk, dv; every element
+    of the group's heads is written (each token lies in exactly one window / pooled block, pad
+    tokens are never stored). ``delta``: a (B, heads, N) fp32 buffer laid out like ``lse`` that
+    the packed kernels' pre-pass fills for the group (allocated when None)."""
+    b, n, d = q.shape[0], q.shape[2], q.shape[3]
+    h0, h = (0, q.shape[1]) if heads is None else (heads.start, heads.stop - heads.start)
+    key = launch_key(H, W, s, scale, window, kv_pooled, h0, h, q, k, v, o, lse, do, dq, dk, dv)
 
     def common(**more):
-        return dict(_strides(Q=q, K=k, V=v, DO=do, **more), n_heads=h, HEAD_DIM=d,
+        return dict(_strides(Q=q, K=k, V=v, DO=do, **more), n_heads=h, head0=h0, HEAD_DIM=d,
                     scale=float(scale), qk_scale_log2=qk_scale_log2(scale), BLOCK_D=block_d(d))
 
     if _small(window, s):  # P recomputed exactly per window: o and lse are not needed
@@ -668,7 +687,14 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
                               lambda: dict(common(DQ=dq, DK=dk, DV=dv), **geo))
         return
     geo = _geometry(H, W, s, window, kv_pooled)
-    tensors = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=launch_delta(o, do, lse))
+    if delta is None:
+        delta = torch.empty_strided(lse.shape, lse.stride(), device=lse.device,
+                                    dtype=torch.float32)
+    if heads is None:
+        launch_delta(o, do, lse, out=delta)
+    else:  # the group's rows only (the delta pre-pass takes views)
+        launch_delta(o[:, heads], do[:, heads], lse[:, heads], out=delta[:, heads])
+    tensors = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta)
 
     def rows(**more):
         return dict(common(**more), **strides_of("l", lse, "bh"), N=n, **geo,

@@ -195,8 +195,8 @@ def _hilo_fwd(q: Tensor, k: Tensor, v: Tensor, H: int, W: int, window_size: int,
     o, lse = bhnd_empty(q, q.shape[2]), lse_empty(q)
     with on_device(q):
         for heads, window in _head_groups(q.shape[1], num_lo_heads):
-            tk.forward(q[:, heads], k[:, heads], v[:, heads], o[:, heads], lse[:, heads], H, W,
-                       window_size, scale, window=window, kv_pooled=kv_pooled)
+            tk.forward(q, k, v, o, lse, H, W, window_size, scale, window=window,
+                       kv_pooled=kv_pooled, heads=heads)
     return o, lse
 
 
@@ -213,11 +213,11 @@ def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     from vitkern.triton_kernels import hilo as tk
 
     dq, dk, dv = bhnd_empty(q, q.shape[2]), bhnd_empty(k, k.shape[2]), bhnd_empty(v, v.shape[2])
+    delta = torch.empty_like(lse)  # the packed groups' delta pre-pass writes its heads
     with on_device(q):
         for heads, window in _head_groups(q.shape[1], num_lo_heads):
-            tk.backward(do[:, heads], q[:, heads], k[:, heads], v[:, heads], o[:, heads],
-                        lse[:, heads], dq[:, heads], dk[:, heads], dv[:, heads], H, W,
-                        window_size, scale, window=window, kv_pooled=kv_pooled)
+            tk.backward(do, q, k, v, o, lse, dq, dk, dv, H, W, window_size, scale,
+                        window=window, kv_pooled=kv_pooled, heads=heads, delta=delta)
     return dq, dk, dv
 
 
