@@ -694,8 +694,8 @@ class GpuValueChecks:
     the ops always check them: a cost a GPU call does not pay)."""
 
     def __enter__(self):
-        from vitkern.ops import _common, token, window
-        self._saved = [(m, m.check_values) for m in (_common, token, window)]
+        from vitkern.ops import token, window
+        self._saved = [(m, m.check_values) for m in (token, window)]
         for m, _ in self._saved:
             m.check_values = lambda t: False
         return self

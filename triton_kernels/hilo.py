@@ -189,7 +189,8 @@ def _context(pid_bh, K, V, DK, DV, skb, skh, skn, skd, svb, svh, svn, svd, sdkb,
              sdkd, sdvb, sdvh, sdvn, sdvd, n_heads, head0, n_rows, n_keys, MH, MW, GW):
     """The hooks' ctx for program (batch·head) ``pid_bh`` (DK, DV: the dK/dV kernel's outputs,
     else any pointer)."""
-    return (K + _head_offset(pid_bh, n_heads, head0, skb, skh), V + _head_offset(pid_bh, n_heads, head0, svb, svh),
+    return (K + _head_offset(pid_bh, n_heads, head0, skb, skh),
+            V + _head_offset(pid_bh, n_heads, head0, svb, svh),
             (skn, skd), (svn, svd), n_rows, n_keys, MH, MW, GW,
             DK + _head_offset(pid_bh, n_heads, head0, sdkb, sdkh),
             DV + _head_offset(pid_bh, n_heads, head0, sdvb, sdvh),
@@ -358,7 +359,8 @@ def hifi_small_fwd_kernel(
         v = _small_load(V, tok, real, offs_c, HEAD_DIM, svn, svd)
         _small_store(O, tok, real, offs_c, HEAD_DIM, son, sod,
                      tl.sum(p[:, :, :, None] * v[:, None, :, :], 2))
-    tl.store(LSE + _head_offset(pid_bh, n_heads, head0, slb, slh) + tok, m + tl.log2(l), mask=real)
+    tl.store(LSE + _head_offset(pid_bh, n_heads, head0, slb, slh) + tok, m + tl.log2(l),
+             mask=real)
 
 
 @triton.jit
@@ -621,6 +623,11 @@ def _geometry(H: int, W: int, s: int, window: bool, kv_pooled: bool) -> dict:
 def _small(window: bool, s: int) -> bool:
     """Whether a head group runs the per-window Hi-Fi kernels."""
     return window and 2 <= s <= SMALL_WINDOW_MAX
+
+
+def needs_delta(window: bool, s: int) -> bool:
+    """Whether a head group's backward runs the packed kernels, which read rowsum(dO·O)."""
+    return not _small(window, s)
 
 
 @functools.lru_cache(maxsize=1024)

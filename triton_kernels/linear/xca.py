@@ -279,8 +279,8 @@ def xca_forward(q, k, v, temp, o, eps: float):
     gn = torch.empty((b * h, d, d), device=q.device, dtype=torch.float32)
     norms = torch.empty((b * h, 2, d), device=q.device, dtype=torch.float32)
     if fused(n, d):
-        launch(xca_fused, launch_key(q, k, v, o, eps), dict(Q=q, K=k, V=v, TEMP=temp, O=o, GN=gn,
-                                                             NORMS=norms),
+        launch(xca_fused, launch_key(q, k, v, o, eps),
+               dict(Q=q, K=k, V=v, TEMP=temp, O=o, GN=gn, NORMS=norms),
                lambda: (dict(DOT_PRECISION=dots(q), BLOCK_D=bd),
                         lambda tile: dict(stride_args(q=q, k=k, v=v, o=o), **head_args(q), D=d,
                                           eps=float(eps)),

@@ -11,7 +11,8 @@ gradient against it.
 Covered: :mod:`~vitkern.eager.token` (``token_attention``), :mod:`~vitkern.eager.ppma`
 (``ppma_attention``), :mod:`~vitkern.eager.window` (``window_attention``: one gather per input
 and SDPA per shift-mask pattern), :mod:`~vitkern.eager.linear` (``linear_attention``,
-``xca_attention``, ``soft_attention``: fewer passes, fused into batched matmuls), each named as its family's ``eager`` in the op's descriptor
-(:mod:`vitkern.ops._dispatch`). ``auto`` picks ``eager`` for CPU tensors of these ops; every other
-op runs its reference under ``backend="eager"`` (HiLo's reference is already fast).
+``xca_attention``, ``soft_attention``: fewer passes, fused into batched matmuls), each named as
+its family's ``eager`` in the op's descriptor (:mod:`vitkern.ops._dispatch`). ``auto`` picks
+``eager`` for CPU tensors of these ops; every other op runs its reference under
+``backend="eager"`` (HiLo's and criss-cross PPMA's references are already their fastest form).
 """

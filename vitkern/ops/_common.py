@@ -79,6 +79,22 @@ def check_values(t: Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("VITKERN_DEBUG", "0") not in ("", "0")
 
 
+def index_value_problem(idx: Tensor, n: int):
+    """What is wrong with the values of a (rows, K) index tensor whose entries must lie in
+    [0, n) and be distinct within each row: None, ("range", min, max) or ("repeat", row,
+    value). Reads values back (see :func:`check_values`): the ops word the error."""
+    lo, hi = idx.min().item(), idx.max().item()
+    if lo < 0 or hi >= n:
+        return "range", lo, hi
+    srt = idx.sort(dim=1).values
+    same = srt[:, 1:] == srt[:, :-1]
+    rows = same.any(dim=1)
+    if not rows.any().item():
+        return None
+    row = int(rows.nonzero()[0, 0])
+    return "repeat", row, int(srt[row, 1:][same[row]][0])
+
+
 def check_hw(op: str, hw, n_tokens: int) -> tuple[int, int]:
     """``hw`` is a pair of positive ints whose product is the token count."""
     if (not isinstance(hw, (tuple, list)) or len(hw) != 2

@@ -219,8 +219,9 @@ class CallCache:
     whether autograd wants gradients, and global state (``VITKERN_BACKEND``, ``TRITON_INTERPRET``,
     deterministic mode), which :meth:`key` puts in the key. A repeated call (every layer of a
     model, every step) looks its checked arguments and backend up instead of recomputing them
-    (~12 µs on a 2-core CPU). Errors are never cached: a refused call raises again. Calls whose
-    checks read values (index tensors on the CPU, ``out=`` overlap) must not use it.
+    (~12 µs on a 2-core CPU). Errors are never cached: a refused call raises again. Checks that
+    read values are not part of it: the ops run them on every call (CPU index tensors' values)
+    or do not cache such calls (``out=`` overlap, ``max_seqlen`` computed from ``cu_seqlens``).
 
     State that changes only by rebuilding or re-approving (vitkern._C, ``cuda_auto``'s
     approvals) is read once per signature: :meth:`clear_all` forgets every cached call.

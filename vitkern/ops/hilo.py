@@ -213,9 +213,13 @@ def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     from vitkern.triton_kernels import hilo as tk
 
     dq, dk, dv = bhnd_empty(q, q.shape[2]), bhnd_empty(k, k.shape[2]), bhnd_empty(v, v.shape[2])
-    delta = torch.empty_like(lse)  # the packed groups' delta pre-pass writes its heads
+    groups = _head_groups(q.shape[1], num_lo_heads)
+    # one rowsum(dO·O) buffer, whose heads the packed groups' pre-pass fills (per-window Hi-Fi
+    # kernels recompute P exactly and need none)
+    delta = torch.empty_like(lse) if any(tk.needs_delta(w, window_size) for _, w in groups) \
+        else None
     with on_device(q):
-        for heads, window in _head_groups(q.shape[1], num_lo_heads):
+        for heads, window in groups:
             tk.backward(do, q, k, v, o, lse, dq, dk, dv, H, W, window_size, scale,
                         window=window, kv_pooled=kv_pooled, heads=heads, delta=delta)
     return dq, dk, dv

@@ -408,8 +408,8 @@ def ppma_decays(x: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor,
         x, head_dim=d, other_dtypes=params, needs_grad=needs_grad(x, dt_weight, dt_bias, A_log)))
     if name == "reference" or x.numel() == 0:
         return ref.ppma_decays(x, dt_weight, dt_bias, A_log, num_heads)
-    return _decays_fwd(x.reshape(x.shape[0], -1, x.shape[-1]), dt_weight,
-                                             dt_bias, A_log, num_heads)
+    return _decays_fwd(x.reshape(x.shape[0], -1, x.shape[-1]), dt_weight, dt_bias, A_log,
+                       num_heads)
 
 
 @kernel_op("ppma_rope")

@@ -21,7 +21,8 @@ from vitkern.eager import token as eager
 from vitkern.reference import token as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_qkv, check_scale,
-                      check_values, is_int, kernel_op, lse_empty, needs_grad, on_device)
+                      check_values, index_value_problem, is_int, kernel_op, lse_empty, needs_grad,
+                      on_device)
 from ._dispatch import CallCache, Capability, Family, HeadDims, dispatch, inputs
 
 __all__ = ["token_attention"]
@@ -162,17 +163,15 @@ def _check_values_again(op, q: Tensor, keep_idx: Optional[Tensor], cu: Optional[
 
 def _check_index_values(op, keep_idx: Tensor, N: int):
     """Range and uniqueness of keep_idx (reads values back: see ``check_values``)."""
-    lo, hi = keep_idx.min().item(), keep_idx.max().item()
-    if lo < 0 or hi >= N:
-        raise ValueError(f"{op}: keep_idx has out-of-range indices (min {lo}, max {hi}); "
+    problem = index_value_problem(keep_idx, N)
+    if problem is None:
+        return
+    kind, x, y = problem
+    if kind == "range":
+        raise ValueError(f"{op}: keep_idx has out-of-range indices (min {x}, max {y}); "
                          f"they must lie in [0, N={N})")
-    srt = keep_idx.sort(dim=1).values
-    dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
-    if dup.any().item():
-        row = int(dup.nonzero()[0, 0])
-        val = int(srt[row, 1:][srt[row, 1:] == srt[row, :-1]][0])
-        raise ValueError(f"{op}: keep_idx has duplicate indices in row {row} (token {val} kept "
-                         "twice); each row must list distinct tokens")
+    raise ValueError(f"{op}: keep_idx has duplicate indices in row {x} (token {y} kept "
+                     "twice); each row must list distinct tokens")
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from vitkern.eager import window as eager
 from vitkern.reference import window as ref
 
 from ._common import (autocast_inputs, autocast_off, bhnd_empty, check_hw, check_out_overlap,
-                      check_qkv, check_scale, check_values, is_int, kernel_op, lse_empty,
-                      needs_grad, on_device)
+                      check_qkv, check_scale, check_values, index_value_problem, is_int, kernel_op,
+                      lse_empty, needs_grad, on_device)
 from ._dispatch import CallCache, Capability, Family, dispatch, inputs
 
 __all__ = ["window_attention"]
@@ -138,17 +138,15 @@ def _check_active_values(op, active_windows: Tensor, grid) -> None:
     if not (B and K and check_values(active_windows)):
         return
     gh, gw = grid
-    n_win = gh * gw
-    lo, hi = active_windows.min().item(), active_windows.max().item()
-    if lo < 0 or hi >= n_win:
-        raise ValueError(f"{op}: active_windows has out-of-range ids (min {lo}, max {hi}); "
-                         f"they must lie in [0, {n_win}) ({gh}x{gw} windows, raster order)")
-    srt = active_windows.sort(dim=1).values
-    dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
-    if dup.any().item():
-        row = int(dup.nonzero()[0, 0])
-        raise ValueError(f"{op}: active_windows lists a window twice in row {row}; each row "
-                         "must list distinct windows")
+    problem = index_value_problem(active_windows, gh * gw)
+    if problem is None:
+        return
+    kind, x, y = problem
+    if kind == "range":
+        raise ValueError(f"{op}: active_windows has out-of-range ids (min {x}, max {y}); "
+                         f"they must lie in [0, {gh * gw}) ({gh}x{gw} windows, raster order)")
+    raise ValueError(f"{op}: active_windows lists a window twice in row {x} (window {y}); each "
+                     "row must list distinct windows")
 
 
 def _active32(active_windows: Tensor) -> Tensor:
