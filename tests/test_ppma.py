@@ -140,6 +140,20 @@ def test_triton_ppma_attention(case, device, dtype):
         _inputs(B, h, H, W, d, dtype, device), dtype, names=NAMES)
 
 
+@pytest.mark.parametrize("device,dtype", KERNEL_DEVICES, ids=lambda x: str(x).split(".")[-1])
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=_ids)
+def test_triton_inference_forward_matches_training_forward(case, device, dtype):
+    """Without gradients the forward writes o alone (no O1, no LSE): the same bits as a
+    training forward."""
+    B, h, H, W, d = case
+    inputs = _inputs(B, h, H, W, d, dtype, device)
+    train = ops.ppma_attention(*inputs, hw=(H, W), backend="triton")
+    with torch.no_grad():
+        infer = ops.ppma_attention(*inputs, hw=(H, W), backend="triton")
+    assert train.requires_grad and not infer.requires_grad
+    assert torch.equal(train.detach(), infer)
+
+
 # criss-cross runs one program per row and per column: kept smaller (the interpreter is slow)
 CC_CASES = [
     (1, 2, 3, 5, 16),      # H != W
@@ -230,6 +244,44 @@ def test_triton_ppma_rope(hw, d, device, dtype):
         lambda t: ops.ppma_rope(t, sin.to(device), cos.to(device), backend="triton"),
         lambda t: R.ppma_rope(t, sin.to(t.device, t.dtype), cos.to(t.device, t.dtype)),
         [x.to(device, dtype).requires_grad_()], dtype, names=("dx",))
+
+
+@pytest.mark.parametrize("H,W", [(1, 1), (5, 7), (3, 70), (40, 1), (2100, 1), (40, 40)])
+@pytest.mark.parametrize("device", [d for d, _ in KERNEL_DEVICES])
+def test_triton_prefix_scans(H, W, device, monkeypatch):
+    """The scan kernel against torch's cumsums: the packed (P, Q) table from strided fp16
+    log-decays, and the reverse scans (two gradient tables summed, or one) into each
+    log-decay's dtype; maps of one or several row chunks. Maps wider than the kernel's row
+    tile take torch's cumsums (same results)."""
+    from vitkern.triton_kernels import ppma as tk
+
+    gen = torch.Generator().manual_seed(0)
+    B, h, n = 2, 3, H * W
+    a = torch.randn(B, n, h, generator=gen).half().to(device).transpose(1, 2)  # token stride h
+    g = torch.randn(B, h, n, generator=gen).to(device)
+    p = a.float().reshape(B, h, H, W).cumsum(3).reshape(B, h, n)
+    q = g.reshape(B, h, H, W).cumsum(2).reshape(B, h, n)
+    grads = [torch.randn(B, h, n, generator=gen).to(device) for _ in range(4)]
+
+    def rev(x, dim):
+        return x.reshape(B, h, H, W).flip(dim).cumsum(dim).flip(dim).reshape(B, h, n)
+
+    def close(x, y, contiguous=True):
+        assert x.dtype == y.dtype and x.is_contiguous() == contiguous
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4 * max(H, W))
+
+    for wide in (False, True):  # the kernel, then torch's fallback
+        if wide:
+            monkeypatch.setattr(tk.common, "SCAN_MAX_WIDTH", W - 1)
+        pairs = tk.prefix_table(a, g, H, W).view(torch.float32).reshape(B, h, n, 2)
+        close(pairs[..., 0], p, contiguous=False)
+        close(pairs[..., 1], q, contiguous=False)
+        da, dg = tk.decay_grads(*grads[:2], H, W, (torch.float16, torch.float32), *grads[2:])
+        close(da, rev(grads[0] + grads[2], 3).half())
+        close(dg, rev(grads[1] + grads[3], 2))
+        da, dg = tk.decay_grads(*grads[:2], H, W, (torch.float32, torch.float32))
+        close(da, rev(grads[0], 3))
+        close(dg, rev(grads[1], 2))
 
 
 def test_triton_backward_is_deterministic():
@@ -392,7 +444,13 @@ def test_module_state_dict_keys_and_errors():
 def test_opcheck():
     device = "cuda" if HAS_CUDA else "cpu"
     q, k, v, a, g = _inputs(1, 2, 3, 5, 16, torch.float32, device)
-    torch.library.opcheck(torch.ops.vitkern.ppma_fwd.default, (q, k, v, a, g, 3, 5, 0.25))
+    torch.library.opcheck(torch.ops.vitkern.ppma_fwd.default, (q, k, v, a, g, 3, 5, 0.25, True))
+    # inference (statistics not saved: no backward, which then says so)
+    plain = [t.detach() for t in (q, k, v, a, g)]
+    torch.library.opcheck(torch.ops.vitkern.ppma_fwd.default, (*plain, 3, 5, 0.25, False))
+    out = torch.ops.vitkern.ppma_fwd.default(q, k, v, a, g, 3, 5, 0.25, False)[0]
+    with pytest.raises(RuntimeError, match="without saving its statistics"):
+        out.sum().backward()
     x = torch.randn(2, 6, 32, device=device, requires_grad=True)
     params = [torch.randn(2, 16, device=device), torch.randn(2, device=device),
               torch.randn(2, device=device)]

@@ -171,9 +171,10 @@ def ppma_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     so1b, so1h, so1n, so1d,
     n_heads, N, H, W, n_virt, HEAD_DIM, qk_scale_log2,
-    WP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WP: tl.constexpr, DOT_PRECISION: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """o, and with ``SAVE`` (training) what the backward reads: O1 and both directions' LSE."""
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
     Q, K, V, PQ, LSE = _head_bases(pid_bh, n_heads, N, Q, K, V, PQ, LSE, sqb, sqh, skb, skh,
                                    svb, svh)
@@ -207,9 +208,10 @@ def ppma_fwd_kernel(
     out1, lse1 = softmax_finish(m1, l1, acc1)
     out2, lse2 = softmax_finish(m2, l2, acc2)
     store_rows(O, tq, offs_d, vq, dmask, (son, sod), 0.5 * (out1 + out2))
-    store_rows(O1, tq, offs_d, vq, dmask, (so1n, so1d), out1)
-    tl.store(LSE + tq, lse1, mask=vq)
-    tl.store(LSE + N + tq, lse2, mask=vq)
+    if SAVE:
+        store_rows(O1, tq, offs_d, vq, dmask, (so1n, so1d), out1)
+        tl.store(LSE + tq, lse1, mask=vq)
+        tl.store(LSE + N + tq, lse2, mask=vq)
 
 
 @triton.jit
@@ -408,18 +410,21 @@ def _launch_args(q, k, v, pq, lse, H: int, W: int, scale: float) -> dict:
 
 def forward(q, k, v, pq, o, o1, lse, H: int, W: int, scale: float):
     """q, k, v (B, h, N, d) -> o (B, h, N, d), o1 (direction-1 output, fp32) and lse (B, h, 2, N)
-    (base-2 log-sum-exp per direction); pq from :func:`.common.prefix_table`."""
-    ppma_fwd.launch(launch_key(H, W, scale, q, k, v, pq, o, o1, lse),
+    (base-2 log-sum-exp per direction); pq from :func:`.common.prefix_table`. o1 and lse None:
+    inference, o alone is written (o1 would be half again the bytes of q, k, v and o)."""
+    save = o1 is not None
+    o1, lse = (o1, lse) if save else (o, pq)  # placeholders the kernel does not touch
+    ppma_fwd.launch(launch_key(H, W, scale, save, q, k, v, pq, o, o1, lse),
                     row_grid(q.shape[0] * q.shape[1], _geometry(H, W)[1], "BLOCK_M"),
                     dict(Q=q, K=k, V=v, PQ=pq, LSE=lse, O=o, O1=o1),
-                    lambda: dict(**strides_of("o", o), **strides_of("o1", o1),
+                    lambda: dict(**strides_of("o", o), **strides_of("o1", o1), SAVE=save,
                                  **_launch_args(q, k, v, pq, lse, H, W, scale)))
 
 
 def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: float):
-    """Gradients into dq, dk, dv; returns (dP, dQ), fp32 (B, h, N) gradients of the prefix
-    tables (every element written: each cell belongs to one query row tile and one key row
-    tile)."""
+    """Gradients into dq, dk, dv; returns (dP, dQ) of the query side and (dP, dQ) of the key
+    side, fp32 (B, h, N) gradients of the prefix tables, summed by :func:`.common.decay_grads`
+    (every element written: each cell belongs to one query row tile and one key row tile)."""
     b, h, n, d = q.shape
     # delta per direction: rowsum(dO∘O1) and rowsum(dO∘O2) = 2·rowsum(dO∘O) - rowsum(dO∘O1)
     lse1 = lse[:, :, 0]
@@ -440,7 +445,7 @@ def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: flo
     ppma_bwd_dkdv.launch(key, row_grid(b * h, n_virt, "BLOCK_N"),
                          dict(tensors, DK=dk, DV=dv, GPK=gpk, GQK=gqk),
                          lambda: common(**strides_of("dk", dk), **strides_of("dv", dv)))
-    return gpq + gpk, gqq + gqk
+    return gpq, gqq, gpk, gqk
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +465,8 @@ def aot_specs():
         for dtype in ("fp16", "fp32"):
             for wp in ((16,) if kname == "fwd" else (16, 32)):
                 sig, const = aot_signature(launcher.fn, dtype)
-                meta = dict(WP=wp, DOT_PRECISION=aot_precision(dtype, exact="ieee"), BLOCK_D=32)
+                meta = dict(WP=wp, DOT_PRECISION=aot_precision(dtype, exact="ieee"), BLOCK_D=32,
+                            **(dict(SAVE=True) if kname == "fwd" else {}))
                 specs.append(spec_from_launcher(f"ppma.{kname}[{dtype},D=32,WP={wp}]", launcher,
                                                 sig, const, meta))
     return specs

@@ -110,31 +110,34 @@ def _backend(op, backend, q, W, backward):
 # --------------------------------------------------------------------------------------------
 
 
-def _o1_empty(q: Tensor) -> Tensor:
+def _saved_empty(q: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+    """(o1, lse) of the forward: with ``save``, the direction-1 output (fp32, stored (B, N, h, d)
+    like o) and the base-2 log-sum-exp of both directions, fp32 (B, heads, 2, N); else empty."""
+    if not save:
+        return q.new_empty((0,), dtype=torch.float32), q.new_empty((0,), dtype=torch.float32)
     b, h, n, d = q.shape
-    return q.new_empty((b, n, h, d), dtype=torch.float32).transpose(1, 2)
+    o1 = q.new_empty((b, n, h, d), dtype=torch.float32).transpose(1, 2)
+    return o1, q.new_empty((b, h, 2, n), dtype=torch.float32)
 
 
 @kernel_op("ppma_fwd")
 def _ppma_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_decay_v: Tensor,
-              H: int, W: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton PPMA forward: (o, o1, lse); o1 is the direction-1 output (fp32), lse the base-2
-    log-sum-exp of both directions, fp32 (B, heads, 2, N)."""
+              H: int, W: int, scale: float, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton PPMA forward: (o, o1, lse) (o1, lse: see :func:`_saved_empty`; only ``save``
+    calls, those autograd will differentiate, write them)."""
     from vitkern.triton_kernels import ppma as tk
 
-    b, h, n, _ = q.shape
-    o, o1 = bhnd_empty(q, n), _o1_empty(q)
-    lse = q.new_empty((b, h, 2, n), dtype=torch.float32)
+    o = bhnd_empty(q, q.shape[2])
+    o1, lse = _saved_empty(q, save)
     with on_device(q):
         pq = tk.prefix_table(log_decay_h, log_decay_v, H, W)
-        tk.forward(q, k, v, pq, o, o1, lse, H, W, scale)
+        tk.forward(q, k, v, pq, o, *((o1, lse) if save else (None, None)), H, W, scale)
     return o, o1, lse
 
 
 @_ppma_fwd.register_fake
-def _(q, k, v, log_decay_h, log_decay_v, H, W, scale):
-    b, h, n, _ = q.shape
-    return (bhnd_empty(q, n), _o1_empty(q), q.new_empty((b, h, 2, n), dtype=torch.float32))
+def _(q, k, v, log_decay_h, log_decay_v, H, W, scale, save):
+    return (bhnd_empty(q, q.shape[2]), *_saved_empty(q, save))
 
 
 @kernel_op("ppma_bwd")
@@ -148,9 +151,11 @@ def _ppma_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor,
     dq, dk, dv = bhnd_empty(q, n), bhnd_empty(k, n), bhnd_empty(v, n)
     with on_device(q):
         pq = tk.prefix_table(log_decay_h, log_decay_v, H, W)
-        d_p, d_q = tk.backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H, W, scale)
-        da, dg = tk.decay_grads(d_p, d_q, H, W)
-    return dq, dk, dv, da.to(log_decay_h.dtype), dg.to(log_decay_v.dtype)
+        dp_q, dq_q, dp_k, dq_k = tk.backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H, W,
+                                             scale)
+        da, dg = tk.decay_grads(dp_q, dq_q, H, W, (log_decay_h.dtype, log_decay_v.dtype),
+                                dp_k, dq_k)
+    return dq, dk, dv, da, dg
 
 
 @_ppma_bwd.register_fake
@@ -162,7 +167,7 @@ def _(do, q, k, v, log_decay_h, log_decay_v, o, o1, lse, H, W, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, a, g, H, W, scale = inputs
+    q, k, v, a, g, H, W, scale, _ = inputs
     o, o1, lse = output
     ctx.save_for_backward(q, k, v, a, g, o, o1, lse)
     ctx.args = (H, W, scale)
@@ -174,11 +179,14 @@ def _backward(ctx, do, _do1, _dlse):
 
     q, k, v, a, g, o, o1, lse = ctx.saved_tensors
     H, W, _ = ctx.args
+    if lse.numel() == 0 and q.numel():
+        raise RuntimeError("ppma_attention backward: the forward ran without saving its "
+                           "statistics (no input needed a gradient when it ran)")
     # a forward run without grad enabled may have taken a map too wide for the backward
     if why := tk.unsupported(q.shape[-1], q.dtype == torch.float32, W, backward=True):
         raise RuntimeError(f"ppma_attention backward: {why}; run with backend='reference'")
     grads = _ppma_bwd(do, q, k, v, a, g, o, o1, lse, *ctx.args)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _ppma_fwd.register_autograd(_backward, _setup_context)
@@ -231,7 +239,7 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
     if name == "reference" or q.numel() == 0:
         with autocast_off(q):
             return PPMA.reference(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
-    return _ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
+    return _ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale, grad)[0]
 
 
 def _f32_empty(q: Tensor) -> Tensor:
@@ -268,8 +276,8 @@ def _cc_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor,
     with on_device(q):
         pq = tk.prefix_table(log_decay_h, log_decay_v, H, W)
         d_p, d_q = tk.cc_backward(do, q, k, v, pq, y, z, dq, dk, dv, H, W, scale)
-        da, dg = tk.decay_grads(d_p, d_q, H, W)
-    return dq, dk, dv, da.to(log_decay_h.dtype), dg.to(log_decay_v.dtype)
+        da, dg = tk.decay_grads(d_p, d_q, H, W, (log_decay_h.dtype, log_decay_v.dtype))
+    return dq, dk, dv, da, dg
 
 
 @_cc_bwd.register_fake
