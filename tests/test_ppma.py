@@ -154,6 +154,20 @@ def test_triton_inference_forward_matches_training_forward(case, device, dtype):
     assert torch.equal(train.detach(), infer)
 
 
+@pytest.mark.parametrize("device,dtype", KERNEL_DEVICES, ids=lambda x: str(x).split(".")[-1])
+@pytest.mark.parametrize("hw", [(3, 40), (2, 70)], ids=str)
+def test_triton_forward_wide_maps(hw, device, dtype):
+    """Maps wider than a tile (forward only): each tile lies inside one image row, its corner
+    values come from one row segment per side."""
+    H, W = hw
+    q, k, v, a, g = (t.detach() for t in _inputs(1, 2, H, W, 16, dtype, device, seed=3))
+    with torch.no_grad():
+        out = ops.ppma_attention(q, k, v, a, g, hw=hw, backend="triton")
+    ref = R.ppma_attention(*(t.double().cpu() for t in (q, k, v, a, g)), hw=hw)
+    lowp = None if dtype == torch.float32 else R.ppma_attention(q, k, v, a, g, hw=hw).cpu()
+    assert_close(out.cpu(), ref, lowp)
+
+
 # criss-cross runs one program per row and per column: kept smaller (the interpreter is slow)
 CC_CASES = [
     (1, 2, 3, 5, 16),      # H != W

@@ -6,8 +6,10 @@ g) of ``common.py``, the bias of query t = (r1, c1) and key s = (r2, c2) in the 
     b1 = σc·(P[r1, c2] - P[r1, c1]) + σr·(Q[r2, c2] - Q[r1, c2])      (L:  corner (r1, c2))
     b2 = σc·(P[r2, c2] - P[r2, c1]) + σr·(Q[r2, c1] - Q[r1, c1])      (Lᵀ: corner (r2, c1))
 
-with σc = sign(c2 - c1), σr = sign(r2 - r1): per-query and per-key values plus two gathers per
-pair from the small, cache-resident table. Both directions share one QKᵀ tile and keep their own
+with σc = sign(c2 - c1), σr = sign(r2 - r1): per-query and per-key values plus the corner
+values, which a tile reads once per distinct corner (its query rows × key columns, its key rows
+× query columns) and spreads over its scores by broadcast (``_scores``), not one gather per
+score. Both directions share one QKᵀ tile and keep their own
 online-softmax state (``softmax_rescale`` of the shared core; the single-softmax engine bodies of
 ``attention_core`` do not apply); the output is the 50/50 average of the two separately
 normalised results. The forward also stores the direction-1 output O1 (fp32) so the backward can
@@ -102,17 +104,63 @@ def _query_grad_tile(Q, DO, LSE, DELTA, PQ, sq, sdo, idx, N, H, W, WP: tl.conste
 
 
 @triton.jit
-def _scores(PQ, W, cq, ck, q, k, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+def _tile_lines(start, BLOCK: tl.constexpr, WP: tl.constexpr):
+    """The tile of BLOCK virtual positions from ``start`` as (image rows, columns per row): its
+    BLOCK // WP whole rows, or the one row a tile narrower than WP lies in; a position m of
+    the tile is (rows[m // C], cols[m % C]), C = min(BLOCK, WP)."""
+    C: tl.constexpr = BLOCK if BLOCK < WP else WP
+    rows = start // WP + tl.arange(0, BLOCK // C)
+    cols = start % WP + tl.arange(0, C)
+    return rows, cols
+
+
+@triton.jit
+def _corners(PQ, H, W, rows, cols):
+    """(P, Q) at the cells (rows[a], cols[b]) of the map: [len(rows), len(cols)], 0 off the map."""
+    cell = rows[:, None] * W + cols[None, :]
+    return load_pq(PQ, cell, (rows[:, None] < H) & (cols[None, :] < W))
+
+
+@triton.jit
+def _spread(t, KEY_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            WP: tl.constexpr):
+    """A [BM, BN] tile from the per-corner values ``t``: t[query row, key column] (``t`` from
+    :func:`_corners` of the query rows and key columns), or t[key row, query column] with
+    ``KEY_ROWS``. Pure broadcast and reshape over the [row, column, row, column] view of the
+    tile (query position m = row·C + column; keys alike): no per-score loads."""
+    CM: tl.constexpr = BLOCK_M if BLOCK_M < WP else WP
+    CN: tl.constexpr = BLOCK_N if BLOCK_N < WP else WP
+    RM: tl.constexpr = BLOCK_M // CM
+    RN: tl.constexpr = BLOCK_N // CN
+    if KEY_ROWS:
+        x = tl.broadcast_to(tl.trans(t)[None, :, :, None], [RM, CM, RN, CN])
+    else:
+        x = tl.broadcast_to(t[:, None, None, :], [RM, CM, RN, CN])
+    return tl.reshape(x, [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _scores(PQ, geo, cq, ck, q, k, qk_scale_log2, WP: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(s, b1, b2, pair, σc, σr) of a [BM, BN] tile: s = q·kᵀ·scale·log2(e), the log-masks b1, b2
     of both directions (natural units; direction i's logits are s + bi·log2(e)), the pairs that
-    exist (both cells real; no gathers outside the map)."""
+    exist (both cells real). ``geo`` = (H, W, first query position, first key position).
+
+    The corner values come from the tile's few distinct corners, not one gather per score: the
+    corners (r1, c2) of a tile are its query rows × its key columns, and (r2, c1) its key rows ×
+    its query columns (e.g. 4 × 16 and 2 × 16 cells for a 64 × 32 tile of a 14-wide map)."""
+    H, W, start_m, start_n = geo
     r1, c1, _, vq, p_q, q_q = cq
     r2, c2, _, vk, p_k, q_k = ck
     pair = vq[:, None] & vk[None, :]
-    corner1 = r1[:, None] * W + c2[None, :]  # (r1, c2): L's corner
-    corner2 = r2[None, :] * W + c1[:, None]  # (r2, c1): Lᵀ's corner
-    p_c1, q_c1 = load_pq(PQ, corner1, pair)
-    p_c2, q_c2 = load_pq(PQ, corner2, pair)
+    rows_m, cols_m = _tile_lines(start_m, BLOCK_M, WP)
+    rows_n, cols_n = _tile_lines(start_n, BLOCK_N, WP)
+    t_p1, t_q1 = _corners(PQ, H, W, rows_m, cols_n)  # L's corners (r1, c2)
+    t_p2, t_q2 = _corners(PQ, H, W, rows_n, cols_m)  # Lᵀ's corners (r2, c1)
+    p_c1 = _spread(t_p1, False, BLOCK_M, BLOCK_N, WP)
+    q_c1 = _spread(t_q1, False, BLOCK_M, BLOCK_N, WP)
+    p_c2 = _spread(t_p2, True, BLOCK_M, BLOCK_N, WP)
+    q_c2 = _spread(t_q2, True, BLOCK_M, BLOCK_N, WP)
     sc = sign(c2[None, :] - c1[:, None])
     sr = sign(r2[None, :] - r1[:, None])
     b1 = sc * (p_c1 - p_q[:, None]) + sr * (q_k[None, :] - q_c1)
@@ -122,11 +170,13 @@ def _scores(PQ, W, cq, ck, q, k, qk_scale_log2, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _bwd_pair(PQ, W, cq, ck, q, k, v, do, stats, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+def _bwd_pair(PQ, geo, cq, ck, q, k, v, do, stats, qk_scale_log2, WP: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(P1, P2, G1, G2, σc, σr) of one tile: P per direction and the natural-unit logit
     gradients G = ½·P·(dP - delta) (½: each direction carries half of the output)."""
     lse1, lse2, delta1, delta2 = stats
-    s, b1, b2, pair, sc, sr = _scores(PQ, W, cq, ck, q, k, qk_scale_log2, DOT_PRECISION)
+    s, b1, b2, pair, sc, sr = _scores(PQ, geo, cq, ck, q, k, qk_scale_log2, WP, BLOCK_M,
+                                      BLOCK_N, DOT_PRECISION)
     dp = mma(do, tl.trans(v), DOT_PRECISION)
     p1, ds1 = softmax_p_ds(s + b1 * LOG2E_JIT, dp, lse1, delta1, pair)
     p2, ds2 = softmax_p_ds(s + b2 * LOG2E_JIT, dp, lse2, delta2, pair)
@@ -197,7 +247,8 @@ def ppma_fwd_kernel(
     for start_n in range(0, n_virt, BLOCK_N):
         ck, k, v = _key_tile(K, V, PQ, (skn, skd), (svn, svd), start_n + tl.arange(0, BLOCK_N),
                              H, W, WP, offs_d, dmask)
-        s, b1, b2, pair, _, _ = _scores(PQ, W, cq, ck, q, k, qk_scale_log2, DOT_PRECISION)
+        s, b1, b2, pair, _, _ = _scores(PQ, (H, W, pid_m * BLOCK_M, start_n), cq, ck, q, k,
+                                        qk_scale_log2, WP, BLOCK_M, BLOCK_N, DOT_PRECISION)
         s1 = tl.where(pair, s + b1 * LOG2E_JIT, float("-inf"))
         s2 = tl.where(pair, s + b2 * LOG2E_JIT, float("-inf"))
         m1, l1, alpha1, p1 = softmax_rescale(m1, l1, s1)
@@ -243,7 +294,8 @@ def ppma_bwd_dq_kernel(
     for start_n in range(0, n_virt, BLOCK_N):
         ck, k, v = _key_tile(K, V, PQ, (skn, skd), (svn, svd), start_n + tl.arange(0, BLOCK_N),
                              H, W, WP, offs_d, dmask)
-        _, _, g1, g2, sc, sr = _bwd_pair(PQ, W, cq, ck, q, k, v, do, stats, qk_scale_log2,
+        _, _, g1, g2, sc, sr = _bwd_pair(PQ, (H, W, pid_m * BLOCK_M, start_n), cq, ck, q, k, v,
+                                         do, stats, qk_scale_log2, WP, BLOCK_M, BLOCK_N,
                                          DOT_PRECISION)
         dq += mma((g1 + g2).to(k.dtype), k, DOT_PRECISION)
         g1c = g1 * sc
@@ -292,7 +344,8 @@ def ppma_bwd_dkdv_kernel(
         cq, q, do, stats = _query_grad_tile(Q, DO, LSE, DELTA, PQ, (sqn, sqd), (sdon, sdod),
                                             start_m + tl.arange(0, BLOCK_M), N, H, W, WP, offs_d,
                                             dmask)
-        p1, p2, g1, g2, sc, sr = _bwd_pair(PQ, W, cq, ck, q, k, v, do, stats, qk_scale_log2,
+        p1, p2, g1, g2, sc, sr = _bwd_pair(PQ, (H, W, start_m, pid_n * BLOCK_N), cq, ck, q, k,
+                                           v, do, stats, qk_scale_log2, WP, BLOCK_M, BLOCK_N,
                                            DOT_PRECISION)
         dv += mma(tl.trans(0.5 * (p1 + p2)).to(do.dtype), do, DOT_PRECISION)
         dk += mma(tl.trans(g1 + g2).to(q.dtype), q, DOT_PRECISION)
