@@ -121,3 +121,25 @@ def check_against_reference(run_kernel, run_ref, inputs, dtype,
     for name, g, rg, lg in zip(names, grads, ref_grads, lowp_grads):
         assert g.shape == rg.shape and g.dtype == dtype, name
         assert_close(g.cpu(), rg, None if lg is None else lg.cpu(), name=name)
+
+
+class KernelSpy:
+    """A jit kernel that records ``name`` in ``log`` each time it is bound to a grid
+    (``spy[grid]``: once per launch plan). Installed by :func:`spy_on`."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+    def __getattr__(self, attr):  # .fn (the python function), .warmup, ...: the kernel's
+        return getattr(self.kernel, attr)
+
+
+def spy_on(monkeypatch, launcher, name, log) -> None:
+    """Record ``launcher``'s launch plans under ``name`` in ``log`` (the plans it had are
+    forgotten, so the next launch of each signature binds the spy)."""
+    monkeypatch.setattr(launcher, "fn", KernelSpy(launcher.fn, name, log))
+    monkeypatch.setattr(launcher, "_plans", {})

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close, check_against_reference
+from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close, check_against_reference, spy_on
 from vitkern import backends
 from vitkern.nn.linear import XCA, LinearAttention
 from vitkern.ops import linear as L
@@ -266,9 +266,7 @@ def test_triton_xca_fused_and_split_forward_agree(case, device, dtype, monkeypat
     inputs.append(_temp(h, device=device).to(dtype).detach().requires_grad_())
     launched = []
     for name in ("xca_fused", "xca_softmax", "xca_apply"):
-        launcher = getattr(tk, name)
-        monkeypatch.setattr(launcher, "fn", _Spy(launcher.fn, name, launched))
-        monkeypatch.setattr(launcher, "_plans", {})
+        spy_on(monkeypatch, getattr(tk, name), name, launched)
     outs = {}
     for split in (False, True):
         with monkeypatch.context() as m:
@@ -285,21 +283,6 @@ def test_triton_xca_fused_and_split_forward_agree(case, device, dtype, monkeypat
                                               backend="triton")
     if dtype == torch.float32:
         torch.testing.assert_close(outs[False], outs[True], rtol=1e-5, atol=1e-6)
-
-
-class _Spy:
-    """A jit kernel that records under ``name`` each time it is bound to a grid (``spy[grid]``:
-    once per launch plan)."""
-
-    def __init__(self, fn, name, log):
-        self.fn, self.name, self.log = fn, name, log
-
-    def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.fn[grid]
-
-    def __getattr__(self, attr):
-        return getattr(self.fn, attr)
 
 
 def test_triton_xca_zero_channel_and_float_temperature():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close, check_against_reference
+from conftest import HAS_CUDA, KERNEL_DEVICES, assert_close, check_against_reference, spy_on
 from vitkern import backends
 from vitkern.ops import window as W_ops
 from vitkern.reference import window as W_ref
@@ -197,6 +197,36 @@ def test_triton_window(case, device, dtype):
     run = _call(lambda *a, **k: window_attention(*a, backend="triton", **k), kw)
     check_against_reference(run, _call(W_ref.window_attention, kw), _inputs(case, dtype, device),
                              dtype)
+
+
+# (case, dtype, dQ rides on the bias-gradient pass?): the tile table decides (interpreter: the
+# first candidate; fp32 d = 16 and 16-bit d = 64 take 32-slot key blocks, 16-bit d = 32
+# 64-slot ones)
+FUSED_DQ_CASES = [
+    ((1, 2, 9, 13, 4, 2, 16, "table", "pad_then_shift"), torch.float32, True),   # 16 tokens
+    ((1, 2, 14, 14, 7, 3, 16, "table", "shift_then_pad"), torch.float32, False),  # 49 > 32
+    ((1, 2, 14, 14, 7, 3, 32, "table", "shift_then_pad"), torch.float16, True),  # Swin's case
+    ((1, 3, 8, 8, 4, 2, 40, "dense", "pad_then_shift"), torch.float16, True),    # 16 tokens
+    ((1, 1, 14, 14, 7, 3, 64, "table", "shift_then_pad"), torch.float16, False),  # d = 64 tiles
+]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's tile choice")
+@pytest.mark.parametrize("case,dtype,fused", FUSED_DQ_CASES,
+                         ids=lambda x: _ids(x) if isinstance(x, tuple) else str(x))
+def test_triton_dq_rides_on_the_bias_gradient_pass(case, dtype, fused, monkeypatch):
+    """When the bias-gradient kernel's key-slot block holds a whole window it writes dq too and
+    the dQ kernel is not launched; otherwise the dQ kernel runs. Both against the reference,
+    forward and every gradient."""
+    from vitkern.triton_kernels import window as tk
+
+    launched = []
+    for name in ("dkdv", "dq", "dbias"):
+        spy_on(monkeypatch, getattr(tk, f"window_bwd_{name}"), name, launched)
+    run = _call(lambda *a, **k: window_attention(*a, backend="triton", **k), _kw(case))
+    check_against_reference(run, _call(W_ref.window_attention, _kw(case)),
+                            _inputs(case, dtype, "cpu"), dtype)
+    assert launched == (["dkdv", "dbias"] if fused else ["dkdv", "dq", "dbias"])
 
 
 @pytest.mark.parametrize("device,dtype", KERNEL_DEVICES[:1], ids=lambda x: str(x).split(".")[-1])

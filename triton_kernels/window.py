@@ -31,9 +31,12 @@ it walks its chunk's windows in a fixed order, recomputes dS for that slot-pair 
 window and sums it in registers, then writes one fp32 partial (ws², ws²) block to a scratch
 buffer (n_chunks, heads, ws², ws²). The host sums the chunks (``scratch.sum(0)``) and, for a
 table, folds the (ws², ws²) sum into table rows with a fixed gather + sum (``fold_to_table``).
-Every step has a fixed summation order, so the result is bitwise reproducible. The extra pass
-recomputes QKᵀ and dO·Vᵀ once more; it reads q, k, v, dO once (the chunking keeps the scratch
-at most ~256 partials per head).
+Every step has a fixed summation order, so the result is bitwise reproducible. The pass
+recomputes QKᵀ and dO·Vᵀ; it reads q, k, v, dO once (the chunking keeps the scratch at most ~256
+partials per head). Where its tile's key-slot block can hold a whole window (``WITH_DQ``: Swin's
+16-bit head dims up to 32 at ws = 7, every head dim for windows of up to 32 tokens) it also
+writes dq from the same dS tile, and the dQ kernel is not launched: the bias gradient then costs
+no pass of its own.
 
 Active windows (SparseViT): with ``HAS_ACTIVE`` the virtual sequence lists only the K kept windows
 of each image, ``v = k * NS + slot``, and the k-th virtual window is window ``AW[b, k]`` of the
@@ -268,17 +271,22 @@ def window_bwd_dq_kernel(
 
 @triton.jit
 def window_bwd_dbias_kernel(
-    Q, K, V, DO, LSE, DELTA, DB, BIAS, AW,
+    Q, K, V, DO, LSE, DELTA, DB, DQ, BIAS, AW,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdqb, sdqh, sdqn, sdqd,
     n_heads, slb, slh, saw, n_win, n_pairs, per_chunk, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
-    sbh, boff, b0, b1, b2, b3, HEAD_DIM, qk_scale_log2, mask2,
+    sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
     WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
     D_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial dBias[chunk, h, slot_q, slot_k] = sum over the chunk's (batch, window) pairs of dS
     (n_win windows per image: all of them, or the active ones listed in AW).
+
+    With ``WITH_DQ`` (a key-slot block holds the whole window, BLOCK_N >= ws²) the dS tile of a
+    window holds every key of its query rows, so the kernel also writes their dq = dS·k·scale:
+    the dQ pass folded into this one (the dQ kernel is not launched).
 
     DB: fp32 (n_chunks, heads, ws², ws²), contiguous. Grid: heads * n_chunks * nbm * nbn.
     """
@@ -334,6 +342,15 @@ def window_bwd_dbias_kernel(
         extra = _extra2(bias, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, HAS_BIAS)
         p, ds = softmax_bwd_ds(qk, dp, lse2, delta, qk_scale_log2, extra, attend)
         acc += ds
+        if WITH_DQ:
+            dq_base = DQ + b * sdqb + h64 * sdqh
+            for c in tl.static_range(BLOCK_D // D_CHUNK):
+                offs_c = c * D_CHUNK + tl.arange(0, D_CHUNK)
+                cmask = offs_c < HEAD_DIM
+                k = tl.load(tile_ptrs(k_base, tok_n, offs_c, skn, skd),
+                            mask=real_n[:, None] & cmask[None, :], other=0.0)
+                store_rows(dq_base, tok_m, offs_c, real_m, cmask, (sdqn, sdqd),
+                           mma(ds.to(k.dtype), k, DOT_PRECISION) * scale)
 
     out = DB + (chunk.to(tl.int64) * n_heads + h) * (NS * NS)
     tl.store(out + slot_m[:, None] * NS + slot_n[None, :], acc, mask=ok_m[:, None] & ok_n[None, :])
@@ -375,6 +392,12 @@ TILES = {
         (32, True): [(32, 16, 4, 1)],
         (64, True): [(16, 16, 4, 2)],  # (16, 16, 4, 1) spills 4 B on sm_90 (since the AW args)
     },
+    # the bias-gradient kernel that also writes dq: whole windows per key-slot block (Swin's
+    # 49 tokens -> 64), the query-slot block halved where the 64 x 64 tile spills
+    "dbias_dq": {
+        (16, False): [(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1), (32, 64, 4, 1)],
+        (32, False): [(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1), (32, 64, 4, 1)],
+    },
     "dbias": {
         (16, False): [(64, 64, 8, 2)],
         (32, False): [(64, 64, 8, 2)],
@@ -410,8 +433,16 @@ _KEY = ["n_virt", "HEAD_DIM"]
 window_fwd = Launcher(window_fwd_kernel, table_candidates(TILES["fwd"]), _KEY)
 window_bwd_dkdv = Launcher(window_bwd_dkdv_kernel, table_candidates(TILES["dkdv"]), _KEY)
 window_bwd_dq = Launcher(window_bwd_dq_kernel, table_candidates(TILES["dq"]), _KEY)
-window_bwd_dbias = Launcher(window_bwd_dbias_kernel, table_candidates(TILES["dbias"]),
-                            ["n_pairs", "HEAD_DIM"])
+def _dbias_candidates(*, WITH_DQ: bool, WH: int, WW: int, **constexprs) -> list:
+    """The bias-gradient kernel's tiles; with ``WITH_DQ`` only those whose key-slot block holds
+    a whole window (none: the dQ pass runs on its own)."""
+    if not WITH_DQ:
+        return table_candidates(TILES["dbias"])(**constexprs)
+    candidates = table_candidates(TILES["dbias_dq"])(**constexprs)
+    return [c for c in candidates if c.kwargs["BLOCK_N"] >= WH * WW]
+
+
+window_bwd_dbias = Launcher(window_bwd_dbias_kernel, _dbias_candidates, ["n_pairs", "HEAD_DIM"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,9 +551,9 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     window_bwd_dkdv.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_N"),
                            dict(tensors, DK=dk, DV=dv),
                            lambda: rows(**strides_of("dk", dk), **strides_of("dv", dv)))
-    window_bwd_dq.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_M"), dict(tensors, DQ=dq),
-                         lambda: rows(**strides_of("dq", dq)))
     if bias is None or not need_dbias:
+        window_bwd_dq.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_M"),
+                             dict(tensors, DQ=dq), lambda: rows(**strides_of("dq", dq)))
         return None
     n_pairs = b * geo["n_win"]
     n_chunks = _n_chunks(n_pairs, h)
@@ -533,12 +564,20 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     def grid(meta):
         return (h * n_chunks * cdiv(ns, meta["BLOCK_M"]) * cdiv(ns, meta["BLOCK_N"]),)
 
-    def dbias_args():
+    def dbias_args(with_dq: bool):
         args = common()
         return dict(args, n_win=geo["n_win"], n_pairs=n_pairs, per_chunk=per_chunk,
+                    **strides_of("dq", dq), scale=float(scale), WITH_DQ=with_dq,
                     D_CHUNK=dbias_chunk(args["BLOCK_D"], args["DOT_PRECISION"] != "native"))
 
-    window_bwd_dbias.launch(key, grid, dict(tensors, DB=scratch), dbias_args)
+    # dQ rides on the bias-gradient pass when a tile's key slots can cover a whole window
+    with_dq = bool(_dbias_candidates(WITH_DQ=True, WH=geo["WH"], WW=geo["WW"],
+                                     BLOCK_D=block_d(d), DOT_PRECISION=dot_precision(q.dtype)))
+    if not with_dq:
+        window_bwd_dq.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_M"),
+                             dict(tensors, DQ=dq), lambda: rows(**strides_of("dq", dq)))
+    window_bwd_dbias.launch(key, grid, dict(tensors, DB=scratch, DQ=dq),
+                            lambda: dbias_args(with_dq))
     return scratch.sum(0)
 
 
@@ -620,11 +659,16 @@ def aot_specs(all_active: bool = False):
                         continue
                     meta = dict(WH=7, WW=7, HAS_BIAS=True, HAS_ACTIVE=active,
                                 DOT_PRECISION=aot_precision(dtype), BLOCK_D=bd)
+                    variants = [("", meta)]
                     if kname == "dbias":
                         meta["D_CHUNK"] = dbias_chunk(bd, dtype == "fp32")
+                        with_dq = dict(meta, WITH_DQ=True)
+                        variants = [("", dict(meta, WITH_DQ=False))] + (
+                            [(",dq", with_dq)] if _dbias_candidates(**with_dq) else [])
                     else:
                         meta["NS"] = window_slots(49)
-                    specs.append(spec_from_launcher(
-                        f"window.{kname}[{dtype},D={bd}{',active' * active}]", launcher, sig,
-                        const, meta))
+                    for tag, m in variants:
+                        specs.append(spec_from_launcher(
+                            f"window.{kname}[{dtype},D={bd}{',active' * active}{tag}]",
+                            launcher, sig, const, m))
     return specs
