@@ -12,8 +12,10 @@ values, which a tile reads once per distinct corner (its query rows × key colum
 score. Both directions share one QKᵀ tile and keep their own
 online-softmax state (``softmax_rescale`` of the shared core; the single-softmax engine bodies of
 ``attention_core`` do not apply); the output is the 50/50 average of the two separately
-normalised results. The forward also stores the direction-1 output O1 (fp32) so the backward can
-form both softmax "delta" terms (delta2 = 2·rowsum(dO∘O) - delta1). fp32 inputs use exact fp32
+normalised results. A training forward also stores the direction-1 output O1 (fp32) so the
+backward can form both softmax "delta" terms (delta2 = 2·rowsum(dO∘O) - delta1): the dQ kernel
+computes them as it loads its query rows and stores them for the dK/dV kernel that runs after
+it (no delta pre-pass). fp32 inputs use exact fp32
 (FMA) dots (``DOT_PRECISION`` "ieee").
 
 Tile geometry. Tokens are walked in a *virtual* raster with row pitch WP = next_pow2(W): virtual
@@ -47,7 +49,6 @@ from ..attention_core import (
     bh_offset,
     block_d,
     dot_precision,
-    launch_delta,
     load_rows,
     mma,
     program_coords,
@@ -88,18 +89,28 @@ def _key_tile(K, V, PQ, sk, sv, idx, H, W, WP: tl.constexpr, offs_d, dmask):
 
 @triton.jit
 def _query_grad_tile(Q, DO, LSE, DELTA, PQ, sq, sdo, idx, N, H, W, WP: tl.constexpr, offs_d,
-                     dmask):
+                     dmask, outs, FROM_OUTPUTS: tl.constexpr):
     """The query positions ``idx``: their cells (as :func:`_key_tile`), q, dO and the
     per-direction statistics (lse1, lse2, delta1, delta2; LSE, DELTA: (2, N), a row per
-    direction)."""
+    direction). delta1 = rowsum(dO∘O1), delta2 = rowsum(dO∘O2) = 2·rowsum(dO∘O) - delta1: read
+    from DELTA, or with ``FROM_OUTPUTS`` computed from ``outs`` = (O, (son, sod), O1,
+    (so1n, so1d)) and stored to DELTA (the dQ kernel does, for the dK/dV kernel after it)."""
     r, c, tok, real = _coords(idx, H, W, WP)
     q = load_rows(Q, tok, offs_d, real, dmask, sq)
     do = load_rows(DO, tok, offs_d, real, dmask, sdo)
     p_cell, q_cell = load_pq(PQ, tok, real)
-    stats = (tl.load(LSE + tok, mask=real, other=0.0),
-             tl.load(LSE + N + tok, mask=real, other=0.0),
-             tl.load(DELTA + tok, mask=real, other=0.0),
-             tl.load(DELTA + N + tok, mask=real, other=0.0))
+    if FROM_OUTPUTS:
+        o1 = load_rows(outs[2], tok, offs_d, real, dmask, outs[3])
+        delta1 = tl.sum(o1 * do.to(tl.float32), 1)
+        o = load_rows(outs[0], tok, offs_d, real, dmask, outs[1])
+        delta2 = 2.0 * tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - delta1
+        tl.store(DELTA + tok, delta1, mask=real)
+        tl.store(DELTA + N + tok, delta2, mask=real)
+    else:
+        delta1 = tl.load(DELTA + tok, mask=real, other=0.0)
+        delta2 = tl.load(DELTA + N + tok, mask=real, other=0.0)
+    stats = (tl.load(LSE + tok, mask=real, other=0.0), tl.load(LSE + N + tok, mask=real, other=0.0),
+             delta1, delta2)
     return (r, c, tok, real, p_cell, q_cell), q, do, stats
 
 
@@ -267,14 +278,16 @@ def ppma_fwd_kernel(
 
 @triton.jit
 def ppma_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, PQ, DQ, GPQ, GQQ,
+    Q, K, V, DO, LSE, DELTA, PQ, DQ, GPQ, GQQ, O, O1,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sob, soh, son, sod, so1b, so1h, so1n, so1d,
     n_heads, N, H, W, n_virt, HEAD_DIM, scale, qk_scale_log2,
     WP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dq, and the prefix-table gradients of the cells of this program's query rows."""
+    """dq, and the prefix-table gradients of the cells of this program's query rows; also the
+    rows' softmax deltas (from O, O1 and dO) into DELTA, which the dK/dV kernel reads after it
+    (no delta pre-pass)."""
     pid_bh, pid_m = program_coords(n_virt, BLOCK_M)
     Q, K, V, PQ, LSE = _head_bases(pid_bh, n_heads, N, Q, K, V, PQ, LSE, sqb, sqh, skb, skh,
                                    svb, svh)
@@ -283,9 +296,11 @@ def ppma_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
 
+    outs = (O + bh_offset(pid_bh, n_heads, sob, soh), (son, sod),
+            O1 + bh_offset(pid_bh, n_heads, so1b, so1h), (so1n, so1d))
     cq, q, do, stats = _query_grad_tile(Q, DO, LSE, DELTA, PQ, (sqn, sqd), (sdon, sdod),
                                         pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N, H, W, WP,
-                                        offs_d, dmask)
+                                        offs_d, dmask, outs, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     g_p = tl.zeros([BLOCK_M], tl.float32)       # own cells (query side)
     g_q = tl.zeros([BLOCK_M], tl.float32)
@@ -343,7 +358,7 @@ def ppma_bwd_dkdv_kernel(
     for start_m in range(0, n_virt, BLOCK_M):
         cq, q, do, stats = _query_grad_tile(Q, DO, LSE, DELTA, PQ, (sqn, sqd), (sdon, sdod),
                                             start_m + tl.arange(0, BLOCK_M), N, H, W, WP, offs_d,
-                                            dmask)
+                                            dmask, (), False)
         p1, p2, g1, g2, sc, sr = _bwd_pair(PQ, (H, W, start_m, pid_n * BLOCK_N), cq, ck, q, k,
                                            v, do, stats, qk_scale_log2, WP, BLOCK_M, BLOCK_N,
                                            DOT_PRECISION)
@@ -479,12 +494,9 @@ def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: flo
     side, fp32 (B, h, N) gradients of the prefix tables, summed by :func:`.common.decay_grads`
     (every element written: each cell belongs to one query row tile and one key row tile)."""
     b, h, n, d = q.shape
-    # delta per direction: rowsum(dO∘O1) and rowsum(dO∘O2) = 2·rowsum(dO∘O) - rowsum(dO∘O1)
-    lse1 = lse[:, :, 0]
-    delta = torch.stack([launch_delta(o1, do, lse1), launch_delta(o, do, lse1)], dim=2)
-    delta[:, :, 1].mul_(2.0).sub_(delta[:, :, 0])
+    delta = torch.empty_like(lse)  # the dQ kernel writes both directions' deltas for dK/dV
     gpq, gqq, gpk, gqk = (q.new_empty((b, h, n), dtype=torch.float32) for _ in range(4))
-    key = launch_key(H, W, scale, q, k, v, pq, lse, do, delta, dq, dk, dv, gpq)
+    key = launch_key(H, W, scale, q, k, v, pq, lse, do, o, o1, dq, dk, dv)
     tensors = dict(Q=q, K=k, V=v, PQ=pq, LSE=lse, DO=do, DELTA=delta)
 
     def common(**more):
@@ -493,8 +505,9 @@ def backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H: int, W: int, scale: flo
 
     n_virt = _geometry(H, W)[1]
     ppma_bwd_dq.launch(key, row_grid(b * h, n_virt, "BLOCK_M"),
-                       dict(tensors, DQ=dq, GPQ=gpq, GQQ=gqq),
-                       lambda: common(**strides_of("dq", dq)))
+                       dict(tensors, DQ=dq, GPQ=gpq, GQQ=gqq, O=o, O1=o1),
+                       lambda: common(**strides_of("dq", dq), **strides_of("o", o),
+                                      **strides_of("o1", o1)))
     ppma_bwd_dkdv.launch(key, row_grid(b * h, n_virt, "BLOCK_N"),
                          dict(tensors, DK=dk, DV=dv, GPK=gpk, GQK=gqk),
                          lambda: common(**strides_of("dk", dk), **strides_of("dv", dv)))

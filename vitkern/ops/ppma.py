@@ -4,7 +4,8 @@ Public ops (q, k, v are (B, heads, N, d), N = H·W in raster order, strided view
 log-decays are (B, heads, N)):
 
 * :func:`ppma_attention` — full polyline-path-masked softmax attention (both mask directions,
-  averaged). Triton backend: ``vitkern::ppma_fwd`` / ``vitkern::ppma_bwd``; the mask is evaluated
+  averaged). Triton backend: ``vitkern::ppma_fwd`` / ``vitkern::ppma_bwd`` (training),
+  ``vitkern::ppma_infer`` (no gradients: nothing saved); the mask is evaluated
   per (query, key) pair from prefix sums of the log-decays, never materialised.
 * :func:`ppma_decays` — PPMA's per-token, per-head horizontal / vertical log-decays from the
   attention input (``PathEmbeding2D``), one fused Triton pass (``vitkern::ppma_decays_fwd`` /
@@ -110,11 +111,10 @@ def _backend(op, backend, q, W, backward):
 # --------------------------------------------------------------------------------------------
 
 
-def _saved_empty(q: Tensor, save: bool) -> tuple[Tensor, Tensor]:
-    """(o1, lse) of the forward: with ``save``, the direction-1 output (fp32, stored (B, N, h, d)
-    like o) and the base-2 log-sum-exp of both directions, fp32 (B, heads, 2, N); else empty."""
-    if not save:
-        return q.new_empty((0,), dtype=torch.float32), q.new_empty((0,), dtype=torch.float32)
+def _saved_empty(q: Tensor) -> tuple[Tensor, Tensor]:
+    """What a training forward saves for the backward besides its packed prefix table (int64
+    (B, heads, N)): the direction-1 output o1 (fp32, stored (B, N, h, d) like o) and the
+    base-2 log-sum-exp of both directions, fp32 (B, heads, 2, N)."""
     b, h, n, d = q.shape
     o1 = q.new_empty((b, n, h, d), dtype=torch.float32).transpose(1, 2)
     return o1, q.new_empty((b, h, 2, n), dtype=torch.float32)
@@ -122,35 +122,54 @@ def _saved_empty(q: Tensor, save: bool) -> tuple[Tensor, Tensor]:
 
 @kernel_op("ppma_fwd")
 def _ppma_fwd(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_decay_v: Tensor,
-              H: int, W: int, scale: float, save: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton PPMA forward: (o, o1, lse) (o1, lse: see :func:`_saved_empty`; only ``save``
-    calls, those autograd will differentiate, write them)."""
+              H: int, W: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton PPMA training forward: (o, o1, lse, pq), see :func:`_saved_empty`; pq is
+    :func:`~vitkern.triton_kernels.ppma.prefix_table`'s."""
     from vitkern.triton_kernels import ppma as tk
 
     o = bhnd_empty(q, q.shape[2])
-    o1, lse = _saved_empty(q, save)
+    o1, lse = _saved_empty(q)
     with on_device(q):
         pq = tk.prefix_table(log_decay_h, log_decay_v, H, W)
-        tk.forward(q, k, v, pq, o, *((o1, lse) if save else (None, None)), H, W, scale)
-    return o, o1, lse
+        tk.forward(q, k, v, pq, o, o1, lse, H, W, scale)
+    return o, o1, lse, pq
 
 
 @_ppma_fwd.register_fake
-def _(q, k, v, log_decay_h, log_decay_v, H, W, scale, save):
-    return (bhnd_empty(q, q.shape[2]), *_saved_empty(q, save))
+def _(q, k, v, log_decay_h, log_decay_v, H, W, scale):
+    return (bhnd_empty(q, q.shape[2]), *_saved_empty(q),
+            q.new_empty(q.shape[:3], dtype=torch.int64))
+
+
+@kernel_op("ppma_infer")
+def _ppma_infer(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_decay_v: Tensor,
+                H: int, W: int, scale: float) -> Tensor:
+    """Triton PPMA inference forward: o alone (nothing saved: no O1 stored, no LSE)."""
+    from vitkern.triton_kernels import ppma as tk
+
+    o = bhnd_empty(q, q.shape[2])
+    with on_device(q):
+        tk.forward(q, k, v, tk.prefix_table(log_decay_h, log_decay_v, H, W), o, None, None, H,
+                   W, scale)
+    return o
+
+
+@_ppma_infer.register_fake
+def _(q, k, v, log_decay_h, log_decay_v, H, W, scale):
+    return bhnd_empty(q, q.shape[2])
 
 
 @kernel_op("ppma_bwd")
 def _ppma_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor,
-              log_decay_v: Tensor, o: Tensor, o1: Tensor, lse: Tensor, H: int, W: int,
-              scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Triton PPMA backward: (dq, dk, dv, d_log_decay_h, d_log_decay_v)."""
+              log_decay_v: Tensor, o: Tensor, o1: Tensor, lse: Tensor, pq: Tensor, H: int,
+              W: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton PPMA backward: (dq, dk, dv, d_log_decay_h, d_log_decay_v); the log-decays give
+    their gradients' dtypes (their values are in the forward's prefix table ``pq``)."""
     from vitkern.triton_kernels import ppma as tk
 
     n = q.shape[2]
     dq, dk, dv = bhnd_empty(q, n), bhnd_empty(k, n), bhnd_empty(v, n)
     with on_device(q):
-        pq = tk.prefix_table(log_decay_h, log_decay_v, H, W)
         dp_q, dq_q, dp_k, dq_k = tk.backward(do, q, k, v, o, o1, lse, pq, dq, dk, dv, H, W,
                                              scale)
         da, dg = tk.decay_grads(dp_q, dq_q, H, W, (log_decay_h.dtype, log_decay_v.dtype),
@@ -159,7 +178,7 @@ def _ppma_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor,
 
 
 @_ppma_bwd.register_fake
-def _(do, q, k, v, log_decay_h, log_decay_v, o, o1, lse, H, W, scale):
+def _(do, q, k, v, log_decay_h, log_decay_v, o, o1, lse, pq, H, W, scale):
     n = q.shape[2]
     return (bhnd_empty(q, n), bhnd_empty(k, n), bhnd_empty(v, n),
             torch.empty_like(log_decay_h, memory_format=torch.contiguous_format),
@@ -167,26 +186,23 @@ def _(do, q, k, v, log_decay_h, log_decay_v, o, o1, lse, H, W, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, a, g, H, W, scale, _ = inputs
-    o, o1, lse = output
-    ctx.save_for_backward(q, k, v, a, g, o, o1, lse)
+    q, k, v, a, g, H, W, scale = inputs
+    o, o1, lse, pq = output
+    ctx.save_for_backward(q, k, v, a, g, o, o1, lse, pq)
     ctx.args = (H, W, scale)
-    ctx.mark_non_differentiable(o1, lse)
+    ctx.mark_non_differentiable(o1, lse, pq)
 
 
-def _backward(ctx, do, _do1, _dlse):
+def _backward(ctx, do, _do1, _dlse, _dpq):
     from vitkern.triton_kernels import ppma as tk
 
-    q, k, v, a, g, o, o1, lse = ctx.saved_tensors
+    q, k, v, a, g, o, o1, lse, pq = ctx.saved_tensors
     H, W, _ = ctx.args
-    if lse.numel() == 0 and q.numel():
-        raise RuntimeError("ppma_attention backward: the forward ran without saving its "
-                           "statistics (no input needed a gradient when it ran)")
     # a forward run without grad enabled may have taken a map too wide for the backward
     if why := tk.unsupported(q.shape[-1], q.dtype == torch.float32, W, backward=True):
         raise RuntimeError(f"ppma_attention backward: {why}; run with backend='reference'")
-    grads = _ppma_bwd(do, q, k, v, a, g, o, o1, lse, *ctx.args)
-    return (*grads, None, None, None, None)
+    grads = _ppma_bwd(do, q, k, v, a, g, o, o1, lse, pq, *ctx.args)
+    return (*grads, None, None, None)
 
 
 _ppma_fwd.register_autograd(_backward, _setup_context)
@@ -239,7 +255,9 @@ def ppma_attention(q: Tensor, k: Tensor, v: Tensor, log_decay_h: Tensor, log_dec
     if name == "reference" or q.numel() == 0:
         with autocast_off(q):
             return PPMA.reference(q, k, v, log_decay_h, log_decay_v, hw=(H, W), scale=scale)
-    return _ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale, grad)[0]
+    if grad:
+        return _ppma_fwd(q, k, v, log_decay_h, log_decay_v, H, W, scale)[0]
+    return _ppma_infer(q, k, v, log_decay_h, log_decay_v, H, W, scale)
 
 
 def _f32_empty(q: Tensor) -> Tensor:
