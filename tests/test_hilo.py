@@ -167,8 +167,9 @@ def test_triton_reads_strided_projection_views(device, dtype, H, W, s):
 
 @pytest.mark.parametrize("s,small", [(2, True), (3, True), (4, True), (5, False)])
 def test_small_windows_run_the_per_window_kernels(monkeypatch, s, small):
-    """Hi-Fi windows of s <= 4 run one forward and one backward per-window kernel (no delta
-    pre-pass); larger windows the packed tile kernels."""
+    """Hi-Fi windows of s <= 4 run one forward and one backward per-window kernel; larger
+    windows the packed tile kernels, dQ first (it stores the deltas dK/dV reads: no delta
+    pre-pass)."""
     from vitkern.triton_kernels import hilo as tk
 
     launched = []
@@ -179,12 +180,10 @@ def test_small_windows_run_the_per_window_kernels(monkeypatch, s, small):
             launched.append(_name)
             return _fn(*a, **kw)
         monkeypatch.setattr(launcher, "launch", spy)
-    monkeypatch.setattr(tk, "launch_delta", lambda *a, _fn=tk.launch_delta, **kw: (
-        launched.append("delta") or _fn(*a, **kw)))
     q, k, v = _qkv(1, 1, s * s, 16, torch.float32, KERNEL_DEVICES[0][0])
     ops.hifi_attention(q, k, v, hw=(s, s), window_size=s, backend="triton").sum().backward()
     assert launched == (["hifi_small_fwd", "hifi_small_bwd"] if small else
-                        ["hilo_fwd", "delta", "hilo_bwd_dkdv", "hilo_bwd_dq"])
+                        ["hilo_fwd", "hilo_bwd_dq", "hilo_bwd_dkdv"])
 
 
 def test_triton_zero_stride_batch():

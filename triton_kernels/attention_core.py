@@ -202,6 +202,17 @@ def load_row_grads(Q, DO, LSE, DELTA, tok, row, valid, offs_d, dmask, sq, sdo):
 
 
 @triton.jit
+def rows_delta(O, DELTA, do, row, valid, offs_d, dmask, so):
+    """delta = rowsum(dO∘O) of the rows at ``row`` (fp32; ``do`` their dO tile), also stored to
+    DELTA: a dQ pass launched before the dK/dV pass computes it there, instead of a pre-pass
+    (:func:`launch_delta`) that reads O and dO once more."""
+    o = load_rows(O, row, offs_d, valid, dmask, so)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + row, delta, mask=valid)
+    return delta
+
+
+@triton.jit
 def key_tile_scores(q, start_n, rtag, valid_m, offs_d, dmask, ctx, CFG: tl.constexpr,
                     KEYS: tl.constexpr, SCORE: tl.constexpr, qk_scale_log2,
                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -243,19 +254,27 @@ def attention_fwd(Q, O, LSE, sq, so, pid_m, ctx, CFG: tl.constexpr, ROWS: tl.con
 
 
 @triton.jit
-def attention_dq(Q, DO, DQ, LSE, DELTA, sq, sdo, sdq, pid_m, ctx, CFG: tl.constexpr,
+def attention_dq(Q, DO, DQ, LSE, DELTA, O, sq, sdo, sdq, so, pid_m, ctx, CFG: tl.constexpr,
                  ROWS: tl.constexpr, KEYS: tl.constexpr, SCORE: tl.constexpr,
                  DSCORE: tl.constexpr, SPAN: tl.constexpr, HEAD_DIM, scale, qk_scale_log2,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """dQ of query tile ``pid_m`` (FlashAttention-2: P recomputed from the saved lse, delta =
-    rowsum(dO·O) from :func:`launch_delta`); pointers at this (batch, head)."""
+                 DELTA_FROM_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ of query tile ``pid_m`` (FlashAttention-2: P recomputed from the saved lse); delta =
+    rowsum(dO·O) read from DELTA (:func:`launch_delta`'s), or with ``DELTA_FROM_O`` computed
+    from O (strides ``so``) and stored there for a dK/dV pass launched after this one
+    (:func:`rows_delta`); pointers at this (batch, head)."""
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     start = pid_m * BLOCK_M
     tok_m, row_m, valid_m, rtag = ROWS(ctx, CFG, start + tl.arange(0, BLOCK_M))
-    q, do, lse2, delta = load_row_grads(Q, DO, LSE, DELTA, tok_m, row_m, valid_m, offs_d, dmask,
-                                        sq, sdo)
+    if DELTA_FROM_O:
+        q = load_rows(Q, tok_m, offs_d, valid_m, dmask, sq)
+        do = load_rows(DO, row_m, offs_d, valid_m, dmask, sdo)
+        lse2 = tl.load(LSE + row_m, mask=valid_m, other=0.0)
+        delta = rows_delta(O, DELTA, do, row_m, valid_m, offs_d, dmask, so)
+    else:
+        q, do, lse2, delta = load_row_grads(Q, DO, LSE, DELTA, tok_m, row_m, valid_m, offs_d,
+                                            dmask, sq, sdo)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = SPAN(ctx, CFG, start, BLOCK_M, True)

@@ -45,7 +45,6 @@ from .attention_core import (
     block_d,
     cdiv,
     dot_precision,
-    launch_delta,
     load_rows,
     no_dscore,
     program_coords,
@@ -252,9 +251,9 @@ def hilo_bwd_dkdv_kernel(
 
 @triton.jit
 def hilo_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, O,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sob, soh, son, sod,
     n_heads, head0, slb, slh, N, n_rows, n_keys, MH, MW, GW, HEAD_DIM, scale,
     qk_scale_log2,
     WINDOW: tl.constexpr, POOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -267,9 +266,11 @@ def hilo_bwd_dq_kernel(
     Q += _head_offset(pid_bh, n_heads, head0, sqb, sqh)
     DO += _head_offset(pid_bh, n_heads, head0, sdob, sdoh)
     DQ += _head_offset(pid_bh, n_heads, head0, sdqb, sdqh)
-    attention_dq(Q, DO, DQ, LSE + lse, DELTA + lse, (sqn, sqd),
-                 (sdon, sdod), (sdqn, sdqd), pid_m, ctx, (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows,
-                 _keys, _score, no_dscore, _span, HEAD_DIM, scale, qk_scale_log2, DOT_PRECISION,
+    O += _head_offset(pid_bh, n_heads, head0, sob, soh)
+    # the rows' deltas are computed here and stored for the dK/dV kernel launched after this one
+    attention_dq(Q, DO, DQ, LSE + lse, DELTA + lse, O, (sqn, sqd), (sdon, sdod), (sdqn, sdqd),
+                 (son, sod), pid_m, ctx, (WINDOW, POOL, BLOCK_N, BLOCK_D), _rows, _keys, _score,
+                 no_dscore, _span, HEAD_DIM, scale, qk_scale_log2, True, DOT_PRECISION,
                  BLOCK_M, BLOCK_N, BLOCK_D)
 
 
@@ -678,7 +679,8 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
     """Gradients of head group ``heads`` (as :func:`forward`) into dq, dk, dv; every element
     of the group's heads is written (each token lies in exactly one window / pooled block, pad
     tokens are never stored). ``delta``: a (B, heads, N) fp32 buffer laid out like ``lse`` that
-    the packed kernels' pre-pass fills for the group (allocated when None)."""
+    the packed dQ kernel fills for the group's rows before dK/dV reads it (allocated when
+    None)."""
     b, n, d = q.shape[0], q.shape[2], q.shape[3]
     h0, h = (0, q.shape[1]) if heads is None else (heads.start, heads.stop - heads.start)
     key = launch_key(H, W, s, scale, window, kv_pooled, h0, h, q, k, v, o, lse, do, dq, dk, dv)
@@ -697,20 +699,17 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, H: int, W: int, s: int, scale: flo
     if delta is None:
         delta = torch.empty_strided(lse.shape, lse.stride(), device=lse.device,
                                     dtype=torch.float32)
-    if heads is None:
-        launch_delta(o, do, lse, out=delta)
-    else:  # the group's rows only (the delta pre-pass takes views)
-        launch_delta(o[:, heads], do[:, heads], lse[:, heads], out=delta[:, heads])
     tensors = dict(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta)
 
     def rows(**more):
         return dict(common(**more), **strides_of("l", lse, "bh"), N=n, **geo,
                     DOT_PRECISION=dot_precision(q.dtype))
 
+    # dQ first: it computes the rows' deltas (rowsum(dO∘O)) that dK/dV reads: no pre-pass
+    hilo_bwd_dq.launch(key, row_grid(b * h, geo["n_rows"], "BLOCK_M"),
+                       dict(tensors, DQ=dq, O=o), lambda: rows(DQ=dq, O=o))
     hilo_bwd_dkdv.launch(key, row_grid(b * h, geo["n_keys"], "BLOCK_N"),
                          dict(tensors, DK=dk, DV=dv), lambda: rows(DK=dk, DV=dv))
-    hilo_bwd_dq.launch(key, row_grid(b * h, geo["n_rows"], "BLOCK_M"), dict(tensors, DQ=dq),
-                       lambda: rows(DQ=dq))
 
 
 # --------------------------------------------------------------------------------------------

@@ -305,15 +305,18 @@ def token_bwd_dkdv_kernel(
 
 @triton.jit
 def token_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, IDX, BIAS, CU, G0, DQ,
+    Q, K, V, DO, LSE, DELTA, IDX, BIAS, CU, G0, DQ, O,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sob, soh, son, sod,
     sib, sik, sbb, sbh, sbn, sgb, sgh,
     n_heads, slb, slh, n_rows, HEAD_DIM, scale, qk_scale_log2,
     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    DELTA_FROM_O: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """dq; with ``DELTA_FROM_O`` (dense, no CLS-importance gradient) also the rows' deltas
+    rowsum(dO∘O), stored for the dK/dV kernel launched after it. Otherwise a pre-pass wrote
+    them (with CLS importance they carry the importance gradient's term)."""
     pid_bh, pid_m, ctx = _context(CU, K, V, IDX, BIAS, G0, K, K, K, skb, skh, skn, skd, svb,
                                   svh, svn, svd, sib, sik, sbb, sbh, sbn, sgb, sgh, 0, 0, 0, 0,
                                   0, 0, 0, 0, 0, 0, n_heads, n_rows, VARLEN, BLOCK_M)
@@ -321,9 +324,10 @@ def token_bwd_dq_kernel(
     h = pid_bh % n_heads
     lse = b * slb + h * slh
     attention_dq(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, DQ + b * sdqb + h * sdqh,
-                 LSE + lse, DELTA + lse, (sqn, sqd), (sdon, sdod), (sdqn, sdqd), pid_m, ctx,
-                 (HAS_IDX, HAS_BIAS, HAS_G0), _rows, _keys, _score, _dscore, _span, HEAD_DIM,
-                 scale, qk_scale_log2, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                 LSE + lse, DELTA + lse, O + b * sob + h * soh, (sqn, sqd), (sdon, sdod),
+                 (sdqn, sdqd), (son, sod), pid_m, ctx, (HAS_IDX, HAS_BIAS, HAS_G0), _rows, _keys,
+                 _score, _dscore, _span, HEAD_DIM, scale, qk_scale_log2, DELTA_FROM_O,
+                 DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,7 +500,12 @@ def backward(do, q, k, v, o, lse, keep_idx, key_bias, cu, p0, g0, dq, dk, dv, db
     ``g0`` (B, h, K) fp32 is the gradient of ``p0`` (the CLS-row probabilities), or None.
     """
     b, h = q.shape[:2]
-    if cu is None:
+    # dense without CLS importance: the dQ kernel (launched first) computes the deltas
+    from_o = cu is None and g0 is None
+    if from_o:
+        delta = torch.empty_strided(lse.shape, lse.stride(), device=lse.device,
+                                    dtype=torch.float32)
+    elif cu is None:
         delta = launch_delta(o, do, lse)
     else:  # one (1, h, R) pass over the packed rows, seen by every sequence
         delta = launch_delta(o[:1], do[:1], lse[:1]).expand(lse.shape)
@@ -513,12 +522,13 @@ def backward(do, q, k, v, o, lse, keep_idx, key_bias, cu, p0, g0, dq, dk, dv, db
                     HAS_G0=g0 is not None, DOT_PRECISION=dot_precision(q.dtype),
                     **_launch_args(q, k, keep_idx, key_bias, cu, lse, scale, n_rows), **more)
 
+    token_bwd_dq.launch(key, row_grid(b * h, n_rows, "BLOCK_M"), dict(tensors, DQ=dq, O=o),
+                        lambda: common(**strides_of("dq", dq), **strides_of("o", o),
+                                       DELTA_FROM_O=from_o))
     token_bwd_dkdv.launch(key, row_grid(b * h, n_rows, "BLOCK_N"),
                           dict(tensors, DK=dk, DV=dv, DB=q if db is None else db),
                           lambda: common(**strides_of("dk", dk), **strides_of("dv", dv),
                                          **strides_of("db", db if db is not None else lse, "bh")))
-    token_bwd_dq.launch(key, row_grid(b * h, n_rows, "BLOCK_M"), dict(tensors, DQ=dq),
-                        lambda: common(**strides_of("dq", dq)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,6 +580,8 @@ def aot_specs(variants: str = "heaviest"):
                                                                            repeat=len(flags))]
         else:
             combos = [dict.fromkeys(flags, True)]
+            if kname == "dq":  # dense, no CLS-importance gradient: deltas computed in dQ
+                combos.append(dict(combos[0], HAS_G0=False, VARLEN=False))
         for dtype in ("fp16", "fp32"):
             for bd in (16, 32, 64, 128):
                 if bd > MAX_HEAD_DIM[direction, dtype == "fp32"]:
@@ -583,6 +595,8 @@ def aot_specs(variants: str = "heaviest"):
                             del const["sbh"]
                             sig["sbh"] = "i32:16"
                         meta = dict(combo, BLOCK_D=bd)
+                        if "DELTA_FROM_O" in launcher.fn.arg_names:
+                            meta["DELTA_FROM_O"] = not (combo["HAS_G0"] or combo["VARLEN"])
                         if "DOT_PRECISION" in launcher.fn.arg_names:
                             meta["DOT_PRECISION"] = aot_precision(dtype)
                         off = "".join(f"-{f.replace('HAS_', '').lower()}"

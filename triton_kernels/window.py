@@ -24,8 +24,8 @@ tokens in different regions gets ``mask_value`` (-100) added. The bias is read b
 ``BIAS + h*sbh + boff + i_q*b0 + j_q*b1 + i_k*b2 + j_k*b3`` for window-local coordinates (i, j),
 strides chosen on the host (the table's are negative for the key side).
 
-Backward: FlashAttention-2 style (delta pre-pass, then dK/dV per key tile and dQ per query
-tile, no atomics). Bias gradient, deterministic and without atomics: ``window_bwd_dbias_kernel``
+Backward: FlashAttention-2 style (dQ per query tile, which also computes and stores the rows'
+deltas rowsum(dO∘O), then dK/dV per key tile reading them; no delta pre-pass, no atomics). Bias gradient, deterministic and without atomics: ``window_bwd_dbias_kernel``
 runs one program per (head, chunk of (batch, window) pairs, query-slot block, key-slot block);
 it walks its chunk's windows in a fixed order, recomputes dS for that slot-pair block of each
 window and sums it in registers, then writes one fp32 partial (ws², ws²) block to a scratch
@@ -64,7 +64,6 @@ from .attention_core import (
     block_d,
     cdiv,
     dot_precision,
-    launch_delta,
     load_rows,
     mma,
     no_dscore,
@@ -246,9 +245,9 @@ def window_bwd_dkdv_kernel(
 
 @triton.jit
 def window_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, BIAS, AW,
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS, AW, O,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd,
+    sdob, sdoh, sdon, sdod, sdqb, sdqh, sdqn, sdqd, sob, soh, son, sod,
     n_heads, slb, slh, saw, n_virt, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
     WH: tl.constexpr, WW: tl.constexpr, NS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -263,17 +262,19 @@ def window_bwd_dq_kernel(
     Q += bh_offset(pid_bh, n_heads, sqb, sqh)
     DO += bh_offset(pid_bh, n_heads, sdob, sdoh)
     DQ += bh_offset(pid_bh, n_heads, sdqb, sdqh)
-    attention_dq(Q, DO, DQ, LSE + lse, DELTA + lse, (sqn, sqd),
-                 (sdon, sdod), (sdqn, sdqd), pid_m, ctx, (WH, WW, NS, HAS_BIAS, HAS_ACTIVE), _rows,
-                 _keys, _score, no_dscore, _span, HEAD_DIM, scale, qk_scale_log2, DOT_PRECISION,
+    O += bh_offset(pid_bh, n_heads, sob, soh)
+    # the rows' deltas are computed here and stored for the dK/dV kernel launched after this one
+    attention_dq(Q, DO, DQ, LSE + lse, DELTA + lse, O, (sqn, sqd), (sdon, sdod), (sdqn, sdqd),
+                 (son, sod), pid_m, ctx, (WH, WW, NS, HAS_BIAS, HAS_ACTIVE), _rows, _keys,
+                 _score, no_dscore, _span, HEAD_DIM, scale, qk_scale_log2, True, DOT_PRECISION,
                  BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def window_bwd_dbias_kernel(
-    Q, K, V, DO, LSE, DELTA, DB, DQ, BIAS, AW,
+    Q, K, V, DO, LSE, DELTA, DB, DQ, BIAS, AW, O,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    sdqb, sdqh, sdqn, sdqd,
+    sdqb, sdqh, sdqn, sdqd, sob, soh, son, sod,
     n_heads, slb, slh, saw, n_win, n_pairs, per_chunk, GW, H, W, MH, MW, LH, LW, Hp, Wp, SH, SW,
     sbh, boff, b0, b1, b2, b3, HEAD_DIM, scale, qk_scale_log2, mask2,
     WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
@@ -286,7 +287,9 @@ def window_bwd_dbias_kernel(
 
     With ``WITH_DQ`` (a key-slot block holds the whole window, BLOCK_N >= ws²) the dS tile of a
     window holds every key of its query rows, so the kernel also writes their dq = dS·k·scale:
-    the dQ pass folded into this one (the dQ kernel is not launched).
+    the dQ pass folded into this one (the dQ kernel is not launched). It then also computes
+    the rows' deltas rowsum(dO∘O) (instead of reading them) and stores them for the dK/dV
+    kernel launched after it.
 
     DB: fp32 (n_chunks, heads, ws², ws²), contiguous. Grid: heads * n_chunks * nbm * nbn.
     """
@@ -324,6 +327,7 @@ def window_bwd_dbias_kernel(
         # q·kᵀ and dO·vᵀ accumulated over head-dim chunks: only D_CHUNK columns live at a time
         qk = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        delta = tl.zeros([BLOCK_M], tl.float32)
         for c in tl.static_range(BLOCK_D // D_CHUNK):
             offs_c = c * D_CHUNK + tl.arange(0, D_CHUNK)
             cmask = offs_c < HEAD_DIM
@@ -335,9 +339,16 @@ def window_bwd_dbias_kernel(
             do = tl.load(tile_ptrs(do_base, tok_m, offs_c, sdon, sdod), mask=q_mask, other=0.0)
             v = tl.load(tile_ptrs(v_base, tok_n, offs_c, svn, svd), mask=kv_mask, other=0.0)
             dp += mma(do, tl.trans(v), DOT_PRECISION)
+            if WITH_DQ:
+                o = tl.load(tile_ptrs(O + b * sob + h64 * soh, tok_m, offs_c, son, sod),
+                            mask=q_mask, other=0.0)
+                delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         lse_base = b * slb + h64 * slh
         lse2 = tl.load(LSE + lse_base + tok_m, mask=real_m, other=0.0)
-        delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
+        if WITH_DQ:
+            tl.store(DELTA + lse_base + tok_m, delta, mask=real_m)
+        else:
+            delta = tl.load(DELTA + lse_base + tok_m, mask=real_m, other=0.0)
         attend = real_m[:, None] & ok_n[None, :]
         extra = _extra2(bias, i_m, j_m, reg_m, i_n, j_n, reg_n, attend, HAS_BIAS)
         p, ds = softmax_bwd_ds(qk, dp, lse2, delta, qk_scale_log2, extra, attend)
@@ -539,7 +550,10 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     if b * h * geo["n_virt"] == 0:
         return None if not need_dbias or bias is None else lse.new_zeros((h, ns, ns))
     key = launch_key(geo["key"], scale, mask_value, q, k, v, o, lse, bias, active, do, dq, dk, dv)
-    tensors = _tensors(q, k, v, lse, bias, active, DO=do, DELTA=launch_delta(o, do, lse))
+    # the deltas rowsum(dO∘O): written by the pass that computes dq (launched first), read by
+    # dK/dV and the bias gradient
+    delta = torch.empty_strided(lse.shape, lse.stride(), device=lse.device, dtype=torch.float32)
+    tensors = _tensors(q, k, v, lse, bias, active, DO=do, DELTA=delta)
 
     def common():
         return dict(**strides_of("do", do),
@@ -548,12 +562,19 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     def rows(**more):
         return dict(common(), n_virt=geo["n_virt"], NS=geo["NS"], scale=float(scale), **more)
 
-    window_bwd_dkdv.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_N"),
-                           dict(tensors, DK=dk, DV=dv),
-                           lambda: rows(**strides_of("dk", dk), **strides_of("dv", dv)))
-    if bias is None or not need_dbias:
+    def dq_pass():
         window_bwd_dq.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_M"),
-                             dict(tensors, DQ=dq), lambda: rows(**strides_of("dq", dq)))
+                             dict(tensors, DQ=dq, O=o),
+                             lambda: rows(**strides_of("dq", dq), **strides_of("o", o)))
+
+    def dkdv_pass():
+        window_bwd_dkdv.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_N"),
+                               dict(tensors, DK=dk, DV=dv),
+                               lambda: rows(**strides_of("dk", dk), **strides_of("dv", dv)))
+
+    if bias is None or not need_dbias:
+        dq_pass()
+        dkdv_pass()
         return None
     n_pairs = b * geo["n_win"]
     n_chunks = _n_chunks(n_pairs, h)
@@ -567,17 +588,18 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
     def dbias_args(with_dq: bool):
         args = common()
         return dict(args, n_win=geo["n_win"], n_pairs=n_pairs, per_chunk=per_chunk,
-                    **strides_of("dq", dq), scale=float(scale), WITH_DQ=with_dq,
+                    **strides_of("dq", dq), **strides_of("o", o), scale=float(scale),
+                    WITH_DQ=with_dq,
                     D_CHUNK=dbias_chunk(args["BLOCK_D"], args["DOT_PRECISION"] != "native"))
 
     # dQ rides on the bias-gradient pass when a tile's key slots can cover a whole window
     with_dq = bool(_dbias_candidates(WITH_DQ=True, WH=geo["WH"], WW=geo["WW"],
                                      BLOCK_D=block_d(d), DOT_PRECISION=dot_precision(q.dtype)))
     if not with_dq:
-        window_bwd_dq.launch(key, row_grid(b * h, geo["n_virt"], "BLOCK_M"),
-                             dict(tensors, DQ=dq), lambda: rows(**strides_of("dq", dq)))
-    window_bwd_dbias.launch(key, grid, dict(tensors, DB=scratch, DQ=dq),
+        dq_pass()
+    window_bwd_dbias.launch(key, grid, dict(tensors, DB=scratch, DQ=dq, O=o),
                             lambda: dbias_args(with_dq))
+    dkdv_pass()
     return scratch.sum(0)
 
 

@@ -214,8 +214,8 @@ def _hilo_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
 
     dq, dk, dv = bhnd_empty(q, q.shape[2]), bhnd_empty(k, k.shape[2]), bhnd_empty(v, v.shape[2])
     groups = _head_groups(q.shape[1], num_lo_heads)
-    # one rowsum(dO·O) buffer, whose heads the packed groups' pre-pass fills (per-window Hi-Fi
-    # kernels recompute P exactly and need none)
+    # one rowsum(dO·O) buffer, whose heads the packed groups' dQ kernels fill for their dK/dV
+    # kernels (per-window Hi-Fi kernels recompute P exactly and need none)
     delta = torch.empty_like(lse) if any(tk.needs_delta(w, window_size) for _, w in groups) \
         else None
     with on_device(q):
