@@ -338,7 +338,9 @@ def test_eager_newton_schulz_is_the_reference_iteration(iters):
     (da,) = torch.autograd.grad(v, x, g)
     xr = a.clone().requires_grad_()
     (dr,) = torch.autograd.grad(R.newton_schulz_inverse(xr, iters, 0.05), xr, g)
-    torch.testing.assert_close(da, dr, rtol=1e-12, atol=1e-12)
+    # fp64 to 1e-12 of the gradient's magnitude, as the forward above (after 20 unconverged
+    # steps it reaches ~600: an absolute 1e-12 is below the rounding of the machine's BLAS)
+    torch.testing.assert_close(da, dr, rtol=1e-12, atol=1e-12 * dr.abs().max().item())
     xh = a.half().requires_grad_()
     (dh,) = torch.autograd.grad(E.newton_schulz_inverse(xh, iters), xh, g.float())
     xr = a.half().requires_grad_()
