@@ -25,18 +25,20 @@ tokens in different regions gets ``mask_value`` (-100) added. The bias is read b
 strides chosen on the host (the table's are negative for the key side).
 
 Backward: FlashAttention-2 style (dQ per query tile, which also computes and stores the rows'
-deltas rowsum(dO∘O), then dK/dV per key tile reading them; no delta pre-pass, no atomics). Bias gradient, deterministic and without atomics: ``window_bwd_dbias_kernel``
-runs one program per (head, chunk of (batch, window) pairs, query-slot block, key-slot block);
-it walks its chunk's windows in a fixed order, recomputes dS for that slot-pair block of each
-window and sums it in registers, then writes one fp32 partial (ws², ws²) block to a scratch
-buffer (n_chunks, heads, ws², ws²). The host sums the chunks (``scratch.sum(0)``) and, for a
-table, folds the (ws², ws²) sum into table rows with a fixed gather + sum (``fold_to_table``).
-Every step has a fixed summation order, so the result is bitwise reproducible. The pass
-recomputes QKᵀ and dO·Vᵀ; it reads q, k, v, dO once (the chunking keeps the scratch at most ~256
-partials per head). Where its tile's key-slot block can hold a whole window (``WITH_DQ``: Swin's
-16-bit head dims up to 32 at ws = 7, every head dim for windows of up to 32 tokens) it also
-writes dq from the same dS tile, and the dQ kernel is not launched: the bias gradient then costs
-no pass of its own.
+deltas rowsum(dO∘O), then dK/dV per key tile reading them; no delta pre-pass, no atomics).
+
+Bias gradient, deterministic and without atomics: ``window_bwd_dbias_kernel`` runs one program
+per (head, chunk of (batch, window) pairs, query-slot block, key-slot block); it walks its
+chunk's windows in a fixed order, recomputes dS for that slot-pair block of each window and sums
+it in registers, then writes one fp32 partial (ws², ws²) block to a scratch buffer (n_chunks,
+heads, ws², ws²). One launch of ``window_dbias_fold_kernel`` sums the chunks and, for a table,
+folds the pairs of each table row (listed by ``fold_gather`` in a fixed order), writing the
+gradient in the bias's dtype. Every step has a fixed summation order, so the result is bitwise
+reproducible. The pass recomputes QKᵀ and dO·Vᵀ; it reads q, k, v, dO once (the chunking keeps
+the scratch at most ~256 partials per head). Where its tile's key-slot block can hold a whole
+window (``WITH_DQ``: Swin's 16-bit head dims up to 32 at ws = 7, every head dim for windows of
+up to 32 tokens) it also writes dq from the same dS tile, and the dQ kernel is not launched:
+the bias gradient then costs no pass of its own.
 
 Active windows (SparseViT): with ``HAS_ACTIVE`` the virtual sequence lists only the K kept windows
 of each image, ``v = k * NS + slot``, and the k-th virtual window is window ``AW[b, k]`` of the
@@ -367,6 +369,32 @@ def window_bwd_dbias_kernel(
     tl.store(out + slot_m[:, None] * NS + slot_n[None, :], acc, mask=ok_m[:, None] & ok_n[None, :])
 
 
+@triton.jit
+def window_dbias_fold_kernel(
+    DB, GATHER, OUT, n_chunks, n_heads, n_out, width, sot, soh,
+    FOLD: tl.constexpr, NSNS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The bias gradient from the dbias kernel's partials DB (n_chunks, heads, ws², ws²) fp32:
+    OUT[t, h] (strides sot, soh; OUT's dtype) = sum over chunks, then with ``FOLD`` over the
+    ``width`` slot pairs GATHER[t] lists for table row t (padded with NSNS), else of pair t
+    itself (a dense bias). Fixed order: deterministic. Grid: heads * cdiv(n_out, BLOCK_T)."""
+    pid = tl.program_id(0)
+    h = pid % n_heads
+    t = (pid // n_heads) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok_t = t < n_out
+    if FOLD:
+        p = tl.arange(0, BLOCK_P)
+        pair = tl.load(GATHER + t[:, None] * width + p[None, :],
+                       mask=ok_t[:, None] & (p[None, :] < width), other=NSNS)
+    else:
+        pair = tl.where(ok_t, t, NSNS)[:, None]
+    ok = pair < NSNS
+    acc = tl.zeros(pair.shape, tl.float32)
+    for c in range(0, n_chunks):
+        acc += tl.load(DB + (c * n_heads + h).to(tl.int64) * NSNS + pair, mask=ok, other=0.0)
+    tl.store(OUT + t * sot + h * soh, tl.sum(acc, 1).to(OUT.dtype.element_ty), mask=ok_t)
+
+
 # --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
@@ -454,6 +482,16 @@ def _dbias_candidates(*, WITH_DQ: bool, WH: int, WW: int, **constexprs) -> list:
 
 
 window_bwd_dbias = Launcher(window_bwd_dbias_kernel, _dbias_candidates, ["n_pairs", "HEAD_DIM"])
+#: a reduction over the partials (nothing to tune)
+window_dbias_fold = Launcher(window_dbias_fold_kernel,
+                             lambda **_: [triton.Config({"BLOCK_T": 16}, num_warps=4)], [])
+
+
+@functools.lru_cache(maxsize=256)
+def _fused_dq(wh: int, ww: int, bd: int, precision: str) -> bool:
+    """Whether the bias-gradient pass writes dq (a tile candidate's key slots hold a window)."""
+    return bool(_dbias_candidates(WITH_DQ=True, WH=wh, WW=ww, BLOCK_D=bd,
+                                  DOT_PRECISION=precision))
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,20 +573,28 @@ def forward(q, k, v, o, lse, bias, geo: dict, scale: float, mask_value: float, a
                      **_launch_args(q, k, v, lse, bias, geo, scale, mask_value, active)))
 
 
+#: fewest (batch, window) pairs per chunk of the bias-gradient pass: a chunk's fp32 partial,
+#: written once and read once by the fold, costs about as many bytes as one window's inputs
+MIN_WINDOWS_PER_CHUNK = 8
+
+
 def _n_chunks(n_pairs: int, heads: int) -> int:
-    """Windows are split into at most ~256 chunks per head (and at least ~512 programs)."""
-    return max(1, min(n_pairs, 256, cdiv(512, heads)))
+    """Windows are split into at most ~256 chunks per head (and at least ~512 programs), each
+    of at least MIN_WINDOWS_PER_CHUNK windows."""
+    return max(1, min(cdiv(n_pairs, MIN_WINDOWS_PER_CHUNK), 256, cdiv(512, heads)))
 
 
 def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
-             mask_value: float, need_dbias: bool, active=None):
+             mask_value: float, dbias=None, active=None):
     """Gradients into dq, dk, dv (the tokens of the computed windows are written: every token
-    without ``active``); returns the fp32 dense bias gradient (heads, ns, ns), ns = wh·ww, when
-    ``need_dbias`` (summed deterministically over the computed windows), else None."""
+    without ``active``) and, when ``dbias`` (a tensor shaped like the bias, any dtype and
+    strides) is given, the bias gradient, summed deterministically over the computed windows."""
     b, h, n, d = q.shape
     ns = geo["WH"] * geo["WW"]
     if b * h * geo["n_virt"] == 0:
-        return None if not need_dbias or bias is None else lse.new_zeros((h, ns, ns))
+        if dbias is not None:
+            dbias.zero_()
+        return
     key = launch_key(geo["key"], scale, mask_value, q, k, v, o, lse, bias, active, do, dq, dk, dv)
     # the deltas rowsum(dO∘O): written by the pass that computes dq (launched first), read by
     # dK/dV and the bias gradient
@@ -572,10 +618,10 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
                                dict(tensors, DK=dk, DV=dv),
                                lambda: rows(**strides_of("dk", dk), **strides_of("dv", dv)))
 
-    if bias is None or not need_dbias:
+    if dbias is None:
         dq_pass()
         dkdv_pass()
-        return None
+        return
     n_pairs = b * geo["n_win"]
     n_chunks = _n_chunks(n_pairs, h)
     per_chunk = cdiv(n_pairs, n_chunks)
@@ -593,14 +639,34 @@ def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
                     D_CHUNK=dbias_chunk(args["BLOCK_D"], args["DOT_PRECISION"] != "native"))
 
     # dQ rides on the bias-gradient pass when a tile's key slots can cover a whole window
-    with_dq = bool(_dbias_candidates(WITH_DQ=True, WH=geo["WH"], WW=geo["WW"],
-                                     BLOCK_D=block_d(d), DOT_PRECISION=dot_precision(q.dtype)))
+    with_dq = _fused_dq(geo["WH"], geo["WW"], block_d(d), dot_precision(q.dtype))
     if not with_dq:
         dq_pass()
     window_bwd_dbias.launch(key, grid, dict(tensors, DB=scratch, DQ=dq, O=o),
                             lambda: dbias_args(with_dq))
     dkdv_pass()
-    return scratch.sum(0)
+    fold_bias_grad(scratch, dbias, geo["WH"], geo["WW"])
+
+
+def fold_bias_grad(partials, dbias, wh: int, ww: int) -> None:
+    """dbias (a ((2wh-1)(2ww-1), heads) table, any strides, or a contiguous dense (heads,
+    wh·ww, wh·ww) bias; any float dtype) = the partials (n_chunks, heads, ns, ns) summed over
+    chunks and, for a table, folded into its rows (:func:`fold_gather`): one launch of
+    :func:`window_dbias_fold_kernel`."""
+    n_chunks, h, ns, _ = partials.shape
+    fold = dbias.dim() == 2
+    if fold:
+        gather = fold_gather(wh, ww, partials.device)
+        n_out, width = gather.shape
+        sot, soh = dbias.stride()
+    else:  # the (i, j) pairs of a head as one flat axis; GATHER unread
+        assert dbias.is_contiguous(), "dense bias gradient: contiguous (heads, ns, ns)"
+        gather, n_out, width, sot, soh = partials, ns * ns, 1, 1, ns * ns
+    window_dbias_fold.launch(
+        launch_key(n_chunks, h, ns, fold, partials, dbias), lambda meta: (
+            h * cdiv(n_out, meta["BLOCK_T"]),), dict(DB=partials, GATHER=gather, OUT=dbias),
+        lambda: dict(n_chunks=n_chunks, n_heads=h, n_out=n_out, width=width, sot=sot, soh=soh,
+                     FOLD=fold, NSNS=ns * ns, BLOCK_P=max(triton.next_power_of_2(width), 1)))
 
 
 def dbias_chunk(bd: int, fp32: bool) -> int:
@@ -609,35 +675,24 @@ def dbias_chunk(bd: int, fp32: bool) -> int:
     return min(bd, 32)
 
 
-_FOLD_CACHE: dict = {}
-
-
-def fold_to_table(dense: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    """(heads, n, n), n = wh·ww -> ((2wh-1)(2ww-1), heads): sum of the pairs that share a row.
-
-    A fixed gather + sum (pairs of each row in a fixed order, padded with a zero entry), so it
-    is deterministic on every device, unlike ``index_add_`` on CUDA.
-    """
-    key = (wh, ww, dense.device)
-    gather = _FOLD_CACHE.get(key)
-    if gather is None:
-        ns = wh * ww
-        hi = torch.arange(wh).repeat_interleave(ww)
-        wi = torch.arange(ww).repeat(wh)
-        idx = ((hi[:, None] - hi[None, :] + wh - 1) * (2 * ww - 1)
-               + (wi[:, None] - wi[None, :] + ww - 1)).reshape(-1)
-        order = torch.argsort(idx, stable=True)
-        counts = torch.bincount(idx, minlength=(2 * wh - 1) * (2 * ww - 1))
-        starts = torch.cumsum(counts, 0) - counts
-        width = int(counts.max())
-        slot = torch.arange(width)[None, :]
-        pos = starts[:, None] + slot
-        gather = torch.where(slot < counts[:, None], order[pos.clamp(max=ns * ns - 1)],
-                             torch.full_like(pos, ns * ns))
-        gather = _FOLD_CACHE[key] = gather.to(dense.device)
-    flat = dense.reshape(dense.shape[0], -1)
-    flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
-    return flat[:, gather].sum(-1).transpose(0, 1).contiguous()
+@functools.lru_cache(maxsize=64)
+def fold_gather(wh: int, ww: int, device) -> torch.Tensor:
+    """((2wh-1)(2ww-1), width) int32: the (query slot, key slot) pairs (flat, i·ns + j) that
+    share each bias-table row, in a fixed order, padded with ns² (no pair)."""
+    ns = wh * ww
+    hi = torch.arange(wh).repeat_interleave(ww)
+    wi = torch.arange(ww).repeat(wh)
+    idx = ((hi[:, None] - hi[None, :] + wh - 1) * (2 * ww - 1)
+           + (wi[:, None] - wi[None, :] + ww - 1)).reshape(-1)
+    order = torch.argsort(idx, stable=True)
+    counts = torch.bincount(idx, minlength=(2 * wh - 1) * (2 * ww - 1))
+    starts = torch.cumsum(counts, 0) - counts
+    width = int(counts.max())
+    slot = torch.arange(width)[None, :]
+    pos = starts[:, None] + slot
+    gather = torch.where(slot < counts[:, None], order[pos.clamp(max=ns * ns - 1)],
+                         torch.full_like(pos, ns * ns))
+    return gather.to(device=device, dtype=torch.int32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,4 +748,21 @@ def aot_specs(all_active: bool = False):
                         specs.append(spec_from_launcher(
                             f"window.{kname}[{dtype},D={bd}{',active' * active}{tag}]",
                             launcher, sig, const, m))
+    specs += _fold_aot_specs()
+    return specs
+
+
+def _fold_aot_specs():
+    """The bias-gradient fold at ws = 7: into an fp32 table (169 rows of up to 49 pairs) and
+    into a 16-bit dense bias."""
+    from .aot import AotCase, AotSpec
+
+    specs = []
+    for fold, out in ((True, "fp32"), (False, "fp16")):
+        name = f"window.dbias_fold[{'table' if fold else 'dense'},{out}]"
+        sig = dict(DB="*fp32", GATHER="*i32", OUT=f"*{out}", n_chunks="i32", n_heads="i32",
+                   n_out="i32", width="i32", sot="i32", soh="i32")
+        specs.append(AotSpec(name, (AotCase(
+            name=name, fn=window_dbias_fold_kernel, signature=sig, num_warps=4, num_stages=1,
+            constexprs=dict(FOLD=fold, NSNS=49 * 49, BLOCK_T=16, BLOCK_P=64 if fold else 1)),)))
     return specs

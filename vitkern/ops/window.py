@@ -340,16 +340,13 @@ def _window_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
 
     zero = active is not None
     dq, dk, dv = (bhnd_empty(t, t.shape[2], zero=zero) for t in (q, k, v))
+    want = need_dbias and bias is not None
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if want else \
+        q.new_zeros((0,))
     with on_device(q):
-        dense = tk.backward(do, q, k, v, o, lse, dq, dk, dv, _bias32(bias),
-                            _geo(H, W, wh, ww, sh, sw, pad_then_shift, active), scale,
-                            mask_value, need_dbias and bias is not None, active)
-    if dense is None:
-        dbias = q.new_zeros((0,))
-    elif bias.dim() == 2:
-        dbias = tk.fold_to_table(dense, wh, ww).to(bias.dtype)
-    else:
-        dbias = dense.to(bias.dtype)
+        tk.backward(do, q, k, v, o, lse, dq, dk, dv, _bias32(bias),
+                    _geo(H, W, wh, ww, sh, sw, pad_then_shift, active), scale, mask_value,
+                    dbias if want else None, active)
     return dq, dk, dv, dbias
 
 
