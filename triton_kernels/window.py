@@ -587,8 +587,9 @@ def _n_chunks(n_pairs: int, heads: int) -> int:
 def backward(do, q, k, v, o, lse, dq, dk, dv, bias, geo: dict, scale: float,
              mask_value: float, dbias=None, active=None):
     """Gradients into dq, dk, dv (the tokens of the computed windows are written: every token
-    without ``active``) and, when ``dbias`` (a tensor shaped like the bias, any dtype and
-    strides) is given, the bias gradient, summed deterministically over the computed windows."""
+    without ``active``) and, when ``dbias`` is given (shaped like the bias, any float dtype: a
+    table with any strides, a dense bias contiguous), the bias gradient, summed
+    deterministically over the computed windows."""
     b, h, n, d = q.shape
     ns = geo["WH"] * geo["WW"]
     if b * h * geo["n_virt"] == 0:
