@@ -398,13 +398,10 @@ attn_bwd_delta = Launcher(attn_bwd_delta_kernel,
                           lambda **_: [triton.Config({"BLOCK_M": 64}, num_warps=4)], [])
 
 
-def launch_delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """delta = rowsum(dO * O), fp32, laid out like ``lse`` so kernels index both alike (into
-    ``out``, a tensor of lse's shape and strides, when given)."""
+def launch_delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O), fp32, laid out like ``lse`` so kernels index both alike."""
     b, h, n, d = o.shape
-    delta = out if out is not None else torch.empty_strided(
-        lse.shape, lse.stride(), device=o.device, dtype=torch.float32)
+    delta = torch.empty_strided(lse.shape, lse.stride(), device=o.device, dtype=torch.float32)
     attn_bwd_delta.launch(
         launch_key(o, do, delta), row_grid(b * h, n, "BLOCK_M"), dict(O=o, DO=do, DELTA=delta),
         lambda: dict(**strides_of("o", o), **strides_of("do", do),
